@@ -1,0 +1,3 @@
+"""Lightning callbacks."""
+
+__all__: list[str] = []

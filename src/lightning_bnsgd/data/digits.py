@@ -1,0 +1,159 @@
+"""scikit-learn's bundled 8x8 handwritten digits as a LightningDataModule (no download)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnsgd._compat import LightningDataModule
+
+_PIXEL_MAX = 16.0  # the digits are 4-bit grey levels, 0..16
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"`{name}` must be a float in the open interval (0, 1), got {value!r}.")
+    return float(value)
+
+
+def load_digits_tensors(resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load all 1,797 digits as float images ``(N, 1, S, S)`` scaled to [0, 1] and int64 labels ``(N,)``.
+
+    Example:
+        >>> x, y = load_digits_tensors()
+        >>> tuple(x.shape), tuple(y.shape), int(y.max())
+        ((1797, 1, 8, 8), (1797,), 9)
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / _PIXEL_MAX
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    if resize is not None and resize != x.shape[-1]:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
+    return x, y
+
+
+def stratified_split(
+    labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic stratified train/val/test index split.
+
+    Example:
+        >>> tr, va, te = stratified_split(torch.arange(100) % 10, 0.1, 0.2, seed=0)
+        >>> len(tr), len(va), len(te)
+        (70, 10, 20)
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = torch.arange(len(labels)).numpy()
+    y = labels.numpy()
+    rest, test = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
+    val_size = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(rest, test_size=val_size, stratify=y[rest], random_state=seed)
+    return torch.as_tensor(train), torch.as_tensor(val), torch.as_tensor(test)
+
+
+class DigitsDataModule(LightningDataModule):
+    """The 8x8 digits of scikit-learn (1,797 grey images, 10 classes), shipped with the install.
+
+    Args:
+        batch_size: samples per batch on each device.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of all samples used for validation.
+        test_fraction: share of all samples used for testing.
+        seed: seed of the stratified split (the same seed gives the same split everywhere).
+        normalize: standardize pixels with the training set's mean and std (after scaling to [0, 1]).
+        resize: resize the images to ``resize x resize`` (bilinear) instead of the native 8x8.
+        pin_memory: pin host memory in the DataLoaders (useful when training on a GPU).
+
+    The attributes ``in_channels``, ``input_size`` and ``num_classes`` are known at construction, so
+    LightningCLI links them into the model's arguments.
+
+    Example:
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), dm.input_size, dm.num_classes
+        ((32, 1, 8, 8), 8, 10)
+    """
+
+    in_channels: int = 1
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        normalize: bool = True,
+        resize: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        val = _check_fraction("val_fraction", val_fraction)
+        test = _check_fraction("test_fraction", test_fraction)
+        if val + test >= 1.0:
+            raise ValueError(
+                f"`val_fraction` + `test_fraction` must be below 1 so that training data remains, "
+                f"got {val} + {test} = {val + test}."
+            )
+        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+            raise ValueError(f"`resize` must be None or an integer >= 1, got {resize!r}.")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val
+        self.test_fraction = test
+        self.seed = seed
+        self.normalize = normalize
+        self.resize = resize
+        self.pin_memory = pin_memory
+        self.input_size: int = resize if resize is not None else 8
+        self._splits: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the digits and split them (cheap: about 1 MB in memory)."""
+        if self._splits:
+            return
+        x, y = load_digits_tensors(self.resize)
+        train, val, test = stratified_split(y, self.val_fraction, self.test_fraction, self.seed)
+        if self.normalize:
+            mean, std = x[train].mean(), x[train].std()
+            x = (x - mean) / std
+        self._splits = {
+            "train": TensorDataset(x[train], y[train]),
+            "val": TensorDataset(x[val], y[val]),
+            "test": TensorDataset(x[test], y[test]),
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self._splits:
+            self.setup()
+        return DataLoader(
+            self._splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

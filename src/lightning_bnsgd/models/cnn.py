@@ -1,0 +1,134 @@
+"""The BatchNorm CNN as a plain ``nn.Module`` (no Lightning import)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+Padding = Literal["valid", "same"]
+NormPosition = Literal["post_activation", "pre_activation"]
+_PADDINGS = ("valid", "same")
+_NORM_POSITIONS = ("post_activation", "pre_activation")
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return value
+
+
+def conv_output_size(size: int, kernel_size: int, padding: str) -> int:
+    """Spatial size after one conv (stride 1) and one 2x2 max-pool.
+
+    Example:
+        >>> conv_output_size(28, 3, "valid"), conv_output_size(8, 3, "same")
+        (13, 4)
+    """
+    after_conv = size if padding == "same" else size - kernel_size + 1
+    return after_conv // 2 if after_conv > 0 else 0
+
+
+class ConvBlock(nn.Sequential):
+    """One Conv -> ReLU -> BN -> MaxPool block (or Conv -> BN -> ReLU -> MaxPool with ``pre_activation``).
+
+    The layers are named ``conv``, ``act``, ``norm`` and ``pool`` whatever their order.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, padding: Padding, norm_position: NormPosition
+    ) -> None:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
+        act = nn.ReLU(inplace=True)
+        norm = nn.BatchNorm2d(out_channels)
+        pool = nn.MaxPool2d(2)
+        order = (
+            [("conv", conv), ("act", act), ("norm", norm)]
+            if norm_position == "post_activation"
+            else [("conv", conv), ("norm", norm), ("act", act)]
+        )
+        super().__init__()
+        for name, layer in [*order, ("pool", pool)]:
+            self.add_module(name, layer)
+
+
+class BNConvNet(nn.Module):
+    """A BatchNorm CNN: ``len(channels)`` conv blocks, then a linear classifier head.
+
+    The defaults are the classic MNIST BatchNorm CNN: input 1x28x28; Conv2d(32, 3x3) + ReLU -> BatchNorm2d ->
+    MaxPool 2x2 -> Conv2d(64, 3x3) + ReLU -> BatchNorm2d -> MaxPool 2x2 -> Flatten -> Linear(10). The network
+    returns logits; softmax belongs in the loss.
+
+    Args:
+        in_channels: channels of the input images.
+        num_classes: number of output logits.
+        input_size: height and width of the (square) input images; sets the flatten size.
+        channels: output channels of each conv block, one entry per block.
+        kernel_size: square kernel size of every convolution (stride 1).
+        padding: ``"valid"`` (no padding) or ``"same"`` (keeps the spatial size before pooling).
+        norm_position: ``"post_activation"`` (Conv -> ReLU -> BN, the classic Keras layout) or
+            ``"pre_activation"`` (Conv -> BN -> ReLU, as in Ioffe & Szegedy 2015).
+        dropout: dropout probability before the linear head (0 disables it).
+
+    Raises:
+        ValueError: for invalid arguments, or when a block would shrink the feature map to nothing.
+
+    Example:
+        >>> net = BNConvNet()
+        >>> net(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+        >>> BNConvNet(input_size=8, padding="same")(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        input_size: int = 28,
+        channels: Sequence[int] = (32, 64),
+        kernel_size: int = 3,
+        padding: Padding = "valid",
+        norm_position: NormPosition = "post_activation",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("kernel_size", kernel_size)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) == 0:
+            raise ValueError(f"`channels` must be a non-empty sequence of positive integers, got {channels!r}.")
+        for i, c in enumerate(channels):
+            _check_positive_int(f"channels[{i}]", c)
+        if padding not in _PADDINGS:
+            raise ValueError(f"`padding` must be one of {_PADDINGS}, got {padding!r}.")
+        if norm_position not in _NORM_POSITIONS:
+            raise ValueError(f"`norm_position` must be one of {_NORM_POSITIONS}, got {norm_position!r}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
+
+        size = input_size
+        blocks = []
+        prev = in_channels
+        for i, out in enumerate(channels):
+            new_size = conv_output_size(size, kernel_size, padding)
+            if new_size < 1:
+                raise ValueError(
+                    f"Conv block {i} (kernel_size={kernel_size}, padding={padding!r}) shrinks the {size}x{size} "
+                    f"feature map to nothing (input_size={input_size}, channels={list(channels)}). "
+                    'Use padding="same", a larger input_size, a smaller kernel_size or fewer blocks.'
+                )
+            blocks.append(ConvBlock(prev, out, kernel_size, padding, norm_position))
+            prev, size = out, new_size
+        self.features = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(prev * size * size, num_classes)
+        self.feature_size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits of shape ``(batch, num_classes)``."""
+        return self.head(self.dropout(self.flatten(self.features(x))))
