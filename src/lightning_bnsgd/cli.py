@@ -7,8 +7,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from lightning_utilities.core.rank_zero import rank_zero_info
-
 from lightning_bnsgd._compat import LightningArgumentParser, LightningCLI
 from lightning_bnsgd.data import DigitsDataModule
 from lightning_bnsgd.models import ConvNetClassifier
@@ -54,8 +52,8 @@ class BNSGDCLI(LightningCLI):
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         acc = results[0].get("test/acc") if results else None
-        if acc is not None:
-            rank_zero_info(f"test accuracy: {acc:.4f}")
+        if acc is not None and self.trainer.is_global_zero:
+            print(f"test accuracy: {acc:.4f}", flush=True)
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> BNSGDCLI:

@@ -1,0 +1,37 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_bnsgd._compat import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def quiet_trainer_kwargs(tmp_path):
+    """Keyword arguments for a small, silent CPU Trainer writing under ``tmp_path``."""
+    return {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+    }
+
+
+@pytest.fixture
+def make_trainer(quiet_trainer_kwargs):
+    """Factory for a quiet CPU Trainer; keyword arguments override the defaults."""
+
+    def factory(**kwargs):
+        return Trainer(**{**quiet_trainer_kwargs, **kwargs})
+
+    return factory
