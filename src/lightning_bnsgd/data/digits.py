@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_bnsgd._compat import LightningDataModule
 
@@ -55,6 +57,62 @@ def stratified_split(
     return torch.as_tensor(train), torch.as_tensor(val), torch.as_tensor(test)
 
 
+class EpochPermutationSampler(Sampler[int]):
+    """Shuffles ``size`` indices with a permutation that depends only on ``seed`` and the epoch.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so the order of every epoch is reproducible without the
+    global RNG, and a run resumed from a checkpoint sees the same order as an uninterrupted one. ``skip`` drops the
+    first indices of the next iteration only; ``skip_fn``, if given, is asked for that number when an iteration
+    starts (used to continue an epoch that a checkpoint interrupted).
+
+    Example:
+        >>> s = EpochPermutationSampler(5, seed=0)
+        >>> first = list(s); s.set_epoch(1); second = list(s)
+        >>> sorted(first) == sorted(second) == [0, 1, 2, 3, 4], first != second
+        (True, True)
+        >>> s.skip = 3; len(list(s)), len(list(s))
+        (2, 5)
+    """
+
+    def __init__(self, size: int, seed: int = 0, skip_fn: Callable[[], int] | None = None) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+        self.skip_fn = skip_fn
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip + (self.skip_fn() if self.skip_fn is not None else 0), 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochPermutationSampler` that Lightning treats as resumable.
+
+    Its ``state_dict`` holds the sampler's seed and epoch; where to continue inside an interrupted epoch comes from
+    the Trainer's own batch progress (the sampler's ``skip_fn``), which is exact whatever Lightning prefetched.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochPermutationSampler):
+            return {}
+        return {"seed": sampler.seed, "epoch": sampler.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochPermutationSampler) and "epoch" in state_dict:
+            self.sampler.set_epoch(int(state_dict["epoch"]))
+
+
 class DigitsDataModule(LightningDataModule):
     """The 8x8 digits of scikit-learn (1,797 grey images, 10 classes), shipped with the install.
 
@@ -70,6 +128,12 @@ class DigitsDataModule(LightningDataModule):
 
     The attributes ``in_channels``, ``input_size`` and ``num_classes`` are known at construction, so
     LightningCLI links them into the model's arguments.
+
+    On one device the training order of every epoch depends only on ``seed`` and the epoch number
+    (:class:`EpochPermutationSampler`), and a run resumed from a mid-epoch checkpoint continues the interrupted
+    epoch with exactly the batches an uninterrupted run would see. Under a multi-device strategy Lightning's
+    ``DistributedSampler`` shuffles instead (also seeded per epoch); there an interrupted epoch restarts from its
+    first batch, as Lightning does for any map-style DataLoader.
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
@@ -134,20 +198,39 @@ class DigitsDataModule(LightningDataModule):
             "test": TensorDataset(x[test], y[test]),
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False, sampler: Sampler[int] | None = None) -> DataLoader:
         if not self._splits:
             self.setup()
-        return DataLoader(
+        loader_cls = ResumableDataLoader if isinstance(sampler, EpochPermutationSampler) else DataLoader
+        return loader_cls(
             self._splits[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
+    def _batches_done_in_interrupted_epoch(self) -> int:
+        """Batches of the current epoch already trained when fit resumes from a mid-epoch checkpoint (else 0)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return self._loader("train", shuffle=True)  # Lightning swaps in a seeded DistributedSampler
+        if not self._splits:
+            self.setup()
+        sampler = EpochPermutationSampler(
+            len(self._splits["train"]),
+            seed=self.seed,
+            skip_fn=lambda: self._batches_done_in_interrupted_epoch() * self.batch_size,
+        )
+        return self._loader("train", sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
