@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_bnsgd._compat import LightningModule
@@ -34,7 +35,11 @@ class ConvNetClassifier(LightningModule):
         net: any ``nn.Module`` mapping images to logits, used instead of ``BNConvNet`` (its ``num_classes``
             must match). It is not stored in the hyperparameters: pass it again to ``load_from_checkpoint``.
         optimizer: the ``SGDWarmup`` recipe used by ``configure_optimizers`` (default: ``SGDWarmup()``).
-        compile: wrap the network with ``torch.compile``.
+        compile: wrap the network with ``torch.compile``. Forward hooks that callbacks attach to BatchNorm layers
+            after compilation would be skipped by the compiled graph, so steps on which such hooks are attached
+            (``BNStatsMonitor``'s logging steps) and BN recalibration (``bn_recalibration_step``) run the same
+            network eagerly; all other steps run compiled.
+        compile_backend: the ``backend`` passed to ``torch.compile`` (e.g. ``"inductor"``, ``"aot_eager"``).
         channels_last: convert the network and every input batch to ``torch.channels_last`` memory format.
 
     Example:
@@ -56,6 +61,7 @@ class ConvNetClassifier(LightningModule):
         net: nn.Module | None = None,
         optimizer: SGDWarmup | None = None,
         compile: bool = False,
+        compile_backend: str = "inductor",
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -88,7 +94,8 @@ class ConvNetClassifier(LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # Kept out of the module tree so the state_dict holds each parameter once, under ``net.``.
-        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
+        self.__dict__["_forward"] = torch.compile(self.net, backend=compile_backend) if compile else self.net
+        self._norm_layers = [m for m in self.net.modules() if isinstance(m, _BatchNorm)]
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -97,7 +104,19 @@ class ConvNetClassifier(LightningModule):
         """Return class logits."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._forward is not self.net and self._norm_hooks_attached():
+            return self.net(x)
         return self._forward(x)
+
+    def _norm_hooks_attached(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._norm_layers)
+
+    def bn_recalibration_step(self, batch: Any) -> None:
+        """Forward used by ``BNRecalibration``: the eager network (also when ``compile=True``) on the images."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.net(x)
 
     def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
