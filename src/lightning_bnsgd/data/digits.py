@@ -62,8 +62,8 @@ class EpochPermutationSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` at the start of every epoch, so the order of every epoch is reproducible without the
     global RNG, and a run resumed from a checkpoint sees the same order as an uninterrupted one. ``skip`` drops the
-    first indices of the next iteration only; ``skip_fn``, if given, is asked for that number when an iteration
-    starts (used to continue an epoch that a checkpoint interrupted).
+    first indices of the next iteration only; ``skip_fn``, if given, is asked for that number once, when the first
+    iteration starts (used to continue an epoch that a checkpoint interrupted).
 
     Example:
         >>> s = EpochPermutationSampler(5, seed=0)
@@ -88,7 +88,10 @@ class EpochPermutationSampler(Sampler[int]):
     def __iter__(self):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        skip, self.skip = self.skip + (self.skip_fn() if self.skip_fn is not None else 0), 0
+        if self.skip_fn is not None:
+            self.skip += self.skip_fn()
+            self.skip_fn = None
+        skip, self.skip = self.skip, 0
         return iter(order[skip:])
 
     def __len__(self) -> int:
