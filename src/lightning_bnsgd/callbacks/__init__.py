@@ -1,3 +1,6 @@
-"""Lightning callbacks."""
+"""Lightning callbacks: exact BatchNorm recalibration and BatchNorm health monitoring."""
 
-__all__: list[str] = []
+from lightning_bnsgd.callbacks.bn_monitor import BNAnomalyError, BNStatsMonitor
+from lightning_bnsgd.callbacks.recalibration import BNRecalibration
+
+__all__ = ["BNAnomalyError", "BNRecalibration", "BNStatsMonitor"]
