@@ -35,3 +35,13 @@ def make_trainer(quiet_trainer_kwargs):
         return Trainer(**{**quiet_trainer_kwargs, **kwargs})
 
     return factory
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where none is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
