@@ -64,7 +64,10 @@ def select_backend(
     if has_pl or has_l:
         return "pytorch_lightning" if has_pl else "lightning"
     if installed is None:
-        installed = {"pytorch_lightning": _installed("pytorch_lightning"), "lightning": _installed("lightning")}
+        installed = {
+            "pytorch_lightning": _installed("pytorch_lightning"),
+            "lightning": _installed("lightning"),
+        }
     if installed.get("pytorch_lightning", False) or not installed.get("lightning", False):
         return "pytorch_lightning"
     return "lightning"

@@ -139,7 +139,10 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
         (["--model.init_args.optimizer.lr=-1"], "lr"),
         (["--model.init_args.optimizer.decay=sawtooth"], "decay"),
         (["--trainer.max_epochs=many"], "max_epochs"),
-        (["--trainer.callbacks+=lightning_bnsgd.BNStatsMonitor", "--trainer.callbacks.on_anomaly=panic"], "on_anomaly"),
+        (
+            ["--trainer.callbacks+=lightning_bnsgd.BNStatsMonitor", "--trainer.callbacks.on_anomaly=panic"],
+            "on_anomaly",
+        ),
     ],
 )
 def test_cli_rejects_bad_values_before_writing_logs(tmp_path, capsys, overrides, expected):

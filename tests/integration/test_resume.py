@@ -1,6 +1,9 @@
-"""Resume: a run interrupted mid-epoch and mid-warmup, resumed from its last checkpoint, ends like an uninterrupted one."""
+"""Resume: a run interrupted mid-epoch and mid-warmup, then resumed from its last checkpoint, ends like an
+uninterrupted one."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -37,15 +40,11 @@ class RecordLR(Callback):
 def _run(tmp_path, name: str, stop_at: int | None = None, ckpt_path: str | None = None):
     pl.seed_everything(0)
     dm = DigitsDataModule(batch_size=64)
-    model = ConvNetClassifier(
-        input_size=dm.input_size, padding="same", optimizer=SGDWarmup(lr=0.1, warmup_epochs=1)
-    )
+    model = ConvNetClassifier(input_size=dm.input_size, padding="same", optimizer=SGDWarmup(lr=0.1, warmup_epochs=1))
     recorder = RecordLR(stop_at)
     recal = BNRecalibration(num_samples=256)
     monitor = BNStatsMonitor(logging_interval=5)
-    ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / name, save_last=True, every_n_train_steps=1, save_top_k=0
-    )
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_train_steps=1, save_top_k=0)
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=2,
@@ -56,10 +55,8 @@ def _run(tmp_path, name: str, stop_at: int | None = None, ckpt_path: str | None 
         callbacks=[recorder, recal, monitor, ckpt],
         default_root_dir=tmp_path,
     )
-    try:
+    with contextlib.suppress(_Interrupt):
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    except _Interrupt:
-        pass
     return trainer, model, recorder, recal, monitor
 
 

@@ -38,7 +38,12 @@ class ConvBlock(nn.Sequential):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, padding: Padding, norm_position: NormPosition
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        padding: Padding,
+        norm_position: NormPosition,
     ) -> None:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=0 if padding == "valid" else "same")
         act = nn.ReLU(inplace=True)
