@@ -1,0 +1,196 @@
+"""``BNRecalibration`` in ``Trainer.fit``: timing, checkpoints, resume, SWA / WeightAveraging, protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_bnsgd._compat import Callback, Trainer, loggers, pl
+from lightning_bnsgd.callbacks.recalibration import BNRecalibration
+from lightning_bnsgd.data.digits import DigitsDataModule
+from lightning_bnsgd.models.classifier import ConvNetClassifier
+
+
+def _trainer(tmp_path: Path, callbacks: list[Any], **overrides: Any) -> Trainer:
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+        "max_epochs": 1,
+        "limit_train_batches": 4,
+        "limit_val_batches": 2,
+        "num_sanity_val_steps": 0,
+        "callbacks": callbacks,
+    }
+    kwargs.update(overrides)
+    return Trainer(**kwargs)
+
+
+def _model(**kwargs: Any) -> ConvNetClassifier:
+    return ConvNetClassifier(input_size=8, padding="same", channels=(8, 8), **kwargs)
+
+
+def _data(batch_size: int = 64) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=batch_size)
+
+
+def _exact_first_layer(model: ConvNetClassifier, dm: DigitsDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact statistics of the first BatchNorm's inputs over the whole train set (conv -> ReLU)."""
+    dm.setup("fit")
+    x = torch.cat([b[0] for b in dm.train_dataloader()])
+    block = model.net.features[0]
+    with torch.no_grad():
+        h = torch.relu(block.conv(x)).double()
+    return h.mean((0, 2, 3)), h.var((0, 2, 3))
+
+
+def _first_norm(model: ConvNetClassifier) -> torch.nn.BatchNorm2d:
+    return model.net.features[0].norm
+
+
+class _Probe(Callback):
+    """Copies the first BatchNorm's buffers as validation sees them, and counts sanity-check batches."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking:
+            norm = _first_norm(pl_module)
+            self.seen.append((norm.running_mean.clone(), norm.running_var.clone()))
+
+
+def test_validation_and_checkpoint_carry_exact_statistics(tmp_path: Path) -> None:
+    dm, model = _data(), _model()
+    probe = _Probe()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    recal = BNRecalibration(num_samples=None, on_train_end=False)
+    trainer = _trainer(tmp_path, [recal, probe, ckpt], enable_checkpointing=True, num_sanity_val_steps=2)
+    trainer.fit(model, datamodule=dm)
+    assert recal.recalibrations == 1  # once before validation, never in the sanity check
+    mean, var = _exact_first_layer(model, dm)
+    assert len(probe.seen) == 1
+    torch.testing.assert_close(probe.seen[0][0].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probe.seen[0][1].double(), var, rtol=1e-5, atol=1e-6)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    torch.testing.assert_close(state["net.features.0.norm.running_var"].double(), var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["net.features.0.norm.running_mean"].double(), mean, rtol=1e-5, atol=1e-6)
+    assert recal.last_report is not None and recal.last_report.num_samples == len(dm._splits["train"])
+
+
+def test_every_n_epochs_train_end_logging_and_frozen_layers(tmp_path: Path) -> None:
+    class FrozenFirst(ConvNetClassifier):
+        def on_train_epoch_start(self) -> None:
+            _first_norm(self).eval()  # a frozen BatchNorm: must stay untouched
+
+    model = FrozenFirst(input_size=8, padding="same", channels=(8, 8))
+    frozen = {k: v.clone() for k, v in _first_norm(model).named_buffers()}
+    recal = BNRecalibration(num_samples=256, every_n_epochs=2, log_prefix="recal")
+    logger = loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = _trainer(tmp_path, [recal], max_epochs=3, logger=logger, log_every_n_steps=1)
+    trainer.fit(model, datamodule=_data())
+    assert recal.recalibrations == 2  # before validation of epoch 1 (0-based), then at train end
+    assert recal.last_report is not None
+    assert "net.features.0.norm" in recal.last_report.skipped
+    assert recal.last_report.layers == ["net.features.1.norm"]
+    assert recal.last_report.num_samples == 256
+    for k, v in _first_norm(model).named_buffers():
+        assert torch.equal(v, frozen[k]), k
+    metrics = (Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "recal/samples" in metrics and "recal/var_shift" in metrics
+
+
+def test_resume_and_two_instances(tmp_path: Path) -> None:
+    a = BNRecalibration(num_samples=128, log_prefix="a")
+    b = BNRecalibration(num_samples=128, mode="sequential", log_prefix="b", on_train_end=False)
+    assert a.state_key != b.state_key
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [a, b, ckpt], enable_checkpointing=True)
+    trainer.fit(_model(), datamodule=_data())
+    assert (a.recalibrations, b.recalibrations) == (2, 1)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert saved[a.state_key]["recalibrations"] == 1  # saved at validation end, before train end
+    assert saved[b.state_key]["recalibrations"] == 1
+
+    a2 = BNRecalibration(num_samples=128, log_prefix="a")
+    b2 = BNRecalibration(num_samples=128, mode="sequential", log_prefix="b", on_train_end=False)
+    trainer = _trainer(tmp_path, [a2, b2], max_epochs=2)
+    trainer.fit(_model(), datamodule=_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert (a2.recalibrations, b2.recalibrations) == (3, 2)
+    assert a2.last_run == (2, 8)  # at train end (Lightning has advanced the epoch counter)
+
+
+def test_protocol_transfer_hooks_and_custom_loader(tmp_path: Path) -> None:
+    class WithProtocol(ConvNetClassifier):
+        def __init__(self) -> None:
+            super().__init__(input_size=8, padding="same", channels=(8, 8))
+            self.recal_calls = 0
+            self.transfers = 0
+
+        def bn_recalibration_step(self, batch: Any) -> None:
+            self.recal_calls += 1
+            self(batch["image"])
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            self.transfers += 1
+            return batch
+
+    x = torch.randn(40, 1, 8, 8)
+    loader = DataLoader([{"image": img} for img in x], batch_size=16)
+    model = WithProtocol()
+    recal = BNRecalibration(num_samples=None, dataloader=lambda: loader, before_validation=False)
+    _trainer(tmp_path, [recal], limit_train_batches=2).fit(model, datamodule=_data())
+    assert model.recal_calls == 3 and recal.recalibrations == 1
+    assert model.transfers == 2 + 2 + 3  # two training, two validation and three recalibration batches
+    with torch.no_grad():
+        h = torch.relu(model.net.features[0].conv(x)).double()
+    torch.testing.assert_close(_first_norm(model).running_var.double(), h.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("averaging", ["swa", "weight_averaging"])
+def test_recalibrates_averaged_weights(tmp_path: Path, averaging: str) -> None:
+    dm, model = _data(), _model()
+    if averaging == "swa":
+        avg = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    else:
+        avg = pl.callbacks.WeightAveraging()
+    recal = BNRecalibration(num_samples=None)
+    _trainer(tmp_path, [avg, recal], max_epochs=2).fit(model, datamodule=dm)
+    mean, var = _exact_first_layer(model, dm)  # exact for the final (averaged) weights
+    torch.testing.assert_close(_first_norm(model).running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_first_norm(model).running_var.double(), var, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must come after"):
+        _trainer(tmp_path, [BNRecalibration(), type(avg)(**({"swa_lrs": 0.01} if averaging == "swa" else {}))]).fit(
+            _model(), datamodule=dm
+        )
+
+
+class _Endless(IterableDataset):
+    def __iter__(self) -> Any:
+        while True:
+            yield torch.randn(1, 8, 8), torch.tensor(0)
+
+
+def test_bad_arguments_and_bad_loaders(tmp_path: Path) -> None:
+    for kwargs in ({"num_samples": 0}, {"every_n_epochs": 0}, {"mode": "eval"}, {"dropout": "none"}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            BNRecalibration(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dataloader"):
+        BNRecalibration(dataloader=3)  # type: ignore[arg-type]
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0)), batch_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        _trainer(tmp_path, [BNRecalibration(dataloader=empty)]).fit(_model(), datamodule=_data())
+    endless = DataLoader(_Endless(), batch_size=8)
+    with pytest.raises(ValueError, match="infinite"):
+        _trainer(tmp_path, [BNRecalibration(dataloader=endless, num_samples=None)]).fit(_model(), datamodule=_data())
+    recal = BNRecalibration(dataloader=endless, num_samples=40, before_validation=False)
+    _trainer(tmp_path, [recal], limit_train_batches=1).fit(_model(), datamodule=_data())
+    assert recal.last_report is not None and recal.last_report.num_samples == 40

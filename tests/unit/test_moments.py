@@ -1,0 +1,116 @@
+"""Per-channel moments: Chan merge, pairwise merge, variance, RunningMoments."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_bnsgd.bn.moments import (
+    RunningMoments,
+    accumulation_dtype,
+    all_gather_moments,
+    chan_merge,
+    merge_moments,
+    moments_from_batch_stats,
+    variance_from_moments,
+)
+
+
+def _summaries(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    counts = torch.tensor([float(len(p)) for p in parts], dtype=torch.float64)
+    means = torch.stack([p.mean(0) for p in parts])
+    m2 = torch.stack([(p - p.mean(0)).pow(2).sum(0) for p in parts])
+    return counts, means, m2
+
+
+def _split(x: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
+    edges = [0, *sorted(set(cuts)), len(x)]
+    return [x[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(min_value=2, max_value=120),
+    cuts=st.lists(st.integers(min_value=1, max_value=119), max_size=12),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_merge_of_any_split_equals_whole(n: int, cuts: list[int], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64) * 3 + 5
+    x = x[x[:, 0].argsort()]  # sorted: large between-batch variance
+    parts = _split(x, [c for c in cuts if c < n])
+    count, mean, m2 = merge_moments(*_summaries(parts))
+    assert float(count) == n
+    torch.testing.assert_close(mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variance_from_moments(count, m2), x.var(0), rtol=1e-10, atol=1e-12)
+
+
+def test_chan_merge_handles_empty_sides() -> None:
+    x = torch.randn(10, 2, dtype=torch.float64)
+    full = moments_from_batch_stats(10, x.mean(0), x.var(0))
+    empty = (torch.tensor(0.0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.zeros(2))
+    for merged in (chan_merge(full, empty), chan_merge(empty, full)):
+        torch.testing.assert_close(merged[1], full[1])
+        torch.testing.assert_close(merged[2], full[2].double())
+    n, m, s = chan_merge(empty, empty)
+    assert float(n) == 0 and torch.all(m == 0) and torch.all(s == 0)
+
+
+def test_single_value_batches_have_zero_m2() -> None:
+    x = torch.arange(6, dtype=torch.float64).view(6, 1)
+    acc = RunningMoments(1)
+    for row in x:  # one value per batch: the unbiased variance of each is undefined (NaN)
+        acc.update(1, row, torch.full((1,), float("nan"), dtype=torch.float64))
+    torch.testing.assert_close(acc.mean, x.mean(0))
+    torch.testing.assert_close(acc.variance(), x.var(0))
+
+
+def test_pairwise_merge_is_accurate_in_float32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 4, generator=gen, dtype=torch.float64) * 0.01 + 1000.0
+    parts = list(torch.split(x, 7))
+    counts, means, m2 = (t.float() for t in _summaries(parts))
+    n, m, s = merge_moments(counts, means, m2)
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m.double(), x.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(variance_from_moments(n, s).double(), x.var(0), rtol=1e-3, atol=0)
+
+
+def test_update_stacked_ignores_zero_count_rows() -> None:
+    x = torch.randn(30, 2, dtype=torch.float64)
+    parts = [x[:10], x[10:]]
+    counts = torch.tensor([10.0, 0.0, 20.0])
+    means = torch.stack([parts[0].mean(0), torch.zeros(2, dtype=torch.float64), parts[1].mean(0)])
+    variances = torch.stack([parts[0].var(0), torch.zeros(2, dtype=torch.float64), parts[1].var(0)])
+    acc = RunningMoments(2).update_stacked(counts, means, variances)
+    assert int(acc.count) == 30
+    torch.testing.assert_close(acc.mean, x.mean(0))
+    torch.testing.assert_close(acc.variance(), x.var(0))
+    torch.testing.assert_close(acc.variance(unbiased=False), x.var(0, unbiased=False))
+
+
+def test_variance_is_clamped_and_guarded() -> None:
+    out = variance_from_moments(torch.tensor(1.0), torch.tensor([-1e-12, 3.0]))
+    assert torch.all(out >= 0)
+    assert torch.isfinite(out).all()
+
+
+def test_accumulation_dtype_and_validation() -> None:
+    assert accumulation_dtype(None) == torch.float64
+    assert accumulation_dtype(torch.device("cpu")) == torch.float64
+    assert accumulation_dtype("mps") == torch.float32
+    assert RunningMoments(3, dtype=torch.float32).mean.dtype == torch.float32
+    with pytest.raises(ValueError, match="num_channels"):
+        RunningMoments(0)
+
+
+def test_all_gather_without_process_group_is_identity() -> None:
+    moments = [(torch.tensor(3.0), torch.ones(2), torch.zeros(2))]
+    assert all_gather_moments(moments) is moments
+    acc = RunningMoments(2).update(3, torch.ones(2), torch.zeros(2))
+    before = acc.mean.clone()
+    assert torch.equal(acc.all_gather_().mean, before)
