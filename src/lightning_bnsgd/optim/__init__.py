@@ -1,5 +1,6 @@
 """SGD with per-step warmup and decay."""
 
-from lightning_bnsgd.optim.sgd_warmup import SGDWarmup
+from lightning_bnsgd.optim.schedule import WarmupLR, lr_factor
+from lightning_bnsgd.optim.sgd_warmup import SGDWarmup, effective_batch_size, lr_scale, param_groups
 
-__all__ = ["SGDWarmup"]
+__all__ = ["SGDWarmup", "WarmupLR", "effective_batch_size", "lr_factor", "lr_scale", "param_groups"]

@@ -12,9 +12,10 @@ Every param group's LR is its own base LR times that one factor, so groups keep 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -69,7 +70,7 @@ def check_milestones(value: object, name: str = "milestones") -> list[int]:
     items = list(value)
     if not all(_is_int(m) and m > 0 for m in items):
         raise ValueError(f"`{name}` must hold positive integers only, got {items!r}.")
-    if any(b <= a for a, b in zip(items, items[1:])):
+    if any(b <= a for a, b in itertools.pairwise(items)):
         raise ValueError(f"`{name}` must be strictly increasing, got {items!r}.")
     return [int(m) for m in items]
 
@@ -93,7 +94,8 @@ def warmup_factor(step: int, warmup_steps: int, shape: str = "linear", start_fac
     * ``exponential``: ``start ** (1 - step / warmup_steps)`` (a straight line on a log scale);
     * ``constant``: ``start`` for the whole warmup, then 1 (Goyal et al.'s "constant warmup").
 
-    Step 0 runs at ``start_factor``; the factor rises monotonically and step ``warmup_steps`` runs at exactly 1.
+    Step 0 runs at ``start_factor``; the factor rises monotonically and step ``warmup_steps`` runs at
+    exactly 1.
 
     Example:
         >>> [warmup_factor(t, 4, "linear", 0.2) for t in range(5)]
@@ -119,7 +121,7 @@ def decay_factor(
     shape: str = "cosine",
     floor: float = 0.0,
     *,
-    power: float = 1.0,
+    power: float = 2.0,
     gamma: float = 0.1,
     step_size: float = 1.0,
     milestones: Sequence[int] = (),
@@ -135,7 +137,8 @@ def decay_factor(
     * ``step``: ``gamma ** floor(step / step_size)``, never below ``floor``;
     * ``multistep``: ``gamma ** k`` where ``k`` counts the milestones already passed (``milestones`` are
       counted in steps after the end of warmup here), never below ``floor``;
-    * ``exponential``: ``gamma ** (step / step_size)`` (``gamma`` per ``step_size`` steps), never below ``floor``;
+    * ``exponential``: ``gamma ** (step / step_size)`` (``gamma`` per ``step_size`` steps), never below
+      ``floor``;
     * ``constant``: 1.0.
 
     Example:
@@ -146,7 +149,8 @@ def decay_factor(
     """
     if step >= decay_steps:
         return floor
-    step = max(step, 0)
+    if step <= 0:
+        return 1.0  # exactly, whatever rounding ``floor + (1 - floor)`` would do
     frac = step / decay_steps
     if shape == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
@@ -175,7 +179,7 @@ def lr_factor(
     warmup_start_factor: float = 0.1,
     decay: str = "cosine",
     floor: float = 0.0,
-    power: float = 1.0,
+    power: float = 2.0,
     gamma: float = 0.1,
     step_size: float = 1.0,
     milestones: Sequence[int] = (),
@@ -207,7 +211,7 @@ def lr_factor(
 
 
 class WarmupLR(LRScheduler):
-    """Per-step warmup, then decay to ``min_lr`` at ``total_steps``; the LR is a closed-form function of the step.
+    """Per-step warmup, then decay to ``min_lr`` at ``total_steps``: the LR is a closed form of the step.
 
     Step it once per optimizer step (Lightning: ``"interval": "step"``). The LR of optimizer step ``t``
     (0-based) is ``base_lr * lr_factor(t, ...)`` for every param group, with that group's own base LR. The
@@ -216,11 +220,12 @@ class WarmupLR(LRScheduler):
     Args:
         optimizer: the wrapped optimizer; each group's current ``lr`` is its base (peak) LR.
         warmup_steps: steps of warmup (0: none). Step ``warmup_steps`` runs at exactly the base LR.
-        total_steps: steps of the whole run, warmup included. The LR reaches ``min_lr`` exactly here and stays.
+        total_steps: steps of the whole run, warmup included. The LR reaches ``min_lr`` exactly here and
+            stays there.
         warmup: warmup shape: ``"linear"``, ``"exponential"`` or ``"constant"``.
         warmup_start_factor: multiplier of the first step, in (0, 1] (0.1: the first step runs at a tenth of
-            the base LR). Goyal et al. warm up from the small-batch LR: use ``1 / k`` for a batch ``k`` times the
-            reference.
+            the base LR). Goyal et al. warm up from the small-batch LR: use ``1 / k`` for a batch ``k`` times
+            the reference.
         decay: decay shape after warmup: ``"cosine"``, ``"linear"``, ``"poly"``, ``"step"``, ``"multistep"``,
             ``"exponential"`` or ``"constant"``.
         min_lr: final LR of the group with the largest base LR (the other groups' floors scale with their base
@@ -229,8 +234,8 @@ class WarmupLR(LRScheduler):
         gamma: factor in (0, 1] of the ``"step"``, ``"multistep"`` and ``"exponential"`` decays.
         step_size: ``"step"``: steps between two multiplications by ``gamma``, counted from the end of warmup;
             ``"exponential"``: steps over which the LR falls by ``gamma`` (default 1: ``gamma`` per step).
-        milestones: ``"multistep"``: absolute step numbers (counted from step 0, all after warmup) at which the
-            LR is multiplied by ``gamma``.
+        milestones: ``"multistep"``: absolute step numbers (counted from step 0, all after warmup) at which
+            the LR is multiplied by ``gamma``.
         last_epoch: index of the last step taken, as in every torch scheduler (-1: start fresh).
 
     Raises:
@@ -272,9 +277,7 @@ class WarmupLR(LRScheduler):
         if not _is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
         if warmup_steps > total_steps:
-            raise ValueError(
-                f"`warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}."
-            )
+            raise ValueError(f"`warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}.")
         self.warmup = check_choice(warmup, "warmup", WARMUP_SHAPES)
         self.decay = check_choice(decay, "decay", DECAY_SHAPES)
         self.warmup_start_factor = check_warmup_start_factor(warmup_start_factor)
@@ -343,9 +346,9 @@ class WarmupLR(LRScheduler):
         return self._get_closed_form_lr()
 
     def _get_closed_form_lr(self) -> list[float]:
+        if self.last_epoch >= self.total_steps:
+            # min_lr exactly for the peak group (base / peak == 1.0), the same ratio for the others
+            peak = max(float(base) for base in self.base_lrs)
+            return [self.min_lr * (float(base) / peak) if peak > 0 else 0.0 for base in self.base_lrs]
         factor = self.factor(self.last_epoch)
         return [float(base) * factor for base in self.base_lrs]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The step count, base LRs and settings (plain Python data)."""
-        return super().state_dict()

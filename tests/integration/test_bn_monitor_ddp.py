@@ -1,0 +1,114 @@
+"""``BNStatsMonitor`` under DDP on CPU (2 processes, gloo): rank-zero logging and the cross-rank difference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_bnsgd._compat import LightningModule, Trainer, loggers, pl
+from lightning_bnsgd.callbacks.bn_monitor import BNStatsMonitor
+from lightning_bnsgd.data.digits import DigitsDataModule
+from lightning_bnsgd.models.cnn import BNConvNet
+
+LAYERS = ("net.features.0.norm", "net.features.1.norm")
+
+
+class SmallNet(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = BNConvNet(input_size=8, padding="same", channels=(4, 8))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class RankFileLogger(loggers.Logger):
+    """Writes every ``log_metrics`` call of every rank (no rank-zero filter) to ``<folder>/rank<r>.jsonl``."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    @property
+    def name(self) -> str:
+        return "rankfile"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(Path(self.folder) / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _fit(tmp_path: Path, strategy: Any) -> dict[int, list[dict[str, Any]]]:
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=4,
+        logger=RankFileLogger(str(tmp_path)),
+        callbacks=[BNStatsMonitor(logging_interval=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(SmallNet(), DigitsDataModule(batch_size=16))  # DistributedSampler: different data per rank
+    calls: dict[int, list[dict[str, Any]]] = {}
+    for rank in (0, 1):
+        path = tmp_path / f"rank{rank}.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        calls[rank] = [json.loads(line) for line in lines]
+    return calls
+
+
+def _bn_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in calls if any(k.startswith("bn/") for k in c["metrics"])]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_rank_zero_logs_and_buffers_agree_with_broadcast(tmp_path: Path) -> None:
+    calls = _fit(tmp_path, "ddp_spawn")
+    bn0, bn1 = _bn_calls(calls[0]), _bn_calls(calls[1])
+    assert bn1 == []  # rank 1 gets its logger calls (Lightning's own), never the monitor's
+    assert [c["step"] for c in bn0] == [2, 4]
+    for call in bn0:
+        metrics = call["metrics"]
+        for layer in LAYERS:
+            assert metrics[f"bn/{layer}/rank_diff_running_mean_max"] == 0.0
+            assert metrics[f"bn/{layer}/rank_diff_running_var_max"] == 0.0
+        assert metrics["bn/summary/rank_diff_running_var_max"] == 0.0
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_ranks_diverge_without_buffer_broadcast(tmp_path: Path) -> None:
+    strategy = pl.strategies.DDPStrategy(broadcast_buffers=False, start_method="spawn")
+    calls = _fit(tmp_path, strategy)
+    bn0 = _bn_calls(calls[0])
+    assert _bn_calls(calls[1]) == []
+    assert [c["step"] for c in bn0] == [2, 4]
+    last = bn0[-1]["metrics"]
+    for layer in LAYERS:
+        assert last[f"bn/{layer}/rank_diff_running_mean_max"] > 0.0
+        assert last[f"bn/{layer}/rank_diff_running_var_max"] > 0.0
+    assert last["bn/summary/rank_diff_running_mean_max"] == max(
+        last[f"bn/{layer}/rank_diff_running_mean_max"] for layer in LAYERS
+    )
