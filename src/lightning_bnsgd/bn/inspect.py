@@ -204,8 +204,10 @@ def gap_summaries(
 
     All inputs are the layers' per-channel values concatenated (``eps`` repeated per channel). Per channel, the
     mean gap is ``|batch_mean - running_mean| / sqrt(running_var + eps)`` (the shift in units of the running
-    standard deviation) and the variance gap is ``|log(batch_var / running_var)|``; each is summarized as mean
-    and max over the layer's channels. Both are 0 when the running statistics equal the batch statistics.
+    standard deviation) and the variance gap is ``|log((batch_var + eps) / (running_var + eps))|`` (the ratio of
+    the variances BatchNorm divides by in train and in eval mode; ``eps`` keeps a dead channel, whose variances
+    are both 0, at gap 0 instead of NaN); each is summarized as mean and max over the layer's channels. Both are 0
+    when the running statistics equal the batch statistics.
 
     Example:
         >>> seg = Segments([1, 1], torch.device("cpu"))
@@ -216,7 +218,7 @@ def gap_summaries(
     """
     dtype = _compute_dtype([batch_mean, batch_var, running_mean, running_var])
     bm, bv, rm, rv, e = (t.detach().to(dtype) for t in (batch_mean, batch_var, running_mean, running_var, eps))
-    gaps = torch.stack([(bm - rm).abs() / torch.sqrt(rv + e), torch.log(bv / rv).abs()])
+    gaps = torch.stack([(bm - rm).abs() / torch.sqrt(rv + e), torch.log((bv + e) / (rv + e)).abs()])
     means, maxes = segments.mean(gaps), segments.max(gaps)
     return torch.stack([means[0], maxes[0], means[1], maxes[1]], dim=1).float()
 
