@@ -42,7 +42,7 @@ def select_backend(
         imported: modules already imported (default ``sys.modules``).
         installed: which of the two distributions are importable (default: looked up).
 
-    Example:
+    Examples:
         >>> select_backend(env={"LIGHTNING_BNSGD_BACKEND": "lightning"}, imported={}, installed={})
         'lightning'
         >>> select_backend(env={}, imported={"lightning.pytorch": object()}, installed={})

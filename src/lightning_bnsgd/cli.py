@@ -18,7 +18,7 @@ LINKED_ARGUMENTS = ("in_channels", "input_size", "num_classes")
 def packaged_config(name: str = "digits.yaml") -> Path:
     """Path of a YAML config shipped inside the package (``configs/``).
 
-    Example:
+    Examples:
         >>> packaged_config().name
         'digits.yaml'
     """

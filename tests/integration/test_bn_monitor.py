@@ -153,7 +153,7 @@ def test_csv_keys_at_logging_steps_and_values_match_buffers(tmp_path: Path) -> N
         x, rm_before, rv_before = recorder.seen[layer]
         x = x.double().transpose(0, 1).reshape(bn.num_features, -1)
         gap_mean = (x.mean(1) - rm_before.double()).abs() / torch.sqrt(rv_before.double() + bn.eps)
-        gap_var = torch.log(x.var(1) / rv_before.double()).abs()
+        gap_var = torch.log((x.var(1) + bn.eps) / (rv_before.double() + bn.eps)).abs()
         expected = {
             "running_mean_mean": rm.mean(),
             "running_mean_absmean": rm.abs().mean(),

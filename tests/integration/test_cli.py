@@ -11,7 +11,6 @@ from lightning_bnsgd.cli import cli_main, packaged_config
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = [
     "--trainer.enable_progress_bar=false",
-    "--trainer.logger=false",
     "--trainer.enable_checkpointing=false",
     "--trainer.accelerator=cpu",
 ]
@@ -31,6 +30,7 @@ def test_fit_then_test_from_packaged_yaml(tmp_path, capsys):
             "--trainer.limit_train_batches=5",
             "--trainer.limit_val_batches=2",
             f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
             *QUIET,
         ]
     )
@@ -52,7 +52,9 @@ def test_print_config_round_trips(tmp_path, capsys):
     assert config["model"]["class_path"].endswith("ConvNetClassifier")
     saved = tmp_path / "printed.yaml"
     saved.write_text(printed)
-    cli = cli_main(["fit", "--config", str(saved), "--trainer.fast_dev_run=1", *QUIET])
+    cli = cli_main(
+        ["fit", "--config", str(saved), "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    )
     assert cli.config.fit.trainer.max_epochs == 3
     assert cli.model.hparams.padding == "same"
     assert cli.trainer.global_step == 1

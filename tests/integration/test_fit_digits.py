@@ -7,6 +7,7 @@ import torch
 from lightning_bnsgd._compat import BACKEND, pl
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.classifier import ConvNetClassifier
+from lightning_bnsgd.optim.sgd_warmup import SGDWarmup
 
 
 def test_fit_reaches_95_percent_test_accuracy(make_trainer):
@@ -36,7 +37,7 @@ def test_predict_returns_probabilities(make_trainer):
 
 def test_any_net_can_be_wrapped(make_trainer):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    model = ConvNetClassifier(net=net)
+    model = ConvNetClassifier(net=net, optimizer=SGDWarmup(warmup_steps=1))
     assert model.net is net and "net" not in model.hparams
     make_trainer(max_steps=3, limit_val_batches=1).fit(model, datamodule=DigitsDataModule(batch_size=32))
     assert model.trainer.global_step == 3

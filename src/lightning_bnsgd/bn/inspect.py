@@ -74,7 +74,7 @@ _REGEX_PREFIX = "re:"
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """All BatchNorm layers of ``model`` (every ``_BatchNorm`` subclass), in registration order, with names.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.BatchNorm2d(4))
         >>> [name for name, _ in batchnorm_layers(net)]
         ['1', '3']
@@ -105,7 +105,7 @@ class Segments:
     The reductions run as a few whole-tensor kernels, however many segments there are; a segment holding a NaN
     reduces to NaN.
 
-    Example:
+    Examples:
         >>> seg = Segments([2, 3], torch.device("cpu"))
         >>> v = torch.tensor([1.0, 5.0, 2.0, 0.0, 4.0])
         >>> seg.mean(v).tolist(), seg.max(v).tolist(), seg.min(v).tolist()
@@ -172,7 +172,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
         ``(mean, var, samples)``: tensors of shape ``(C,)`` and the number of values per channel (a Python
         int, known from the shape without a device sync).
 
-    Example:
+    Examples:
         >>> mean, var, n = batch_moments(torch.tensor([[1.0, 10.0], [3.0, 30.0]]))
         >>> mean.tolist(), var.tolist(), n
         ([2.0, 20.0], [2.0, 200.0], 2)
@@ -209,7 +209,7 @@ def gap_summaries(
     are both 0, at gap 0 instead of NaN); each is summarized as mean and max over the layer's channels. Both are 0
     when the running statistics equal the batch statistics.
 
-    Example:
+    Examples:
         >>> seg = Segments([1, 1], torch.device("cpu"))
         >>> ones = torch.ones(2)
         >>> gaps = gap_summaries(ones, ones, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 10.0]), 0 * ones, seg)
@@ -227,7 +227,7 @@ def batch_gap(batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, runni
     """The batch-versus-running gap of one layer: the values named by `GAP_STATS` (see
     `gap_summaries`).
 
-    Example:
+    Examples:
         >>> gap = batch_gap(torch.zeros(2), torch.ones(2), torch.zeros(2), torch.full((2,), 10.0), eps=0.0)
         >>> [round(v, 4) for v in gap.tolist()]
         [0.0, 0.0, 2.3026, 2.3026]
@@ -258,7 +258,7 @@ def summarize_layers(
         the ``running_*`` and ``gain_*`` values without running statistics, the ``weight_*``, ``bias_*`` and
         ``dead_frac`` values without affine parameters (then the gain uses ``|weight| = 1``).
 
-    Example:
+    Examples:
         >>> bn = nn.BatchNorm1d(4, eps=0.0)
         >>> bn.running_var.fill_(4.0)
         tensor([4., 4., 4., 4.])
@@ -323,7 +323,7 @@ def summarize_layers(
 def nonfinite_counts(layer: _BatchNorm) -> Tensor:
     """Number of NaN/Inf entries in each tensor named by `CHECKED_TENSORS` (0 where a tensor is absent).
 
-    Example:
+    Examples:
         >>> bn = nn.BatchNorm1d(3)
         >>> bn.running_var[1] = float("nan")
         >>> nonfinite_counts(bn).tolist()
@@ -337,7 +337,7 @@ def buffer_summary(layer: _BatchNorm, dead_threshold: float = 1e-2) -> Tensor:
 
     One row of `summarize_layers`, which says what NaN entries mean.
 
-    Example:
+    Examples:
         >>> bn = nn.BatchNorm1d(4)
         >>> bn.weight.data[:3] = 0.0
         >>> dict(zip(BUFFER_STATS, buffer_summary(bn).tolist(), strict=True))["dead_frac"]
@@ -362,7 +362,7 @@ def anomaly_flags(
         max_running_var: flag layers whose largest ``running_var`` is above this (None: never).
         max_dead_frac: flag layers whose ``dead_frac`` is above this (None: never).
 
-    Example:
+    Examples:
         >>> bn = nn.BatchNorm1d(2)
         >>> bn.running_var[0] = 1e-9
         >>> flags = anomaly_flags(buffer_summary(bn)[None], nonfinite_counts(bn)[None], min_running_var=1e-6)
@@ -384,7 +384,7 @@ def all_ranks_max_min(values: Tensor, reduce_max: Callable[[Tensor], Tensor]) ->
     ``reduce_max`` all-reduces a tensor with the MAX operation (e.g. `all_reduce_max`); the payload is
     ``cat([values, -values])``, so the minimum comes from the same collective.
 
-    Example:
+    Examples:
         >>> other_rank = torch.tensor([3.0, -1.0])
         >>> fake_reduce = lambda p: torch.maximum(p, torch.cat([other_rank, -other_rank]))
         >>> mx, mn = all_ranks_max_min(torch.tensor([1.0, 2.0]), fake_reduce)
@@ -400,7 +400,7 @@ def all_ranks_max_min(values: Tensor, reduce_max: Callable[[Tensor], Tensor]) ->
 def all_reduce_max(payload: Tensor) -> Tensor:
     """MAX all-reduce over the default ``torch.distributed`` process group (identity when not initialized).
 
-    Example:
+    Examples:
         >>> all_reduce_max(torch.tensor([1.0, 2.0])).tolist()
         [1.0, 2.0]
     """
@@ -413,7 +413,7 @@ def all_reduce_max(payload: Tensor) -> Tensor:
 def segment_max(values: Tensor, sizes: Sequence[int]) -> Tensor:
     """Maximum of each consecutive segment of ``values`` (segment lengths ``sizes``, each at least 1).
 
-    Example:
+    Examples:
         >>> segment_max(torch.tensor([1.0, 5.0, 2.0, 0.0, 3.0]), [2, 3]).tolist()
         [5.0, 3.0]
     """
@@ -443,7 +443,7 @@ def compile_name_patterns(patterns: str | Iterable[str] | None, argument: str) -
     is a regular expression searched in the name. An invalid regular expression raises ``ValueError`` naming
     ``argument``.
 
-    Example:
+    Examples:
         >>> [p("net.features.0.norm") for p in compile_name_patterns(["*.0.*", r"re:\\.1\\."], "include")]
         [True, False]
     """
@@ -465,7 +465,7 @@ def select_layer_names(
 ) -> list[str]:
     """Names matched by any ``include`` predicate (all when there is none) and by no ``exclude`` predicate.
 
-    Example:
+    Examples:
         >>> names = ["a.norm", "b.norm", "b.bn"]
         >>> include = compile_name_patterns("b.*", "include")
         >>> exclude = compile_name_patterns("*bn", "exclude")
@@ -482,7 +482,7 @@ def configuration_issues(layers: Sequence[tuple[str, _BatchNorm]]) -> dict[str, 
     ``"momentum_none"`` (cumulative average over all batches, dominated by old weights) and
     ``"momentum_zero"`` (running statistics never change).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(
         ...     nn.BatchNorm1d(2, momentum=None),
         ...     nn.BatchNorm1d(2, momentum=0.0),

@@ -23,7 +23,7 @@ Moments = tuple[Tensor, Tensor, Tensor]
 def accumulation_dtype(device: torch.device | str | None) -> torch.dtype:
     """The dtype used to accumulate moments on ``device``: float64, or float32 where float64 is unsupported.
 
-    Example:
+    Examples:
         >>> accumulation_dtype("cpu"), accumulation_dtype("mps")
         (torch.float64, torch.float32)
     """
@@ -41,7 +41,7 @@ def moments_from_batch_stats(count: Tensor | float, mean: Tensor, var: Tensor, u
             ``unbiased=False``).
         unbiased: whether ``var`` divides by ``count - 1`` (else by ``count``).
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[1.0], [2.0], [4.0]], dtype=torch.float64)
         >>> n, m, m2 = moments_from_batch_stats(3, x.mean(0), x.var(0))
         >>> float(n), round(float(m), 6), round(float(m2), 6)
@@ -58,7 +58,7 @@ def chan_merge(a: Moments, b: Moments) -> Moments:
 
     Zero counts are allowed (an empty side leaves the other unchanged, and two empty sides give zeros).
 
-    Example:
+    Examples:
         >>> x = torch.arange(10, dtype=torch.float64).unsqueeze(1)
         >>> a = moments_from_batch_stats(4, x[:4].mean(0), x[:4].var(0))
         >>> b = moments_from_batch_stats(6, x[4:].mean(0), x[4:].var(0))
@@ -87,7 +87,7 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
     Returns:
         ``(count, mean, M2)`` of the union, shapes ``()``, ``(C,)``, ``(C,)``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(50, 3, dtype=torch.float64)
         >>> parts = [x[:7], x[7:8], x[8:30], x[30:]]
         >>> counts = torch.tensor([float(len(p)) for p in parts], dtype=torch.float64)
@@ -117,7 +117,7 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
 def variance_from_moments(count: Tensor, m2: Tensor, unbiased: bool = True) -> Tensor:
     """Per-channel variance from ``(count, M2)``, clamped at >= 0 (zeros where ``count`` is too small).
 
-    Example:
+    Examples:
         >>> variance_from_moments(torch.tensor(5.0), torch.tensor([8.0, -1e-9]))
         tensor([2., 0.])
     """
@@ -143,7 +143,7 @@ def all_gather_moments(moments: list[Moments], group: dist.ProcessGroup | None =
         moments: one ``(count, mean, M2)`` per layer, all of the same dtype and device.
         group: the process group (default: the world).
 
-    Example:
+    Examples:
         >>> n, m, s = all_gather_moments([(torch.tensor(2.0), torch.zeros(3), torch.ones(3))])[0]
         >>> float(n), m.tolist()
         (2.0, [0.0, 0.0, 0.0])
@@ -178,7 +178,7 @@ class RunningMoments:
         device: where the moments live.
         dtype: accumulation dtype (default: float64, or float32 where float64 is unsupported).
 
-    Example:
+    Examples:
         >>> x = torch.randn(100, 4, dtype=torch.float64)
         >>> acc = RunningMoments(4)
         >>> for part in (x[:10], x[10:11], x[11:]):

@@ -86,7 +86,7 @@ class RecalibrationReport:
         world_size: number of processes whose data was merged.
         shift: per recalibrated layer, how far its statistics moved.
 
-    Example:
+    Examples:
         >>> report = RecalibrationReport(mode="train")
         >>> report.max_shift()
         (0.0, 0.0)
@@ -116,7 +116,7 @@ class RecalibrationReport:
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list; anything else is an error.
 
-    Example:
+    Examples:
         >>> default_forward(nn.Identity(), (torch.ones(2), torch.zeros(2)))
         tensor([1., 1.])
     """
@@ -134,7 +134,7 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 def batch_size_of(batch: Any) -> int | None:
     """Leading dimension of the batch's first tensor (depth-first through mappings, sequences), or ``None``.
 
-    Example:
+    Examples:
         >>> batch_size_of({"x": torch.zeros(5, 3), "y": torch.zeros(5)}), batch_size_of("text")
         (5, None)
     """
@@ -156,7 +156,7 @@ def batch_size_of(batch: Any) -> int | None:
 def take_samples(batch: Any, k: int, size: int) -> Any:
     """The first ``k`` samples of a batch: every tensor whose leading dimension is ``size`` is cut to ``k``.
 
-    Example:
+    Examples:
         >>> x, y = take_samples((torch.arange(6).view(3, 2), torch.arange(3)), 2, 3)
         >>> x.tolist(), y.tolist()
         ([[0, 1], [2, 3]], [0, 1])
@@ -504,7 +504,7 @@ def recalibrate_bn(
         ValueError: for invalid arguments, when no sample reached the layers, or for non-finite statistics.
         TypeError: for batches the default forward cannot handle, or a one-shot iterator in sequential mode.
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0) and None
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
         >>> data = [torch.randn(n, 3) for n in (8, 5, 2)]

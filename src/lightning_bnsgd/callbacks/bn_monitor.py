@@ -54,7 +54,7 @@ _ANOMALY_TEXT = {
 class BNAnomalyError(RuntimeError):
     """Raised by ``BNStatsMonitor(on_anomaly="raise")`` when a BatchNorm layer is unhealthy.
 
-    Example:
+    Examples:
         >>> str(BNAnomalyError("layer 'net.0': NaN/Inf in running_var at step 50"))
         "layer 'net.0': NaN/Inf in running_var at step 50"
     """
@@ -131,7 +131,7 @@ class BNStatsMonitor(Callback):
     Raises:
         ValueError: for invalid arguments.
 
-    Example:
+    Examples:
         >>> monitor = BNStatsMonitor(logging_interval=10, include="net.features.*", stats=["gap_var_max"])
         >>> monitor.logging_interval, monitor.stats
         (10, ('gap_var_max',))

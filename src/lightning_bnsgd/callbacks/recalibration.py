@@ -102,7 +102,7 @@ class BNRecalibration(Callback):
         log_prefix: prefix of the logged metric names (give two instances different prefixes).
         verbose: also print a one-line summary of each recalibration from rank zero.
 
-    Example:
+    Examples:
         >>> from lightning_bnsgd._compat import Trainer
         >>> callback = BNRecalibration(num_samples=2048, mode="sequential")
         >>> callback.state_key

@@ -22,7 +22,7 @@ def _check_fraction(name: str, value: object) -> float:
 def load_digits_tensors(resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Load all 1,797 digits as float images ``(N, 1, S, S)`` scaled to [0, 1] and int64 labels ``(N,)``.
 
-    Example:
+    Examples:
         >>> x, y = load_digits_tensors()
         >>> tuple(x.shape), tuple(y.shape), int(y.max())
         ((1797, 1, 8, 8), (1797,), 9)
@@ -42,7 +42,7 @@ def stratified_split(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic stratified train/val/test index split.
 
-    Example:
+    Examples:
         >>> tr, va, te = stratified_split(torch.arange(100) % 10, 0.1, 0.2, seed=0)
         >>> len(tr), len(va), len(te)
         (70, 10, 20)
@@ -65,7 +65,7 @@ class EpochPermutationSampler(Sampler[int]):
     first indices of the next iteration only; ``skip_fn``, if given, is asked for that number once, when the first
     iteration starts (used to continue an epoch that a checkpoint interrupted).
 
-    Example:
+    Examples:
         >>> s = EpochPermutationSampler(5, seed=0)
         >>> first = list(s); s.set_epoch(1); second = list(s)
         >>> sorted(first) == sorted(second) == [0, 1, 2, 3, 4], first != second
@@ -138,7 +138,7 @@ class DigitsDataModule(LightningDataModule):
     ``DistributedSampler`` shuffles instead (also seeded per epoch); there an interrupted epoch restarts from its
     first batch, as Lightning does for any map-style DataLoader.
 
-    Example:
+    Examples:
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))

@@ -42,7 +42,7 @@ class ConvNetClassifier(LightningModule):
         compile_backend: the ``backend`` passed to ``torch.compile`` (e.g. ``"inductor"``, ``"aot_eager"``).
         channels_last: convert the network and every input batch to ``torch.channels_last`` memory format.
 
-    Example:
+    Examples:
         >>> model = ConvNetClassifier(input_size=8, padding="same")
         >>> model(torch.zeros(4, 1, 8, 8)).shape
         torch.Size([4, 10])

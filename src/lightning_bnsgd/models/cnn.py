@@ -23,7 +23,7 @@ def _check_positive_int(name: str, value: object) -> int:
 def conv_output_size(size: int, kernel_size: int, padding: str) -> int:
     """Spatial size after one conv (stride 1) and one 2x2 max-pool.
 
-    Example:
+    Examples:
         >>> conv_output_size(28, 3, "valid"), conv_output_size(8, 3, "same")
         (13, 4)
     """
@@ -80,7 +80,7 @@ class BNConvNet(nn.Module):
     Raises:
         ValueError: for invalid arguments, or when a block would shrink the feature map to nothing.
 
-    Example:
+    Examples:
         >>> net = BNConvNet()
         >>> net(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])

@@ -37,7 +37,7 @@ def _is_int(value: object) -> bool:
 def check_warmup_start_factor(value: object, name: str = "warmup_start_factor") -> float:
     """Validate a warmup start factor: a number in (0, 1].
 
-    Example:
+    Examples:
         >>> check_warmup_start_factor(0.1)
         0.1
     """
@@ -49,7 +49,7 @@ def check_warmup_start_factor(value: object, name: str = "warmup_start_factor") 
 def check_gamma(value: object, name: str = "gamma") -> float:
     """Validate a decay factor ``gamma``: a number in (0, 1].
 
-    Example:
+    Examples:
         >>> check_gamma(0.1)
         0.1
     """
@@ -61,7 +61,7 @@ def check_gamma(value: object, name: str = "gamma") -> float:
 def check_milestones(value: object, name: str = "milestones") -> list[int]:
     """Validate milestones: positive integers in strictly increasing order.
 
-    Example:
+    Examples:
         >>> check_milestones([30, 60, 80])
         [30, 60, 80]
     """
@@ -78,7 +78,7 @@ def check_milestones(value: object, name: str = "milestones") -> list[int]:
 def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
     """Validate a shape name against the allowed names.
 
-    Example:
+    Examples:
         >>> check_choice("cosine", "decay", DECAY_SHAPES)
         'cosine'
     """
@@ -97,7 +97,7 @@ def warmup_factor(step: int, warmup_steps: int, shape: str = "linear", start_fac
     Step 0 runs at ``start_factor``; the factor rises monotonically and step ``warmup_steps`` runs at
     exactly 1.
 
-    Example:
+    Examples:
         >>> [warmup_factor(t, 4, "linear", 0.2) for t in range(5)]
         [0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
         >>> warmup_factor(2, 4, "exponential", 0.01), warmup_factor(3, 4, "constant", 0.5)
@@ -141,7 +141,7 @@ def decay_factor(
       ``floor``;
     * ``constant``: 1.0.
 
-    Example:
+    Examples:
         >>> [round(decay_factor(t, 4, "cosine"), 4) for t in range(6)]
         [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
         >>> [decay_factor(t, 10, "multistep", gamma=0.5, milestones=[2, 4]) for t in (0, 2, 4, 10)]
@@ -190,7 +190,7 @@ def lr_factor(
     .MultiStepLR``); ``step_size`` periods start at the end of warmup. From ``total_steps`` on the result is
     ``floor``.
 
-    Example:
+    Examples:
         >>> [round(lr_factor(t, warmup_steps=2, total_steps=6, decay="linear"), 3) for t in range(8)]
         [0.1, 0.55, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     """
@@ -241,7 +241,7 @@ class WarmupLR(LRScheduler):
     Raises:
         ValueError: for invalid settings (each message names the argument, the value and what is allowed).
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         >>> sched = WarmupLR(opt, warmup_steps=2, total_steps=6, decay="linear", min_lr=0.2)
@@ -308,7 +308,7 @@ class WarmupLR(LRScheduler):
     def floor(self) -> float:
         """The final LR multiplier: ``min_lr`` relative to the largest base LR (0 when that is 0).
 
-        Example:
+        Examples:
             >>> import torch
             >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
             >>> WarmupLR(opt, warmup_steps=0, total_steps=10, min_lr=0.05).floor()
@@ -320,7 +320,7 @@ class WarmupLR(LRScheduler):
     def factor(self, step: int) -> float:
         """The LR multiplier of optimizer step ``step`` (0-based), common to all param groups.
 
-        Example:
+        Examples:
             >>> import torch
             >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
             >>> sched = WarmupLR(opt, warmup_steps=4, total_steps=8, decay="constant")

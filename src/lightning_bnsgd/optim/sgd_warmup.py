@@ -75,7 +75,7 @@ def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_deca
         ``[{"params": [...], "weight_decay": ..., "name": "decay"}, {..., "name": "no_decay"}]`` for
         ``torch.optim`` (either list may be empty).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
         >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in param_groups(net, 5e-4)]
         [('decay', 2, 0.0005), ('no_decay', 4, 0.0)]
@@ -102,7 +102,7 @@ def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_deca
 def effective_batch_size(per_device: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
     """Samples per optimizer step: per-device batch x processes (devices x nodes) x gradient accumulation.
 
-    Example:
+    Examples:
         >>> effective_batch_size(64, world_size=2, accumulate_grad_batches=4)
         512
     """
@@ -119,7 +119,7 @@ def effective_batch_size(per_device: int, world_size: int = 1, accumulate_grad_b
 def lr_scale(effective_batch: int, reference_batch_size: int = 256, rule: str = "linear") -> float:
     """The LR multiplier of a scaling rule: ``effective / reference`` (linear), its square root, or 1.
 
-    Example:
+    Examples:
         >>> lr_scale(1024), lr_scale(1024, rule="sqrt"), lr_scale(1024, rule="none")
         (4.0, 2.0, 1.0)
     """
@@ -135,7 +135,7 @@ def per_device_batch_size(loaders: Any) -> int | None:
 
     Returns ``None`` when no loader tells its batch size; raises when several loaders disagree.
 
-    Example:
+    Examples:
         >>> per_device_batch_size({"a": DataLoader(range(10), batch_size=4)})
         4
     """
@@ -161,7 +161,7 @@ def per_device_batch_size(loaders: Any) -> int | None:
 class ResolvedSchedule:
     """An ``SGDWarmup`` made concrete for one run: base LR after scaling and every length in steps.
 
-    Example:
+    Examples:
         >>> cfg = SGDWarmup(lr=0.1, warmup_epochs=2, scale_lr="linear")
         >>> r = cfg.resolve(total_steps=100, steps_per_epoch=10, batch_size=512)
         >>> r.lr, r.warmup_steps, r.total_steps
@@ -230,7 +230,7 @@ class SGDWarmup:
         ValueError: for an invalid field (the message names it, its value and what is allowed).
         TypeError: for a field of the wrong type.
 
-    Example:
+    Examples:
         >>> cfg = SGDWarmup(lr=0.4, warmup_steps=5, total_steps=50, scale_lr="none")
         >>> out = cfg.build(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
         >>> round(out["optimizer"].param_groups[0]["lr"], 6), out["lr_scheduler"]["interval"]
@@ -318,7 +318,7 @@ class SGDWarmup:
     def warmup_length_epochs(self, default: float = DEFAULT_WARMUP_EPOCHS) -> float:
         """Warmup length in epochs when it is given in epochs (or by default); ``default`` otherwise.
 
-        Example:
+        Examples:
             >>> SGDWarmup().warmup_length_epochs(), SGDWarmup(warmup_epochs=2.5).warmup_length_epochs()
             (1.0, 2.5)
         """
@@ -354,7 +354,7 @@ class SGDWarmup:
             ValueError: when a needed length is unknown (the message says what to set) or warmup is longer
                 than the run.
 
-        Example:
+        Examples:
             >>> r = SGDWarmup(lr=0.1, scale_lr="linear", warmup_epochs=1).resolve(
             ...     total_steps=200, steps_per_epoch=20, batch_size=64, world_size=2,
             ...     accumulate_grad_batches=4,
@@ -461,7 +461,7 @@ class SGDWarmup:
     ) -> list[float]:
         """The peak-group LR of every optimizer step ``0 .. total_steps - 1`` (for plots and checks).
 
-        Example:
+        Examples:
             >>> cfg = SGDWarmup(lr=1.0, warmup_steps=2, decay="linear", scale_lr="none")
             >>> [round(v, 3) for v in cfg.lr_curve(5)]
             [0.1, 0.55, 1.0, 0.667, 0.333]
