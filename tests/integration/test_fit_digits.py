@@ -18,7 +18,7 @@ def test_fit_reaches_95_percent_test_accuracy(make_trainer):
     assert isinstance(trainer, pl.Trainer)
     trainer.fit(model, datamodule=dm)
     logged = dict(trainer.callback_metrics)
-    for key in ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"):
+    for key in ("train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc"):
         assert key in logged, sorted(logged)
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
     assert set(result) == {"test/loss", "test/acc"}
