@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_bnsgd._validation import check_int
+
 Moments = tuple[Tensor, Tensor, Tensor]
 
 
@@ -192,8 +194,7 @@ class RunningMoments:
     def __init__(
         self, num_channels: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"`num_channels` must be a positive integer, got {num_channels!r}.")
+        check_int("num_channels", num_channels)
         self.dtype = dtype if dtype is not None else accumulation_dtype(device)
         self.count = torch.zeros((), dtype=self.dtype, device=device)
         self.mean = torch.zeros(num_channels, dtype=self.dtype, device=device)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
+from lightning_bnsgd._validation import check_choice, check_int
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.moments import (
     Moments,
@@ -41,9 +42,9 @@ Mode = Literal["train", "sequential"]
 DropoutMode = Literal["eval", "train"]
 NonFinite = Literal["raise", "skip"]
 ForwardFn = Callable[[nn.Module, Any], Any]
-_MODES = ("train", "sequential")
-_DROPOUT_MODES = ("eval", "train")
-_NONFINITE = ("raise", "skip")
+MODES = ("train", "sequential")
+DROPOUT_MODES = ("eval", "train")
+NONFINITE_ACTIONS = ("raise", "skip")
 #: Forwards whose statistics are kept on the device before they are merged into the running moments.
 _FLUSH_EVERY = 64
 _EPS = 1e-5
@@ -440,19 +441,6 @@ def _shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor)
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def _check_budget(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be None or an integer >= 1, got {value!r}.")
-    return value
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
 def recalibrate_bn(
     model: nn.Module,
     batches: Iterable[Any],
@@ -521,13 +509,13 @@ def recalibrate_bn(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(batches, Iterable):
         raise TypeError(f"`batches` must be an iterable of batches, got {type(batches).__name__}.")
-    num_samples = _check_budget("num_samples", num_samples)
-    num_batches = _check_budget("num_batches", num_batches)
+    num_samples = check_int("num_samples", num_samples, allow_none=True)
+    num_batches = check_int("num_batches", num_batches, allow_none=True)
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), got {forward_fn!r}.")
-    _check_choice("mode", mode, _MODES)
-    _check_choice("dropout", dropout, _DROPOUT_MODES)
-    _check_choice("nonfinite", nonfinite, _NONFINITE)
+    check_choice("mode", mode, MODES)
+    check_choice("dropout", dropout, DROPOUT_MODES)
+    check_choice("nonfinite", nonfinite, NONFINITE_ACTIONS)
     target_device = torch.device(device) if device is not None else None
     if mode == "sequential" and iter(batches) is batches:
         raise TypeError(

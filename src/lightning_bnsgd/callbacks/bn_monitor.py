@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, loggers
+from lightning_bnsgd._validation import check_choice, check_int
 from lightning_bnsgd.bn.inspect import (
     ANOMALIES,
     BUFFER_STATS,
@@ -155,10 +156,7 @@ class BNStatsMonitor(Callback):
         min_samples_per_channel: int = 16,
         log_histograms: bool = False,
     ) -> None:
-        if logging_interval is not None and (
-            isinstance(logging_interval, bool) or not isinstance(logging_interval, int) or logging_interval < 1
-        ):
-            raise ValueError(f"`logging_interval` must be an integer >= 1 or None, got {logging_interval!r}.")
+        check_int("logging_interval", logging_interval, allow_none=True)
         self._include = compile_name_patterns(include, "include")
         self._exclude = compile_name_patterns(exclude, "exclude")
         if stats is not None:
@@ -167,8 +165,7 @@ class BNStatsMonitor(Callback):
             unknown = [s for s in stats if s not in STATS]
             if unknown:
                 raise ValueError(f"`stats` has unknown statistics {unknown}; allowed: {list(STATS)}.")
-        if not isinstance(on_anomaly, str) or on_anomaly not in _ACTIONS:
-            raise ValueError(f"`on_anomaly` must be one of {_ACTIONS}, got {on_anomaly!r}.")
+        check_choice("on_anomaly", on_anomaly, _ACTIONS)
         if (
             isinstance(min_samples_per_channel, bool)
             or not isinstance(min_samples_per_channel, int)

@@ -12,7 +12,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningDataModule, LightningModule, Trainer, pl
+from lightning_bnsgd._validation import check_choice
 from lightning_bnsgd.bn.recalibrate import (
+    DROPOUT_MODES,
+    MODES,
+    NONFINITE_ACTIONS,
     DropoutMode,
     ForwardFn,
     Mode,
@@ -21,9 +25,6 @@ from lightning_bnsgd.bn.recalibrate import (
     recalibrate_bn,
 )
 
-_MODES = ("train", "sequential")
-_DROPOUT_MODES = ("eval", "train")
-_NONFINITE = ("raise", "skip")
 _TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 #: The method a LightningModule may define to run one recalibration forward: ``bn_recalibration_step(batch)``.
 STEP_METHOD = "bn_recalibration_step"
@@ -146,13 +147,9 @@ class BNRecalibration(Callback):
             )
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"`forward_fn` must be None or callable as forward_fn(module, batch), got {forward_fn!r}.")
-        for name, value, allowed in (
-            ("mode", mode, _MODES),
-            ("dropout", dropout, _DROPOUT_MODES),
-            ("nonfinite", nonfinite, _NONFINITE),
-        ):
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+        check_choice("mode", mode, MODES)
+        check_choice("dropout", dropout, DROPOUT_MODES)
+        check_choice("nonfinite", nonfinite, NONFINITE_ACTIONS)
         if not isinstance(log_prefix, str) or not log_prefix:
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}.")
         self.num_samples = num_samples

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_bnsgd._compat import LightningDataModule
+from lightning_bnsgd._validation import check_int, is_number
 
 _PIXEL_MAX = 16.0  # the digits are 4-bit grey levels, 0..16
 
 
 def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+    if not is_number(value) or not 0.0 < float(value) < 1.0:  # type: ignore[arg-type]
         raise ValueError(f"`{name}` must be a float in the open interval (0, 1), got {value!r}.")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def load_digits_tensors(resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +162,8 @@ class DigitsDataModule(LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
         val = _check_fraction("val_fraction", val_fraction)
         test = _check_fraction("test_fraction", test_fraction)
         if val + test >= 1.0:
@@ -172,8 +171,7 @@ class DigitsDataModule(LightningDataModule):
                 f"`val_fraction` + `test_fraction` must be below 1 so that training data remains, "
                 f"got {val} + {test} = {val + test}."
             )
-        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-            raise ValueError(f"`resize` must be None or an integer >= 1, got {resize!r}.")
+        check_int("resize", resize, allow_none=True)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -8,16 +8,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_bnsgd._validation import check_choice, check_int, is_number
+
 Padding = Literal["valid", "same"]
 NormPosition = Literal["post_activation", "pre_activation"]
 _PADDINGS = ("valid", "same")
 _NORM_POSITIONS = ("post_activation", "pre_activation")
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
 
 
 def conv_output_size(size: int, kernel_size: int, padding: str) -> int:
@@ -100,19 +96,17 @@ class BNConvNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("kernel_size", kernel_size)
+        check_int("in_channels", in_channels)
+        check_int("num_classes", num_classes)
+        check_int("input_size", input_size)
+        check_int("kernel_size", kernel_size)
         if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) == 0:
             raise ValueError(f"`channels` must be a non-empty sequence of positive integers, got {channels!r}.")
         for i, c in enumerate(channels):
-            _check_positive_int(f"channels[{i}]", c)
-        if padding not in _PADDINGS:
-            raise ValueError(f"`padding` must be one of {_PADDINGS}, got {padding!r}.")
-        if norm_position not in _NORM_POSITIONS:
-            raise ValueError(f"`norm_position` must be one of {_NORM_POSITIONS}, got {norm_position!r}.")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            check_int(f"channels[{i}]", c)
+        check_choice("padding", padding, _PADDINGS)
+        check_choice("norm_position", norm_position, _NORM_POSITIONS)
+        if not is_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
 
         size = input_size

@@ -20,18 +20,12 @@ from typing import Literal, get_args
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_bnsgd._validation import check_choice, is_int, is_number
+
 WarmupShape = Literal["linear", "exponential", "constant"]
 DecayShape = Literal["cosine", "linear", "poly", "step", "multistep", "exponential", "constant"]
 WARMUP_SHAPES: tuple[str, ...] = get_args(WarmupShape)
 DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_warmup_start_factor(value: object, name: str = "warmup_start_factor") -> float:
@@ -41,7 +35,7 @@ def check_warmup_start_factor(value: object, name: str = "warmup_start_factor") 
         >>> check_warmup_start_factor(0.1)
         0.1
     """
-    if not _is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
+    if not is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
         raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
     return float(value)  # type: ignore[arg-type]
 
@@ -53,7 +47,7 @@ def check_gamma(value: object, name: str = "gamma") -> float:
         >>> check_gamma(0.1)
         0.1
     """
-    if not _is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
+    if not is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
         raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
     return float(value)  # type: ignore[arg-type]
 
@@ -68,23 +62,11 @@ def check_milestones(value: object, name: str = "milestones") -> list[int]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"`{name}` must be a list of positive integers, got {value!r}.")
     items = list(value)
-    if not all(_is_int(m) and m > 0 for m in items):
+    if not all(is_int(m) and m > 0 for m in items):
         raise ValueError(f"`{name}` must hold positive integers only, got {items!r}.")
     if any(b <= a for a, b in itertools.pairwise(items)):
         raise ValueError(f"`{name}` must be strictly increasing, got {items!r}.")
     return [int(m) for m in items]
-
-
-def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
-    """Validate a shape name against the allowed names.
-
-    Examples:
-        >>> check_choice("cosine", "decay", DECAY_SHAPES)
-        'cosine'
-    """
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-    return value
 
 
 def warmup_factor(step: int, warmup_steps: int, shape: str = "linear", start_factor: float = 0.1) -> float:
@@ -272,21 +254,21 @@ class WarmupLR(LRScheduler):
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-        if not _is_int(total_steps) or total_steps < 1:
+        if not is_int(total_steps) or total_steps < 1:
             raise ValueError(f"`total_steps` must be an integer >= 1, got {total_steps!r}.")
-        if not _is_int(warmup_steps) or warmup_steps < 0:
+        if not is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
         if warmup_steps > total_steps:
             raise ValueError(f"`warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}.")
-        self.warmup = check_choice(warmup, "warmup", WARMUP_SHAPES)
-        self.decay = check_choice(decay, "decay", DECAY_SHAPES)
+        self.warmup = check_choice("warmup", warmup, WARMUP_SHAPES)
+        self.decay = check_choice("decay", decay, DECAY_SHAPES)
         self.warmup_start_factor = check_warmup_start_factor(warmup_start_factor)
-        if not _is_number(min_lr) or min_lr < 0:
+        if not is_number(min_lr) or min_lr < 0:
             raise ValueError(f"`min_lr` must be a number >= 0, got {min_lr!r}.")
-        if not _is_number(power) or power <= 0:
+        if not is_number(power) or power <= 0:
             raise ValueError(f"`power` must be a number > 0, got {power!r}.")
         self.gamma = check_gamma(gamma)
-        if not _is_number(step_size) or step_size <= 0:
+        if not is_number(step_size) or step_size <= 0:
             raise ValueError(f"`step_size` must be a number > 0 (in steps), got {step_size!r}.")
         self.milestones = check_milestones(milestones)
         if self.milestones and self.milestones[0] <= warmup_steps:

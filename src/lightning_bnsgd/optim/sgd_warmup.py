@@ -20,13 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.data import DataLoader
 
+from lightning_bnsgd._validation import check_choice, is_int, is_number
 from lightning_bnsgd.optim.schedule import (
     DECAY_SHAPES,
     WARMUP_SHAPES,
     DecayShape,
     WarmupLR,
     WarmupShape,
-    check_choice,
     check_gamma,
     check_milestones,
     check_warmup_start_factor,
@@ -47,14 +47,6 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -81,7 +73,7 @@ def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_deca
         [('decay', 2, 0.0005), ('no_decay', 4, 0.0)]
     """
     for name, value in (("weight_decay", weight_decay), ("norm_weight_decay", norm_weight_decay)):
-        if not _is_number(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -111,7 +103,7 @@ def effective_batch_size(per_device: int, world_size: int = 1, accumulate_grad_b
         ("world_size", world_size),
         ("accumulate_grad_batches", accumulate_grad_batches),
     ):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
     return per_device * world_size * accumulate_grad_batches
 
@@ -123,7 +115,7 @@ def lr_scale(effective_batch: int, reference_batch_size: int = 256, rule: str = 
         >>> lr_scale(1024), lr_scale(1024, rule="sqrt"), lr_scale(1024, rule="none")
         (4.0, 2.0, 1.0)
     """
-    check_choice(rule, "scale_lr", SCALE_RULES)
+    check_choice("scale_lr", rule, SCALE_RULES)
     if rule == "none":
         return 1.0
     ratio = effective_batch / reference_batch_size
@@ -145,7 +137,7 @@ def per_device_batch_size(loaders: Any) -> int | None:
         size = loader.batch_size
         if size is None and loader.batch_sampler is not None:
             size = getattr(loader.batch_sampler, "batch_size", None)
-        if _is_int(size):
+        if is_int(size):
             found.append(int(size))  # type: ignore[arg-type]
 
     apply_to_collection(loaders, DataLoader, _read)
@@ -261,9 +253,9 @@ class SGDWarmup:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if not _is_number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}.")
-        if not _is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
+        if not is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"`momentum` must be a number in [0, 1), got {self.momentum!r}.")
         if not isinstance(self.nesterov, bool):
             raise TypeError(f"`nesterov` must be a bool, got {self.nesterov!r}.")
@@ -271,26 +263,26 @@ class SGDWarmup:
             raise ValueError("`nesterov=True` needs `momentum` > 0, got momentum=0.")
         for name in ("weight_decay", "norm_weight_decay"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         if self.warmup_epochs is not None and self.warmup_steps is not None:
             raise ValueError(
                 f"Give `warmup_epochs` or `warmup_steps`, not both; got warmup_epochs={self.warmup_epochs!r} "
                 f"and warmup_steps={self.warmup_steps!r}."
             )
-        if self.warmup_epochs is not None and (not _is_number(self.warmup_epochs) or self.warmup_epochs < 0):
+        if self.warmup_epochs is not None and (not is_number(self.warmup_epochs) or self.warmup_epochs < 0):
             raise ValueError(f"`warmup_epochs` must be None or a number >= 0, got {self.warmup_epochs!r}.")
-        if self.warmup_steps is not None and (not _is_int(self.warmup_steps) or self.warmup_steps < 0):
+        if self.warmup_steps is not None and (not is_int(self.warmup_steps) or self.warmup_steps < 0):
             raise ValueError(f"`warmup_steps` must be None or an integer >= 0, got {self.warmup_steps!r}.")
-        check_choice(self.warmup, "warmup", WARMUP_SHAPES)
+        check_choice("warmup", self.warmup, WARMUP_SHAPES)
         check_warmup_start_factor(self.warmup_start_factor)
-        check_choice(self.decay, "decay", DECAY_SHAPES)
-        if not _is_number(self.min_lr) or not 0.0 <= self.min_lr <= self.lr:
+        check_choice("decay", self.decay, DECAY_SHAPES)
+        if not is_number(self.min_lr) or not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"`min_lr` must be a number in [0, lr={self.lr}], got {self.min_lr!r}.")
-        if not _is_number(self.power) or self.power <= 0:
+        if not is_number(self.power) or self.power <= 0:
             raise ValueError(f"`power` must be a number > 0, got {self.power!r}.")
         check_gamma(self.gamma)
-        if not _is_number(self.step_size) or self.step_size <= 0:
+        if not is_number(self.step_size) or self.step_size <= 0:
             raise ValueError(f"`step_size` must be a number of epochs > 0, got {self.step_size!r}.")
         if self.milestones is not None:
             self.milestones = check_milestones(self.milestones)
@@ -303,12 +295,12 @@ class SGDWarmup:
                 f"`milestones` must all come after warmup (> warmup_epochs={self.warmup_length_epochs()}), "
                 f"got {self.milestones!r}."
             )
-        check_choice(self.scale_lr, "scale_lr", SCALE_RULES)
-        if not _is_int(self.reference_batch_size) or self.reference_batch_size < 1:
+        check_choice("scale_lr", self.scale_lr, SCALE_RULES)
+        if not is_int(self.reference_batch_size) or self.reference_batch_size < 1:
             raise ValueError(f"`reference_batch_size` must be an integer >= 1, got {self.reference_batch_size!r}.")
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"`batch_size` must be None or an integer >= 1, got {self.batch_size!r}.")
-        if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
+        if self.total_steps is not None and (not is_int(self.total_steps) or self.total_steps < 1):
             raise ValueError(f"`total_steps` must be None or an integer >= 1, got {self.total_steps!r}.")
         if self.total_steps is not None and self.warmup_steps is not None and self.warmup_steps > self.total_steps:
             raise ValueError(
@@ -363,7 +355,7 @@ class SGDWarmup:
             (512, 0.2, 20)
         """
         total = self.total_steps if self.total_steps is not None else total_steps
-        if total is None or not _is_int(total) or total < 1:
+        if total is None or not is_int(total) or total < 1:
             raise ValueError(
                 f"SGDWarmup cannot tell the number of optimizer steps (got {total!r}): the run is infinite "
                 "or its length unknown (e.g. an iterable dataset). Set the Trainer's `max_steps` or "
@@ -495,9 +487,9 @@ def _trainer_facts(trainer: Any) -> dict[str, Any]:
         trainer.fit_loop.setup_data()
     accumulate = int(trainer.accumulate_grad_batches)
     batches = trainer.num_training_batches
-    steps_per_epoch = math.ceil(batches / accumulate) if _is_number(batches) and batches > 0 else None
+    steps_per_epoch = math.ceil(batches / accumulate) if is_number(batches) and batches > 0 else None
     return {
-        "total_steps": int(total) if _is_number(total) else None,
+        "total_steps": int(total) if is_number(total) else None,
         "steps_per_epoch": steps_per_epoch,
         "batch_size": per_device_batch_size(trainer.train_dataloader),
         "world_size": int(trainer.world_size),
