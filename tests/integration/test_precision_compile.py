@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_bf16_mixed_fit_recalibration_and_monitoring(tmp_path, make_trainer):
             assert torch.isfinite(buf).all(), name
             if name.endswith("running_var"):
                 assert bool((buf >= 0).all()), name
-    values = _bn_metric_values(_metrics(trainer.logger.log_dir and __import__("pathlib").Path(logger.log_dir)))
+    values = _bn_metric_values(_metrics(Path(logger.log_dir)))
     assert values and all(v == v for v in values), "monitor logged nothing or NaN under bf16-mixed"
     (result,) = trainer.test(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
     assert result["test/acc"] > 0.8
@@ -73,7 +74,7 @@ def test_compile_and_channels_last_match_eager_statistics(tmp_path, make_trainer
     )
     trainer.fit(model, datamodule=dm)
     # The monitor's hooks fired although the training steps run compiled.
-    rows = _metrics(__import__("pathlib").Path(logger.log_dir))
+    rows = _metrics(Path(logger.log_dir))
     gap_keys = {k for row in rows for k, v in row.items() if "gap_mean_mean" in k and v}
     assert gap_keys, "no batch-vs-running gap was logged for the compiled model"
     # Recalibrated statistics equal an eager recalibration of the same weights over the same data.

@@ -100,10 +100,14 @@ class ConvNetClassifier(LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class logits."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._layout(x)
         if self._forward is not self.net and self._norm_hooks_attached():
             return self.net(x)
         return self._forward(x)
@@ -114,9 +118,7 @@ class ConvNetClassifier(LightningModule):
     def bn_recalibration_step(self, batch: Any) -> None:
         """Forward used by ``BNRecalibration``: the eager network (also when ``compile=True``) on the images."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.net(x)
+        self.net(self._layout(x))
 
     def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
