@@ -48,6 +48,8 @@ CASES = [
     (BNConvNet, {"norm_position": "before"}, "norm_position"),
     (BNConvNet, {"dropout": -0.1}, "dropout"),
     (BNConvNet, {"dropout": "high"}, "dropout"),
+    (BNConvNet, {"block_dropout": 1.5}, "block_dropout"),
+    (BNConvNet, {"batch_norm": "yes"}, "batch_norm"),
     (BNConvNet, {"input_size": 4, "channels": [8, 8, 8]}, "padding"),
     # ConvNetClassifier
     (ConvNetClassifier, {"net": "resnet"}, "net"),
@@ -61,6 +63,7 @@ CASES = [
     (DigitsDataModule, {"test_fraction": 1}, "test_fraction"),
     (DigitsDataModule, {"val_fraction": 0.6, "test_fraction": 0.4}, "val_fraction"),
     (DigitsDataModule, {"resize": -28}, "resize"),
+    (DigitsDataModule, {"label_noise": 1.0}, "label_noise"),
     # SGDWarmup
     (SGDWarmup, {"lr": 0.0}, "lr"),
     (SGDWarmup, {"lr": -0.1}, "lr"),

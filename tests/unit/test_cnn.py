@@ -62,6 +62,8 @@ def test_shrinking_configuration_names_block_and_suggests_same_padding():
         ({"padding": "full"}, "padding"),
         ({"norm_position": "middle"}, "norm_position"),
         ({"dropout": 1.0}, "dropout"),
+        ({"block_dropout": -0.1}, "block_dropout"),
+        ({"batch_norm": 1}, "batch_norm"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -78,3 +80,32 @@ def test_conv_output_size():
     assert conv_output_size(28, 3, "valid") == 13
     assert conv_output_size(3, 5, "valid") == 0
     assert conv_output_size(5, 5, "same") == 2
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        ("post_activation", ["conv", "act", "drop", "norm", "pool"]),
+        ("pre_activation", ["conv", "drop", "norm", "act", "pool"]),
+    ],
+)
+def test_block_dropout_sits_right_before_batchnorm(position, expected):
+    net = BNConvNet(input_size=8, padding="same", norm_position=position, block_dropout=0.3)
+    for block in net.features:
+        assert [name for name, _ in block.named_children()] == expected
+        assert block.drop.p == 0.3
+    net.train()
+    x = torch.randn(4, 1, 8, 8)
+    assert not torch.equal(net(x), net(x))  # dropout active in training
+    net.eval()
+    assert torch.equal(net(x), net(x))
+
+
+def test_without_batch_norm_is_the_same_network_minus_bn():
+    with_bn = BNConvNet(input_size=8, padding="same")
+    without = BNConvNet(input_size=8, padding="same", batch_norm=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in without.modules())
+    assert all(m.bias is not None for m in without.modules() if isinstance(m, nn.Conv2d))
+    bn_params = sum(p.numel() for m in with_bn.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert sum(p.numel() for p in with_bn.parameters()) - bn_params == sum(p.numel() for p in without.parameters())
+    assert without(torch.randn(2, 1, 8, 8)).shape == (2, 10)

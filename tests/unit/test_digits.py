@@ -66,3 +66,17 @@ def test_resize_changes_input_size_and_tensors():
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         DigitsDataModule(**kwargs)
+
+
+def test_label_noise_corrupts_only_training_labels():
+    clean, noisy = DigitsDataModule(), DigitsDataModule(label_noise=0.2)
+    clean.setup(), noisy.setup()
+    y_clean, y_noisy = clean._splits["train"].tensors[1], noisy._splits["train"].tensors[1]
+    changed = int((y_clean != y_noisy).sum())
+    assert changed == round(0.2 * len(y_clean))
+    assert int(y_noisy.min()) >= 0 and int(y_noisy.max()) <= 9
+    for split in ("val", "test"):
+        assert torch.equal(clean._splits[split].tensors[1], noisy._splits[split].tensors[1])
+    again = DigitsDataModule(label_noise=0.2)
+    again.setup()
+    assert torch.equal(again._splits["train"].tensors[1], y_noisy)  # seeded

@@ -58,6 +58,24 @@ def stratified_split(
     return torch.as_tensor(train), torch.as_tensor(val), torch.as_tensor(test)
 
 
+def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Replace ``round(fraction * N)`` labels, chosen at random, with a different class drawn uniformly.
+
+    Examples:
+        >>> y = torch.arange(100) % 10
+        >>> int((noisy_labels(y, 0.3, 10, seed=0) != y).sum()), bool(noisy_labels(y, 0.0, 10, 0).equal(y))
+        (30, True)
+    """
+    if fraction <= 0:
+        return labels
+    generator = torch.Generator().manual_seed(seed + 7919)
+    chosen = torch.randperm(len(labels), generator=generator)[: round(fraction * len(labels))]
+    offsets = torch.randint(1, num_classes, (len(chosen),), generator=generator)
+    noisy = labels.clone()
+    noisy[chosen] = (labels[chosen] + offsets) % num_classes
+    return noisy
+
+
 class EpochPermutationSampler(Sampler[int]):
     """Shuffles ``size`` indices with a permutation that depends only on ``seed`` and the epoch.
 
@@ -129,6 +147,8 @@ class DigitsDataModule(LightningDataModule):
         normalize: standardize pixels with the training set's mean and std (after scaling to [0, 1]).
         resize: resize the images to ``resize x resize`` (bilinear) instead of the native 8x8.
         pin_memory: pin host memory in the DataLoaders (useful when training on a GPU).
+        label_noise: share of training labels replaced by a different, uniformly drawn class (seeded by ``seed``);
+            validation and test labels stay clean. A harder task for experiments; 0 disables it.
 
     The attributes ``in_channels``, ``input_size`` and ``num_classes`` are known at construction, so
     LightningCLI links them into the model's arguments.
@@ -160,6 +180,7 @@ class DigitsDataModule(LightningDataModule):
         normalize: bool = True,
         resize: int | None = None,
         pin_memory: bool = False,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size)
@@ -172,6 +193,8 @@ class DigitsDataModule(LightningDataModule):
                 f"got {val} + {test} = {val + test}."
             )
         check_int("resize", resize, allow_none=True)
+        if not is_number(label_noise) or not 0.0 <= label_noise < 1.0:
+            raise ValueError(f"`label_noise` must be a float in [0, 1), got {label_noise!r}.")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -181,6 +204,7 @@ class DigitsDataModule(LightningDataModule):
         self.normalize = normalize
         self.resize = resize
         self.pin_memory = pin_memory
+        self.label_noise = float(label_noise)
         self.input_size: int = resize if resize is not None else 8
         self._splits: dict[str, TensorDataset] = {}
 
@@ -194,7 +218,7 @@ class DigitsDataModule(LightningDataModule):
             mean, std = x[train].mean(), x[train].std()
             x = (x - mean) / std
         self._splits = {
-            "train": TensorDataset(x[train], y[train]),
+            "train": TensorDataset(x[train], noisy_labels(y[train], self.label_noise, self.num_classes, self.seed)),
             "val": TensorDataset(x[val], y[val]),
             "test": TensorDataset(x[test], y[test]),
         }

@@ -32,6 +32,8 @@ class ConvNetClassifier(LightningModule):
         padding: ``"valid"`` or ``"same"`` padding in ``BNConvNet``.
         norm_position: ``"post_activation"`` or ``"pre_activation"`` BatchNorm placement.
         dropout: dropout before the linear head.
+        block_dropout: dropout right before the BatchNorm of every conv block (studies the variance shift).
+        batch_norm: ``False`` builds ``BNConvNet`` without BatchNorm layers (a baseline).
         net: any ``nn.Module`` mapping images to logits, used instead of ``BNConvNet`` (its ``num_classes``
             must match). It is not stored in the hyperparameters: pass it again to ``load_from_checkpoint``.
         optimizer: the ``SGDWarmup`` recipe used by ``configure_optimizers`` (default: ``SGDWarmup()``).
@@ -58,6 +60,8 @@ class ConvNetClassifier(LightningModule):
         padding: Padding = "valid",
         norm_position: NormPosition = "post_activation",
         dropout: float = 0.0,
+        block_dropout: float = 0.0,
+        batch_norm: bool = True,
         net: nn.Module | None = None,
         optimizer: SGDWarmup | None = None,
         compile: bool = False,
@@ -88,6 +92,8 @@ class ConvNetClassifier(LightningModule):
                 padding=padding,
                 norm_position=norm_position,
                 dropout=dropout,
+                block_dropout=block_dropout,
+                batch_norm=batch_norm,
             )
         )
         self.channels_last = channels_last
@@ -99,6 +105,21 @@ class ConvNetClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    @property
+    def lr(self) -> float:
+        """The ``lr`` of the ``SGDWarmup`` recipe; setting it sets an absolute peak LR.
+
+        Setting ``lr`` replaces the recipe's ``lr`` and turns its batch-size scaling off (``scale_lr="none"``), so
+        the value given is the peak LR the optimizer runs at. That is what Lightning's LR finder suggests:
+        ``Tuner(trainer).lr_find(model)`` finds and sets it (docs: FAQ, "How do I choose the learning rate?").
+        """
+        return self.optimizer_config.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer_config = dataclasses.replace(self.optimizer_config, lr=float(value), scale_lr="none")
+        self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:

@@ -30,7 +30,8 @@ def conv_output_size(size: int, kernel_size: int, padding: str) -> int:
 class ConvBlock(nn.Sequential):
     """One Conv -> ReLU -> BN -> MaxPool block (or Conv -> BN -> ReLU -> MaxPool with ``pre_activation``).
 
-    The layers are named ``conv``, ``act``, ``norm`` and ``pool`` whatever their order.
+    The layers are named ``conv``, ``act``, ``norm`` and ``pool`` whatever their order. ``block_dropout > 0`` adds
+    ``drop`` right before ``norm``; ``batch_norm=False`` leaves ``norm`` out (the same block without BatchNorm).
     """
 
     def __init__(
@@ -40,15 +41,19 @@ class ConvBlock(nn.Sequential):
         kernel_size: int,
         padding: Padding,
         norm_position: NormPosition,
+        batch_norm: bool = True,
+        block_dropout: float = 0.0,
     ) -> None:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=0 if padding == "valid" else "same")
         act = nn.ReLU(inplace=True)
-        norm = nn.BatchNorm2d(out_channels)
+        norm: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(block_dropout))] if block_dropout > 0 else []
+        if batch_norm:
+            norm.append(("norm", nn.BatchNorm2d(out_channels)))
         pool = nn.MaxPool2d(2)
         order = (
-            [("conv", conv), ("act", act), ("norm", norm)]
+            [("conv", conv), ("act", act), *norm]
             if norm_position == "post_activation"
-            else [("conv", conv), ("norm", norm), ("act", act)]
+            else [("conv", conv), *norm, ("act", act)]
         )
         super().__init__()
         for name, layer in [*order, ("pool", pool)]:
@@ -71,7 +76,13 @@ class BNConvNet(nn.Module):
         padding: ``"valid"`` (no padding) or ``"same"`` (keeps the spatial size before pooling).
         norm_position: ``"post_activation"`` (Conv -> ReLU -> BN, the classic Keras layout) or
             ``"pre_activation"`` (Conv -> BN -> ReLU, as in Ioffe & Szegedy 2015).
-        dropout: dropout probability before the linear head (0 disables it).
+        dropout: dropout probability before the linear head (0 disables it). It comes after the last BatchNorm,
+            so it does not shift any BatchNorm's input variance.
+        block_dropout: dropout probability right before the BatchNorm of every conv block (0 disables it). This
+            is the layout in which dropout shifts the variance BatchNorm sees between training and inference
+            (Li et al. 2019); it exists to study that effect (``BNRecalibration(dropout="eval")`` removes it).
+        batch_norm: ``False`` builds the same network without any BatchNorm layer (the convolutions keep their
+            bias), the baseline for measuring what BatchNorm buys.
 
     Raises:
         ValueError: for invalid arguments, or when a block would shrink the feature map to nothing.
@@ -82,6 +93,10 @@ class BNConvNet(nn.Module):
         torch.Size([2, 10])
         >>> BNConvNet(input_size=8, padding="same")(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
+        >>> [name for name, _ in BNConvNet(block_dropout=0.2).features[0].named_children()]
+        ['conv', 'act', 'drop', 'norm', 'pool']
+        >>> any(isinstance(m, nn.BatchNorm2d) for m in BNConvNet(batch_norm=False).modules())
+        False
     """
 
     def __init__(
@@ -94,6 +109,8 @@ class BNConvNet(nn.Module):
         padding: Padding = "valid",
         norm_position: NormPosition = "post_activation",
         dropout: float = 0.0,
+        block_dropout: float = 0.0,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
@@ -108,6 +125,10 @@ class BNConvNet(nn.Module):
         check_choice("norm_position", norm_position, _NORM_POSITIONS)
         if not is_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
+        if not is_number(block_dropout) or not 0.0 <= block_dropout < 1.0:
+            raise ValueError(f"`block_dropout` must be a float in [0, 1), got {block_dropout!r}.")
+        if not isinstance(batch_norm, bool):
+            raise ValueError(f"`batch_norm` must be True or False, got {batch_norm!r}.")
 
         size = input_size
         blocks = []
@@ -120,7 +141,7 @@ class BNConvNet(nn.Module):
                     f"feature map to nothing (input_size={input_size}, channels={list(channels)}). "
                     'Use padding="same", a larger input_size, a smaller kernel_size or fewer blocks.'
                 )
-            blocks.append(ConvBlock(prev, out, kernel_size, padding, norm_position))
+            blocks.append(ConvBlock(prev, out, kernel_size, padding, norm_position, batch_norm, block_dropout))
             prev, size = out, new_size
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
