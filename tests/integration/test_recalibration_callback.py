@@ -173,6 +173,37 @@ def test_recalibrates_averaged_weights(tmp_path: Path, averaging: str) -> None:
         )
 
 
+class _AverageSnapshot(Callback):
+    """Copies SWA's averaged parameters when its BatchNorm-update epoch starts (after SWA put them in the model)."""
+
+    def __init__(self) -> None:
+        self.average: list[torch.Tensor] | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.fit_loop._skip_backward:
+            self.average = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("with_recalibration", [True, False])
+def test_final_swa_weights_are_the_average(tmp_path: Path, with_recalibration: bool) -> None:
+    # Lightning's SWA steps the optimizer once in its BatchNorm-update epoch with the gradients of the last real
+    # step (they survive when no validation ran in between: validation frees them); BNRecalibration drops them, so
+    # the final weights are exactly the average. Without it, the weights move.
+    dm, model = _data(), _model()
+    snapshot = _AverageSnapshot()
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.2, swa_epoch_start=1)
+    callbacks: list[Any] = [swa, snapshot]
+    if with_recalibration:
+        callbacks.append(BNRecalibration(num_samples=None, before_validation=False))
+    _trainer(tmp_path, callbacks, max_epochs=3, limit_train_batches=1.0, limit_val_batches=0).fit(model, datamodule=dm)
+    assert snapshot.average is not None
+    moved = max((p.detach() - a).abs().max().item() for p, a in zip(model.parameters(), snapshot.average, strict=True))
+    if with_recalibration:
+        assert moved == 0.0
+    else:
+        assert moved > 0.0
+
+
 class _Endless(IterableDataset):
     def __iter__(self) -> Any:
         while True:

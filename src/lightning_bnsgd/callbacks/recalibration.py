@@ -69,6 +69,14 @@ class _TransferredBatches:
             yield self.move(batch)
 
 
+def _in_swa_bn_update_epoch(trainer: Trainer) -> bool:
+    """True in the extra BatchNorm-update epoch of Lightning's ``StochasticWeightAveraging`` (backward skipped)."""
+    swa = getattr(pl.callbacks, "StochasticWeightAveraging", None)
+    if swa is None or not any(isinstance(cb, swa) for cb in trainer.callbacks):
+        return False
+    return bool(getattr(trainer.fit_loop, "_skip_backward", False))
+
+
 class BNRecalibration(Callback):
     """Recompute BatchNorm population statistics exactly (``recalibrate_bn``) at the right moments of ``fit``.
 
@@ -76,7 +84,9 @@ class BNRecalibration(Callback):
     checkpoints ``ModelCheckpoint`` writes at validation end carry the recalibrated statistics, and in
     ``on_train_end``, so the final model does. Lightning's ``StochasticWeightAveraging`` and
     ``WeightAveraging`` callbacks must come before it in ``callbacks=[...]``: it then recalibrates the
-    averaged weights.
+    averaged weights. With ``StochasticWeightAveraging`` it also clears the gradients at the start of SWA's extra
+    BatchNorm-update epoch: Lightning skips backward there but still takes one optimizer step with the previous
+    step's gradients, which would move the final weights off the average.
 
     Batches come from a fresh iterator over the trainer's train dataloader (each process its own shard under
     DDP), or from ``dataloader``; they are moved with the LightningModule's (or DataModule's) batch-transfer
@@ -203,6 +213,16 @@ class BNRecalibration(Callback):
                 f"BNRecalibration must come after {', '.join(late)} in `callbacks=[...]` so that it "
                 "recalibrates the averaged weights (hooks run in list order); move it after them."
             )
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's StochasticWeightAveraging runs one extra epoch to refresh BatchNorm: it copies the averaged
+        # weights into the model and skips backward and zero_grad, but the optimizer still steps once at the end of
+        # that epoch, with the gradients left over from the last real step (plus momentum and weight decay), which
+        # moves the weights off the average. Dropping the gradients makes that step a no-op (optimizers skip
+        # parameters whose .grad is None), so the final model is the average we then recalibrate.
+        if _in_swa_bn_update_epoch(trainer):
+            pl_module.zero_grad(set_to_none=True)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
