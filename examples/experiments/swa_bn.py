@@ -6,17 +6,22 @@ pass over the training data before the averaged model is used. Lightning's ``Sto
 with an extra epoch of forwards (BatchNorm with ``momentum=None``: the equal-weight average of the per-batch
 statistics); ``BNRecalibration`` listed after it replaces them with the exact population statistics.
 
-One training run per seed and condition gives every SWA variant from the same weights:
+Per seed and condition, three training runs from the same seed: Lightning's SWA alone, the same SWA with
+``BNRecalibration(num_samples=None)`` listed after it, and plain SGD. They give:
 
-* ``lightning_swa``: Lightning's final model (averaged weights, its own BatchNorm update);
-* ``lightning_swa+recal``: the same run with ``BNRecalibration(num_samples=None)`` after it (exact statistics of
-  the final weights, whole training set);
+* ``lightning_swa``: Lightning's final model as shipped, from the run with SWA alone (averaged weights, its own
+  BatchNorm update, plus the stray optimizer step Lightning takes in that epoch when no validation ran before it);
+* ``lightning_swa+recal``: the final model of the run with ``BNRecalibration`` after SWA (it drops the stale
+  gradients at the start of SWA's BatchNorm-update epoch, so the weights stay the average, then sets exact
+  statistics from the whole training set);
+* ``stepped_w+exact_bn``: Lightning's final weights (``lightning_swa``) with exact statistics (``recalibrate_bn``),
+  which separates the cost of the stray step from that of the statistics;
 * ``avg_w+last_bn``: the averaged weights (as Lightning transfers them) with the running statistics of the last
   SGD iterate, i.e. no BatchNorm update;
 * ``avg_w+avg_bn``: the averaged weights with the running statistics averaged over the same snapshots;
 * ``avg_w+exact_bn``: the averaged weights with exact statistics (``recalibrate_bn``, whole training set);
-* ``sgd_last``: the last SGD iterate of the same run with its own running statistics;
-* ``sgd_cosine``: a separate plain SGD run (same seed, same epochs, cosine decay to 0, no SWA), the reference.
+* ``sgd_last``: the last SGD iterate of the SWA run with its own running statistics;
+* ``sgd_cosine``: the plain SGD run (same seed, same epochs, cosine decay to 0, no SWA), the reference.
 
 Setting: digits, batch 64, 20 epochs, peak LR 0.1 with 1 warmup epoch and cosine decay until SWA takes over the
 LR at epoch 11 (``swa_epoch_start=11``, ``annealing_epochs=1``: a constant SWA LR of 0.2 from epoch 12, high so
@@ -56,6 +61,7 @@ NAME = "swa_bn"
 VARIANTS = (
     "lightning_swa",
     "lightning_swa+recal",
+    "stepped_w+exact_bn",
     "avg_w+last_bn",
     "avg_w+avg_bn",
     "avg_w+exact_bn",
@@ -190,42 +196,76 @@ def make_model(data: DigitsDataModule) -> ConvNetClassifier:
     return ConvNetClassifier(input_size=data.input_size, padding="same", optimizer=optimizer)
 
 
-def run_seed(seed: int, label_noise: float, epochs: int, swa_start: int, swa_lr: float) -> list[dict[str, Any]]:
-    """One SWA run and one plain SGD run; returns one row per variant."""
+def max_param_diff(a: State, b: State) -> float:
+    """Largest absolute difference over all parameters (BatchNorm buffers excluded) of two state dicts."""
+    return max(float((a[k] - b[k]).abs().max()) for k in a if not is_bn_buffer(k))
+
+
+def swa_run(
+    seed: int, data: DigitsDataModule, epochs: int, swa_start: int, swa_lr: float, recalibrate: bool
+) -> tuple[ConvNetClassifier, BeforeSWA, AfterSWA]:
+    """One training run with Lightning's SWA, alone or followed by ``BNRecalibration``; no validation."""
     seed_all(seed)
-    data = DigitsDataModule(batch_size=64, label_noise=label_noise)
-    data.setup("fit")
     model = make_model(data)
     swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=swa_lr, swa_epoch_start=swa_start, annealing_epochs=1)
     before, after = BeforeSWA(swa), AfterSWA(swa)
-    recalibration = BNRecalibration(num_samples=None, before_validation=False, on_train_end=True)
-    quiet_trainer(epochs, [before, swa, after, recalibration], limit_val_batches=0).fit(model, datamodule=data)
+    callbacks: list[Any] = [before, swa, after]
+    if recalibrate:
+        callbacks.append(BNRecalibration(num_samples=None, before_validation=False, on_train_end=True))
+    quiet_trainer(epochs, callbacks, limit_val_batches=0).fit(model, datamodule=data)
     assert before.last_iterate is not None and after.averaged is not None and after.lightning_final is not None
+    return model, before, after
+
+
+def run_seed(seed: int, label_noise: float, epochs: int, swa_start: int, swa_lr: float) -> list[dict[str, Any]]:
+    """SWA alone, SWA + BNRecalibration and plain SGD from the same seed; returns one row per variant."""
+    data = DigitsDataModule(batch_size=64, label_noise=label_noise)
+    data.setup("fit")
+    alone, before, after = swa_run(seed, data, epochs, swa_start, swa_lr, recalibrate=False)
+    fixed, _, fixed_after = swa_run(seed, data, epochs, swa_start, swa_lr, recalibrate=True)
 
     seed_all(seed)
     reference = make_model(data)
     quiet_trainer(epochs, limit_val_batches=0).fit(reference, datamodule=data)
 
     loader = DataLoader(data.train_dataloader().dataset, batch_size=64)
-    exact_for_average = copy.deepcopy(model.net)
+    assert after.averaged is not None and after.lightning_final is not None and before.last_iterate is not None
+    assert fixed_after.averaged is not None
+    exact_for_average = copy.deepcopy(alone.net)
     exact_for_average.load_state_dict(after.averaged)
     recalibrate_bn(exact_for_average.train(), loader)
+    exact_for_stepped = copy.deepcopy(alone.net)
+    exact_for_stepped.load_state_dict(after.lightning_final)
+    recalibrate_bn(exact_for_stepped.train(), loader)
     states = {
         "lightning_swa": after.lightning_final,
-        "lightning_swa+recal": clone_state(model.net),
+        "lightning_swa+recal": clone_state(fixed.net),
+        "stepped_w+exact_bn": clone_state(exact_for_stepped),
         "avg_w+last_bn": merge(after.averaged, before.last_iterate),
         "avg_w+avg_bn": merge(after.averaged, {**before.last_iterate, **before.averaged_buffers()}),
         "avg_w+exact_bn": clone_state(exact_for_average),
         "sgd_last": before.last_iterate,
         "sgd_cosine": clone_state(reference.net),
     }
-    params = [k for k in after.averaged if not is_bn_buffer(k)]
-    drift = max(float((after.averaged[k] - after.lightning_final[k]).abs().max()) for k in params)
     assert after.one_step is not None
-    unexplained = max(float((after.one_step[k] - after.lightning_final[k]).abs().max()) for k in params)
     own_mean_err, own_var_err = buffer_error(states["lightning_swa"], states["avg_w+exact_bn"])
+    diagnostics = {
+        "swa_snapshots": before.snapshots,
+        "swa_lr_last_epoch": before.lrs[-1],
+        "steps_in_bn_epoch": after.steps_in_bn_epoch,
+        "grads_at_bn_epoch_start": after.stale_grads,
+        # Lightning alone: how far its final weights are from the average, and how far from one optimizer step
+        "drift_alone": max_param_diff(after.averaged, after.lightning_final),
+        "drift_alone_minus_one_step": max_param_diff(after.one_step, after.lightning_final),
+        # with BNRecalibration: same average (identical training up to there), final weights vs that average
+        "average_alone_vs_fixed": max_param_diff(after.averaged, fixed_after.averaged),
+        "drift_recal": max_param_diff(fixed_after.averaged, clone_state(fixed.net)),
+        "recal_vs_exact_average": max_param_diff(states["avg_w+exact_bn"], states["lightning_swa+recal"]),
+        "lightning_bn_mean_err_vs_avg": own_mean_err,
+        "lightning_bn_var_err_vs_avg": own_var_err,
+    }
     rows = []
-    net = copy.deepcopy(model.net)
+    net = copy.deepcopy(alone.net)
     for variant in VARIANTS:
         net.load_state_dict(states[variant])
         mean_err, var_err = bn_error(net, loader)
@@ -237,14 +277,7 @@ def run_seed(seed: int, label_noise: float, epochs: int, swa_start: int, swa_lr:
                 "test_acc": accuracy(net, data.test_dataloader()),
                 "bn_mean_err": mean_err,
                 "bn_var_err": var_err,
-                "swa_snapshots": before.snapshots,
-                "swa_lr_last_epoch": before.lrs[-1],
-                "steps_in_bn_epoch": after.steps_in_bn_epoch,
-                "grads_at_bn_epoch_start": after.stale_grads,
-                "param_drift_in_bn_epoch": drift,
-                "drift_minus_one_sgd_step": unexplained,
-                "lightning_bn_mean_err_vs_avg": own_mean_err,
-                "lightning_bn_var_err_vs_avg": own_var_err,
+                **diagnostics,
             }
         )
     return rows
@@ -326,16 +359,26 @@ def main(argv: list[str] | None = None) -> None:
         first = [r for r in rows if r["variant"] == VARIANTS[0]]
         steps = sorted({r["steps_in_bn_epoch"] for r in first})
         grads = sorted({r["grads_at_bn_epoch_start"] for r in first})
+        same = max(r["average_alone_vs_fixed"] for r in first)
         table += (
             f"\nSnapshots averaged per run: {sorted({r['swa_snapshots'] for r in first})}; LR in the last epoch: "
             f"{sorted({round(r['swa_lr_last_epoch'], 6) for r in first})}. Optimizer steps during Lightning's "
-            f"BatchNorm-update epoch: {steps}; gradients of the last SGD step still present when it starts: {grads}.\n"
-            "\n**Parameter change during Lightning's BatchNorm-update epoch (max abs over all parameters)**\n\n"
+            f"BatchNorm-update epoch: {steps}; gradients of the last SGD step still present when it starts: {grads}. "
+            f"Largest difference between the averages of the two SWA runs of a seed: {same:g}.\n"
+            "\n**Final weights vs the SWA average (max abs over all parameters)**: `drift_alone`, Lightning's SWA "
+            "alone; `drift_alone_minus_one_step`, Lightning's final weights vs one step of a copy of its optimizer "
+            "from the average; `drift_recal`, with `BNRecalibration` after SWA; `recal_vs_exact_average`, that "
+            "model's weights vs `avg_w+exact_bn`.\n\n"
         )
-        table += summarize(first, ["label_noise"], ["param_drift_in_bn_epoch", "drift_minus_one_sgd_step"], digits=6)
+        table += summarize(
+            first,
+            ["label_noise"],
+            ["drift_alone", "drift_alone_minus_one_step", "drift_recal", "recal_vs_exact_average"],
+            digits=6,
+        )
         table += (
             "\n**Lightning's BatchNorm statistics vs the exact statistics of the weights they were computed for "
-            "(the average, before the extra step)**\n\n"
+            "(the average, before the stray step)**\n\n"
         )
         table += summarize(
             first, ["label_noise"], ["lightning_bn_mean_err_vs_avg", "lightning_bn_var_err_vs_avg"], digits=4
