@@ -85,7 +85,8 @@ class LossHistory(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.train_loss.append(float(loss))
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        # Not on_validation_epoch_end: callbacks run that hook before the module's, which logs val/acc.
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics

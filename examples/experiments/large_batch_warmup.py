@@ -40,7 +40,6 @@ from _common import (
 )
 
 from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup
-from lightning_bnsgd._compat import Callback, Trainer
 
 NAME = "large_batch_warmup"
 TRAIN_SIZE = 1257  # training images of DigitsDataModule's default split
@@ -62,17 +61,6 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-class ValAccuracy(Callback):
-    """Validation accuracy of every epoch, read once the module has logged it (``on_validation_end``)."""
-
-    def __init__(self) -> None:
-        self.acc: list[float] = []
-
-    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
-        if not trainer.sanity_checking:
-            self.acc.append(float(trainer.callback_metrics.get("val/acc", float("nan"))))
 
 
 def milestones(epochs: int, warmup_epochs: float) -> list[int]:
@@ -125,8 +113,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, epochs: int, warm
     seed_all(seed)
     data = DigitsDataModule(batch_size=batch, label_noise=args.label_noise)
     model = ConvNetClassifier(input_size=8, padding="same", optimizer=optimizer)
-    history, val = LossHistory(), ValAccuracy()
-    trainer = quiet_trainer(epochs, [history, val])
+    history = LossHistory()
+    trainer = quiet_trainer(epochs, [history])
     start = time.perf_counter()
     trainer.fit(model, data)
     test = trainer.test(model, data, verbose=False)[0]
@@ -152,12 +140,12 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, epochs: int, warm
         "final_train_loss": final_loss,
         "log10_final_train_loss": math.log10(final_loss) if final_loss > 0 else float("nan"),
         "max_train_loss": max((v for v in losses if not math.isnan(v)), default=float("nan")),
-        "final_val_acc": val.acc[-1] if val.acc else float("nan"),
+        "final_val_acc": history.val[-1].get("val/acc", float("nan")) if history.val else float("nan"),
         "seconds": round(seconds, 2),
     }
     curves = {
         "loss": losses,
-        "val_acc": val.acc,
+        "val_acc": [v.get("val/acc", float("nan")) for v in history.val],
         "lr": optimizer.lr_curve(len(losses), steps_per_epoch=per_epoch, batch_size=batch),
     }
     return {"row": row, "curves": curves}
