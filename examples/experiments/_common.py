@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,25 @@ class LossHistory(Callback):
             return
         metrics = trainer.callback_metrics
         self.val.append({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's info lines and its warnings about dataloader workers (the data is in memory)."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities.core.rank_zero"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def accuracy(net: torch.nn.Module, loader: Iterable[Any]) -> float:
+    """Top-1 accuracy of ``net`` over ``(images, labels)`` batches; puts ``net`` in eval mode."""
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((net(x).argmax(dim=1) == y).sum())
+            total += len(y)
+    return correct / total
 
 
 def finite_or_nan(value: float) -> float:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from _common import (
     Timer,
+    accuracy,
     command_line,
     mean_std,
     new_figure,
@@ -64,16 +65,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def test_accuracy(net: nn.Module, loader: Any) -> float:
-    """Top-1 accuracy of ``net`` in eval mode over ``loader``."""
-    net.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((net(x).argmax(dim=1) == y).sum())
-        total += len(y)
-    return correct / total
-
-
 def recalibrated(net: nn.Module, loader: Any, dropout: str, seed: int) -> nn.Module:
     """A copy of ``net`` whose BatchNorm statistics are recomputed from the whole ``loader``."""
     copy_ = copy.deepcopy(net)
@@ -109,7 +100,7 @@ def run(seed: int, p: float, args: argparse.Namespace) -> dict[str, Any]:
     }
     row: dict[str, Any] = {"p": p, "seed": seed}
     for variant, copy_ in nets.items():
-        row[f"acc_{variant}"] = test_accuracy(copy_, test_loader)
+        row[f"acc_{variant}"] = accuracy(copy_, test_loader)
     row["off_minus_ema"] = row["acc_recal_dropout_off"] - row["acc_ema"]  # paired: same weights
     on, off, ema = (running_vars(nets[v]) for v in ("recal_dropout_on", "recal_dropout_off", "ema"))
     for i, (v_on, v_off, v_ema) in enumerate(zip(on, off, ema, strict=True), start=1):

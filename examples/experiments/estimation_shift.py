@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from _common import (
     Timer,
+    accuracy,
     command_line,
     mean_std,
     new_figure,
@@ -129,16 +130,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def test_accuracy(net: nn.Module, loader: Any) -> float:
-    """Top-1 accuracy of ``net`` in eval mode over ``loader``."""
-    net.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((net(x).argmax(dim=1) == y).sum())
-        total += len(y)
-    return correct / total
-
-
 def recalibrated(net: nn.Module, loader: Any, mode: str) -> nn.Module:
     """A copy of ``net`` whose BatchNorm statistics are recomputed from the whole ``loader`` in ``mode``."""
     copy_ = copy.deepcopy(net)
@@ -179,7 +170,7 @@ def run(seed: int, arch: str, batch_size: int, args: argparse.Namespace) -> dict
     }
     row: dict[str, Any] = {"arch": arch, "batch_size": batch_size, "seed": seed}
     for variant, copy_ in nets.items():
-        row[f"acc_{variant}"] = test_accuracy(copy_, test_loader)
+        row[f"acc_{variant}"] = accuracy(copy_, test_loader)
     row["seq_minus_train"] = row["acc_sequential"] - row["acc_train"]  # paired: same weights
     last_epoch = (args.epochs - 1) * steps_per_epoch
     row["gap_mean_max"] = logger.mean_since("bn/summary/gap_mean_max", last_epoch)

@@ -17,10 +17,8 @@ Run: ``python examples/experiments/large_batch_warmup.py`` (``--smoke`` for a qu
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from _common import (
     finite_or_nan,
     new_figure,
     parse_args,
+    quiet_lightning,
     quiet_trainer,
     save_figure,
     seed_all,
@@ -53,14 +52,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.4, help="peak LR per 256 samples (default: %(default)s)")
     parser.add_argument("--warmup-epochs", type=float, default=5.0, help="warmup length (default: %(default)s)")
     parser.add_argument("--label-noise", type=float, default=0.0, help="share of noisy train labels (default: 0)")
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's info lines and the 'few dataloader workers' warnings (the data is in memory)."""
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities.core.rank_zero"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def milestones(epochs: int, warmup_epochs: float) -> list[int]:

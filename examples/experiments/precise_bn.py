@@ -37,6 +37,9 @@ from _common import (
     write_csv,
     write_summary,
 )
+from _common import (
+    accuracy as eval_accuracy,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -51,14 +54,8 @@ SWEEP_ONLY = ("test_acc_minus_full", "val_acc_minus_full", "mean_err_vs_full", "
 
 
 def accuracy(net: nn.Module, loader: DataLoader) -> float:
-    """Accuracy of ``net`` in eval mode (the net is not modified: a deep copy is evaluated)."""
-    net = copy.deepcopy(net).eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((net(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    return correct / total
+    """Accuracy of ``net`` in eval mode; ``net`` itself is untouched (a deep copy is evaluated)."""
+    return eval_accuracy(copy.deepcopy(net), loader)
 
 
 def precise_copy(net: nn.Module, loader: DataLoader) -> tuple[nn.Module, Any]:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from _common import (
     Timer,
+    accuracy,
     command_line,
     mean_std,
     new_figure,
@@ -84,17 +85,6 @@ def is_bn_buffer(key: str) -> bool:
 def merge(weights: State, buffers: State) -> State:
     """Parameters from ``weights``, BatchNorm buffers from ``buffers``."""
     return {k: (buffers[k] if is_bn_buffer(k) else weights[k]).clone() for k in weights}
-
-
-def accuracy(net: nn.Module, loader: DataLoader) -> float:
-    """Accuracy of ``net`` in eval mode."""
-    net.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((net(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def bn_error(net: nn.Module, loader: DataLoader) -> tuple[float, float]:

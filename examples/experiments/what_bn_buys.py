@@ -17,10 +17,8 @@ Run: ``python examples/experiments/what_bn_buys.py`` (``--smoke`` for a quick ch
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from _common import (
     mean_std,
     new_figure,
     parse_args,
+    quiet_lightning,
     quiet_trainer,
     save_figure,
     seed_all,
@@ -63,14 +62,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
         "--channels", type=int, nargs="+", default=[32, 64, 128], help="channels per block (default: %(default)s)"
     )
     parser.add_argument("--warmup-epochs", type=float, default=1.0, help="warmup length (default: %(default)s)")
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's info lines and its warnings about dataloader workers (the data is in memory)."""
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities.core.rank_zero"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def converged(row: dict[str, Any]) -> bool:
