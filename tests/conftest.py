@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from lightning_bnsgd._compat import Trainer
+from lightning_bnsgd._compat import BACKEND, Trainer
+
+
+def pytest_sessionstart(session):
+    """With ``BNSGD_EXPECT_BACKEND`` set (CI does), refuse to run on another Lightning namespace."""
+    expected = os.environ.get("BNSGD_EXPECT_BACKEND")
+    if expected and expected != BACKEND:
+        raise pytest.UsageError(
+            f"BNSGD_EXPECT_BACKEND={expected!r} but lightning_bnsgd selected {BACKEND!r}: the environment is not "
+            "the one this run is meant to test."
+        )
 
 
 @pytest.fixture(autouse=True)
