@@ -9,6 +9,7 @@ docs page) and ``<name>.png`` under ``--out-dir`` (default ``docs/experiments``)
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lightning_bnsgd import RecalibrationReport, recalibrate_bn
 from lightning_bnsgd._compat import Callback, Trainer, pl
 
 DOCS_EXPERIMENTS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
@@ -112,6 +114,18 @@ def accuracy(net: torch.nn.Module, loader: Iterable[Any]) -> float:
             correct += int((net(x).argmax(dim=1) == y).sum())
             total += len(y)
     return correct / total
+
+
+def recalibrated_copy(
+    net: torch.nn.Module, batches: Iterable[Any], **kwargs: Any
+) -> tuple[torch.nn.Module, RecalibrationReport]:
+    """A deep copy of ``net`` with BatchNorm statistics recomputed by ``recalibrate_bn(copy, batches, **kwargs)``.
+
+    The copy is put in train mode first (``recalibrate_bn`` leaves BatchNorm layers in eval mode alone); ``net``
+    itself is untouched.
+    """
+    copied = copy.deepcopy(net).train()
+    return copied, recalibrate_bn(copied, batches, **kwargs)
 
 
 def finite_or_nan(value: float) -> float:

@@ -35,6 +35,7 @@ from _common import (
     new_figure,
     parse_args,
     quiet_trainer,
+    recalibrated_copy,
     save_figure,
     seed_all,
     summarize,
@@ -43,7 +44,7 @@ from _common import (
 )
 from torch import nn
 
-from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup, batchnorm_layers, recalibrate_bn
+from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup, batchnorm_layers
 
 NAME = "dropout_variance_shift"
 BN_EPS = 1e-5  # BatchNorm2d's default eps
@@ -64,14 +65,10 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
 
 
-@torch.no_grad()
 def recalibrated(net: nn.Module, loader: Any, dropout: str, seed: int) -> nn.Module:
-    """A copy of ``net`` whose BatchNorm statistics are recomputed from the whole ``loader``."""
-    copy_ = copy.deepcopy(net)
-    copy_.train()  # recalibrate_bn only touches layers in train mode; dropout="train" keeps Dropout on
-    seed_all(seed)  # the dropout masks drawn while estimating
-    recalibrate_bn(copy_, loader, dropout=dropout)
-    return copy_
+    """A copy of ``net`` recalibrated on the whole ``loader``; ``seed`` fixes the dropout masks drawn meanwhile."""
+    seed_all(seed)
+    return recalibrated_copy(net, loader, dropout=dropout)[0]
 
 
 def running_vars(net: nn.Module) -> list[torch.Tensor]:

@@ -42,6 +42,7 @@ from _common import (
     new_figure,
     parse_args,
     quiet_trainer,
+    recalibrated_copy,
     save_figure,
     seed_all,
     summarize,
@@ -57,7 +58,6 @@ from lightning_bnsgd import (
     DigitsDataModule,
     SGDWarmup,
     batchnorm_layers,
-    recalibrate_bn,
 )
 from lightning_bnsgd._compat import pl
 
@@ -129,15 +129,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@torch.no_grad()
-def recalibrated(net: nn.Module, loader: Any, mode: str) -> nn.Module:
-    """A copy of ``net`` whose BatchNorm statistics are recomputed from the whole ``loader`` in ``mode``."""
-    copy_ = copy.deepcopy(net)
-    copy_.train()  # recalibrate_bn only touches layers in train mode
-    recalibrate_bn(copy_, loader, mode=mode)
-    return copy_
-
-
 def build_model(arch: str, args: argparse.Namespace) -> ConvNetClassifier:
     """The classifier for ``arch``: the 3-block ``BNConvNet`` or the BatchNorm MLP (through ``net=``)."""
     optimizer = SGDWarmup(lr=args.lr, warmup_epochs=1)
@@ -165,8 +156,8 @@ def run(seed: int, arch: str, batch_size: int, args: argparse.Namespace) -> dict
     recal_loader = DataLoader(Subset(train_set, order), batch_size=batch_size, drop_last=True)
     nets = {
         "ema": copy.deepcopy(net),
-        "train": recalibrated(net, recal_loader, "train"),
-        "sequential": recalibrated(net, recal_loader, "sequential"),
+        "train": recalibrated_copy(net, recal_loader, mode="train")[0],
+        "sequential": recalibrated_copy(net, recal_loader, mode="sequential")[0],
     }
     row: dict[str, Any] = {"arch": arch, "batch_size": batch_size, "seed": seed}
     for variant, copy_ in nets.items():

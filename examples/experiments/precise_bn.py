@@ -31,6 +31,7 @@ from _common import (
     new_figure,
     parse_args,
     quiet_trainer,
+    recalibrated_copy,
     save_figure,
     seed_all,
     summarize,
@@ -43,8 +44,9 @@ from _common import (
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup, batchnorm_layers, recalibrate_bn
+from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup, batchnorm_layers
 from lightning_bnsgd._compat import Callback, Trainer
+from lightning_bnsgd.bn import statistics_shift
 
 NAME = "precise_bn"
 PEAK_LR = 0.2
@@ -56,13 +58,6 @@ SWEEP_ONLY = ("test_acc_minus_full", "val_acc_minus_full", "mean_err_vs_full", "
 def accuracy(net: nn.Module, loader: DataLoader) -> float:
     """Accuracy of ``net`` in eval mode; ``net`` itself is untouched (a deep copy is evaluated)."""
     return eval_accuracy(copy.deepcopy(net), loader)
-
-
-def precise_copy(net: nn.Module, loader: DataLoader) -> tuple[nn.Module, Any]:
-    """A deep copy of ``net`` with precise BatchNorm statistics from every batch of ``loader``."""
-    copied = copy.deepcopy(net).train()
-    report = recalibrate_bn(copied, loader)
-    return copied, report
 
 
 class EmaVersusPrecise(Callback):
@@ -79,7 +74,7 @@ class EmaVersusPrecise(Callback):
         net = pl_module.net
         val, test = self.data.val_dataloader(), self.data.test_dataloader()
         row = {"epoch": epoch, "val_acc_ema": accuracy(net, val), "test_acc_ema": accuracy(net, test)}
-        precise, report = precise_copy(net, self.recalibration_loader())
+        precise, report = recalibrated_copy(net, self.recalibration_loader())
         mean_shift, var_shift = report.max_shift()
         row.update(
             val_acc_precise=accuracy(precise, val),
@@ -112,14 +107,13 @@ def train(seed: int, batch_size: int, epochs: int, snapshot_epochs: set[int]) ->
 
 
 def stat_error(net: nn.Module, reference: nn.Module) -> tuple[float, float]:
-    """Mean over BatchNorm layers of the per-channel mean of ``|mean - ref_mean| / sqrt(ref_var + eps)`` and of
-    ``|log((var + eps) / (ref_var + eps))|``: how far ``net``'s statistics are from ``reference``'s."""
-    mean_errors, var_errors = [], []
-    for (_, layer), (_, ref) in zip(batchnorm_layers(net), batchnorm_layers(reference), strict=True):
-        ref_var = ref.running_var + ref.eps
-        mean_errors.append(float(((layer.running_mean - ref.running_mean).abs() / ref_var.sqrt()).mean()))
-        var_errors.append(float(((layer.running_var + layer.eps).log() - ref_var.log()).abs().mean()))
-    return sum(mean_errors) / len(mean_errors), sum(var_errors) / len(var_errors)
+    """``statistics_shift`` of ``net``'s BatchNorm statistics from ``reference``'s, averaged over the layers."""
+    shifts = [
+        statistics_shift(layer.running_mean, layer.running_var, ref.running_mean, ref.running_var)
+        for (_, layer), (_, ref) in zip(batchnorm_layers(net), batchnorm_layers(reference), strict=True)
+    ]
+    mean, var = torch.stack(shifts).mean(0).tolist()
+    return mean, var
 
 
 def sample_sweep(monitor: EmaVersusPrecise, seed: int, sizes: list[int], subsets: int) -> list[dict[str, Any]]:
@@ -129,13 +123,13 @@ def sample_sweep(monitor: EmaVersusPrecise, seed: int, sizes: list[int], subsets
     val, test = monitor.data.val_dataloader(), monitor.data.test_dataloader()
     for epoch, net in sorted(monitor.snapshots.items()):
         ema_val, ema_test = accuracy(net, val), accuracy(net, test)
-        full, _ = precise_copy(net, monitor.recalibration_loader())
+        full, _ = recalibrated_copy(net, monitor.recalibration_loader())
         full_val, full_test = accuracy(full, val), accuracy(full, test)
         for size in [*sizes, train_size]:
             for subset in range(subsets if size < train_size else 1):
                 generator = torch.Generator().manual_seed(seed * 100_003 + size * 101 + subset)
                 indices = torch.randperm(train_size, generator=generator)[:size]
-                precise, _ = precise_copy(net, monitor.recalibration_loader(indices))
+                precise, _ = recalibrated_copy(net, monitor.recalibration_loader(indices))
                 mean_error, var_error = stat_error(precise, full)
                 val_acc, test_acc = accuracy(precise, val), accuracy(precise, test)
                 rows.append(

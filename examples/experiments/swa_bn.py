@@ -46,6 +46,7 @@ from _common import (
     new_figure,
     parse_args,
     quiet_trainer,
+    recalibrated_copy,
     save_figure,
     seed_all,
     summarize,
@@ -57,6 +58,7 @@ from torch.utils.data import DataLoader
 
 from lightning_bnsgd import BNRecalibration, ConvNetClassifier, DigitsDataModule, SGDWarmup, recalibrate_bn
 from lightning_bnsgd._compat import Callback, Trainer, pl
+from lightning_bnsgd.bn import statistics_shift
 
 NAME = "swa_bn"
 VARIANTS = (
@@ -93,21 +95,20 @@ def bn_error(net: nn.Module, loader: DataLoader) -> tuple[float, float]:
     Mean over layers of ``recalibrate_bn``'s shift: per channel ``|mean - exact| / sqrt(exact_var + eps)`` and
     ``|log((var + eps) / (exact_var + eps))|``, averaged over channels.
     """
-    report = recalibrate_bn(copy.deepcopy(net).train(), loader)
+    _, report = recalibrated_copy(net, loader)
     shifts = list(report.shift.values())
     return sum(s.mean for s in shifts) / len(shifts), sum(s.var for s in shifts) / len(shifts)
 
 
 def buffer_error(state: State, exact: State) -> tuple[float, float]:
-    """The same two distances as ``bn_error``, between the BatchNorm buffers of two state dicts (eps 1e-5)."""
-    mean_errors, var_errors = [], []
+    """The same two distances as ``bn_error`` (``statistics_shift``), between the BatchNorm buffers of two states."""
+    shifts = []
     for key in state:
         if key.endswith("running_mean"):
             var_key = key[: -len("mean")] + "var"
-            exact_var = exact[var_key] + 1e-5
-            mean_errors.append(float(((state[key] - exact[key]).abs() / exact_var.sqrt()).mean()))
-            var_errors.append(float(((state[var_key] + 1e-5).log() - exact_var.log()).abs().mean()))
-    return sum(mean_errors) / len(mean_errors), sum(var_errors) / len(var_errors)
+            shifts.append(statistics_shift(state[key], state[var_key], exact[key], exact[var_key]))
+    mean, var = torch.stack(shifts).mean(0).tolist()
+    return mean, var
 
 
 class BeforeSWA(Callback):

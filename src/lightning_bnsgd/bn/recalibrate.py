@@ -431,7 +431,18 @@ def _finalize(collector: _Collector, indices: list[int], distributed: bool) -> l
     return local
 
 
-def _shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
+def statistics_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
+    """How far the statistics ``old`` are from ``new``: a float64 tensor ``[mean_shift, var_shift]``.
+
+    ``mean_shift`` is the channel mean of ``|new_mean - old_mean| / sqrt(new_var + eps)`` and ``var_shift`` the
+    channel mean of ``|log(new_var + eps) - log(old_var + eps)|``, with BatchNorm's default ``eps = 1e-5``: the two
+    numbers ``LayerShift`` reports for each recalibrated layer.
+
+    Examples:
+        >>> shift = statistics_shift(torch.zeros(2), torch.ones(2), torch.ones(2), torch.ones(2))
+        >>> [round(v, 4) for v in shift.tolist()]
+        [1.0, 0.0]
+    """
     new_var = new_var.double()
     mean = ((new_mean.double() - old_mean.double()).abs() / (new_var + _EPS).sqrt()).mean()
     var = ((new_var + _EPS).log() - (old_var.double().clamp_min(0) + _EPS).log()).abs().mean()
@@ -608,7 +619,7 @@ def recalibrate_bn(
                 var = variance_from_moments(count, m2)
                 layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
                 layer.running_var.copy_(var.to(layer.running_var.dtype))
-                shifts.append((names[i], _shift(old_mean, old_var, layer.running_mean, layer.running_var)))
+                shifts.append((names[i], statistics_shift(old_mean, old_var, layer.running_mean, layer.running_var)))
             if not seen_any:
                 raise ValueError(
                     "recalibrate_bn: no sample reached the BatchNorm layers (the batches were empty); the "
