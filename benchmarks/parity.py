@@ -30,7 +30,7 @@ def _model(dm: DigitsDataModule, epochs: int) -> ConvNetClassifier:
     padding = "valid" if dm.input_size >= 28 else "same"
     # The same recipe on both sides: SGD over the same two param groups, the same per-step schedule.
     total = epochs * len(dm.train_dataloader())
-    optimizer = SGDWarmup(lr=0.05, warmup_steps=5, scale_lr="none", total_steps=total)
+    optimizer = SGDWarmup(lr=0.05, warmup_steps=5, total_steps=total)
     return ConvNetClassifier(input_size=dm.input_size, padding=padding, optimizer=optimizer)
 
 

@@ -1,16 +1,22 @@
-"""Cost and accuracy of ``recalibrate_bn`` next to plain forwards and ``torch.optim.swa_utils.update_bn``.
+"""Cost and accuracy of ``recalibrate_bn`` next to plain forwards and two peers, measured side by side in one run.
 
-Prints, for ``BNConvNet`` and a ResNet-style model defined here:
+Time: for each model, K batches are run by
 
-* time ratios, measured side by side in one run (interleaved repeats, median):
-  ``recalibrate_bn`` over K batches / K plain no-grad train-mode forwards, and
-  ``recalibrate_bn`` / ``update_bn`` on the same batches;
-* the error of each method's statistics against the exact ones, on shuffled and on class-sorted data. The
-  exact statistics are those of the first BatchNorm layer's inputs over all samples at once (for deeper
-  layers in train mode "exact" depends on the batch split, so the table uses the first layer).
-  Errors: mean ``max_c |m - m*| / sqrt(v*)``; variance ``max_c |v - v*| / v*``.
+* ``plain``: K no-grad train-mode forwards (the floor every method pays),
+* ``recalibrate_bn`` (mode ``"train"``),
+* ``fvcore-style``: the approach of fvcore's ``update_bn_stats`` / detectron2's ``PreciseBN``, written here (no
+  fvcore install): momentum 1.0, a forward pre-hook per BatchNorm layer that notes the batch size, and after each
+  forward a count-weighted update of every layer's mean and E[x^2] (exact population variance, float32),
+* ``update_bn-style``: what ``torch.optim.swa_utils.update_bn`` does: reset, ``momentum=None`` (BatchNorm's own
+  cumulative average of per-batch statistics; inexact), plain forwards,
 
-Run ``python benchmarks/recalibration.py`` (``--quick`` for a shorter run). Times are never asserted.
+interleaved over the repeats (the order alternates); each cell is the median over repeats of the ratio to the
+plain forwards of the same repeat. Rows: the four models of issue 16 and a model with a heavy head after its last
+BatchNorm layer (``recalibrate_bn`` ends each forward there).
+
+Error: the first BatchNorm layer's statistics against the exact ones on class-sorted data (``--errors``).
+
+Run ``python benchmarks/recalibration.py`` (``--quick`` for a shorter run). Times are never asserted in tests.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_bnsgd.bn.recalibrate import recalibrate_bn
 from lightning_bnsgd.models.cnn import BNConvNet
+
+Method = Callable[[nn.Module, list[torch.Tensor]], None]
 
 
 class BasicBlock(nn.Module):
@@ -66,6 +74,30 @@ class SmallResNet(nn.Module):
         return self.head(self.stages(self.stem(x)).mean((2, 3)))
 
 
+def deep_chain(layers: int, channels: int) -> nn.Module:
+    """``layers`` blocks of 3x3 conv, BatchNorm2d, ReLU: many small layers, where per-layer overhead shows."""
+    blocks: list[nn.Module] = [nn.Conv2d(1, channels, 3, padding=1, bias=False)]
+    for _ in range(layers):
+        blocks += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*blocks)
+
+
+class HeavyHead(nn.Module):
+    """A BatchNorm conv stem, then a transformer encoder layer and a wide MLP head with no BatchNorm."""
+
+    def __init__(self, width: int = 128) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 4, stride=4, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.encoder = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(width, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(tokens)).mean(1)
+
+
 def make_data(n: int, size: int, sort: bool, seed: int = 0) -> torch.Tensor:
     """Grey images with a per-sample brightness offset; ``sort`` orders them by it (as class-sorted data)."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,6 +108,10 @@ def make_data(n: int, size: int, sort: bool, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def bn_layers(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
 def plain_forwards(model: nn.Module, batches: list[torch.Tensor]) -> None:
     model.train()
     with torch.no_grad():
@@ -83,139 +119,153 @@ def plain_forwards(model: nn.Module, batches: list[torch.Tensor]) -> None:
             model(b)
 
 
-def run_update_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    update_bn(batches, model)
+def update_bn_style(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """torch's ``update_bn``: cumulative average of per-batch statistics by BatchNorm itself (momentum None)."""
+    layers = bn_layers(model)
+    momenta = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None
+    plain_forwards(model, batches)
+    for bn, momentum in zip(layers, momenta, strict=True):
+        bn.momentum = momentum
 
 
-def run_recalibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
+def fvcore_style(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """fvcore's ``update_bn_stats`` approach: per-layer pre-hooks for batch sizes, per-layer updates each forward."""
+    layers = bn_layers(model)
+    momenta = [bn.momentum for bn in layers]
+    counts = [0] * len(layers)
+    sizes = [0] * len(layers)
+    means = [torch.zeros_like(bn.running_mean) for bn in layers]  # type: ignore[arg-type]
+    squares = [torch.zeros_like(bn.running_mean) for bn in layers]  # type: ignore[arg-type]
+    handles = []
+    for i, bn in enumerate(layers):
+        bn.momentum = 1.0
+
+        def note(module: nn.Module, args: tuple[torch.Tensor, ...], i: int = i) -> None:
+            sizes[i] = args[0].numel() // args[0].shape[1]
+
+        handles.append(bn.register_forward_pre_hook(note))
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+            for i, bn in enumerate(layers):
+                n = sizes[i]
+                batch_sq = bn.running_var * (n - 1) / n + bn.running_mean**2  # type: ignore[operator]
+                weight = n / (counts[i] + n)
+                means[i] += (bn.running_mean - means[i]) * weight
+                squares[i] += (batch_sq - squares[i]) * weight
+                counts[i] += n
+        for i, bn in enumerate(layers):
+            n = counts[i]
+            bn.running_mean.copy_(means[i])  # type: ignore[union-attr]
+            bn.running_var.copy_((squares[i] - means[i] ** 2) * n / (n - 1))  # type: ignore[union-attr]
+    for handle in handles:
+        handle.remove()
+    for bn, momentum in zip(layers, momenta, strict=True):
+        bn.momentum = momentum
+
+
+def recalibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
     model.train()
     recalibrate_bn(model, batches)
 
 
-def time_ratios(model: nn.Module, batches: list[torch.Tensor], repeats: int) -> tuple[float, float, dict[str, float]]:
-    """Times of the three methods, interleaved; returns the two median per-repeat ratios and median times."""
-    methods: dict[str, Callable[[nn.Module, list[torch.Tensor]], None]] = {
-        "plain": plain_forwards,
-        "update_bn": run_update_bn,
-        "recalibrate_bn": run_recalibrate,
-    }
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for fn in methods.values():  # warm-up
+METHODS: dict[str, Method] = {
+    "plain": plain_forwards,
+    "recalibrate_bn": recalibrate,
+    "fvcore-style": fvcore_style,
+    "update_bn-style": update_bn_style,
+}
+
+
+def time_ratios(model: nn.Module, batches: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """Median over interleaved repeats of each method's time over the plain forwards' time of the same repeat."""
+    times: dict[str, list[float]] = {k: [] for k in METHODS}
+    for fn in METHODS.values():  # warm-up (also learns recalibrate_bn's per-shape plan once, as any run does)
         fn(model, batches[:2])
     for r in range(repeats):
-        order = list(methods) if r % 2 == 0 else list(reversed(methods))
+        order = list(METHODS) if r % 2 == 0 else list(reversed(METHODS))
         for name in order:
             start = time.perf_counter()
-            methods[name](model, batches)
+            METHODS[name](model, batches)
             times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    # ratios per repeat (the three runs of one repeat are adjacent in time), then their median
-    vs_plain = statistics.median(r / p for r, p in zip(times["recalibrate_bn"], times["plain"], strict=True))
-    vs_update = statistics.median(r / u for r, u in zip(times["recalibrate_bn"], times["update_bn"], strict=True))
-    med.update({f"min_{k}": min(v) for k, v in times.items()})
-    return vs_plain, vs_update, med
+    ratios = {k: statistics.median(t / p for t, p in zip(v, times["plain"], strict=True)) for k, v in times.items()}
+    ratios["plain_ms"] = statistics.median(times["plain"]) * 1e3
+    return ratios
 
 
-def bookkeeping_overhead_us(repeats: int, layers: int = 32, forwards: int = 64) -> float:
-    """Extra time per BatchNorm layer and forward (microseconds), on a chain of tiny BN layers (worst case)."""
-    model = nn.Sequential(*[nn.BatchNorm1d(64) for _ in range(layers)])
-    batches = [torch.randn(16, 64) for _ in range(forwards)]
-    _, _, med = time_ratios(model, batches, repeats)
-    return (med["recalibrate_bn"] - med["plain"]) / (layers * forwards) * 1e6
+def cases(quick: bool) -> list[tuple[str, nn.Module, int, int, int]]:
+    """(name, model, batches, batch size, image size) for each row.
+
+    The deep chains get 1,024 samples, the low end of what precise BatchNorm needs (Wu & Johnson 2021: 10^3 to
+    10^4), so the fixed cost of a call (setting up, the first forward of a shape with hooks, the merge) weighs
+    as it does in use; ``--quick`` halves every row.
+    """
+    k = 0.5 if quick else 1
+    return [
+        ("BNConvNet, 12 x 256 at 28x28", BNConvNet(), int(12 * k), 256, 28),
+        ("small ResNet, 16 x 64 at 32x32", SmallResNet(blocks=2), int(16 * k), 64, 32),
+        ("50 BN layers, 32 x 32, 16 ch at 8x8", deep_chain(50, 16), int(32 * k), 32, 8),
+        ("100 BN layers, 64 x 16, 8 ch at 4x4", deep_chain(100, 8), int(64 * k), 16, 4),
+        ("heavy head (BN stem, transformer layer, MLP), 16 x 32 at 16x16", HeavyHead(), int(16 * k), 32, 16),
+    ]
 
 
-def first_bn(model: nn.Module) -> nn.BatchNorm2d:
-    return next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-
-
-def first_bn_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def first_bn_error(model: nn.Module, fn: Method, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """Error of ``fn``'s first-layer statistics: ``max |m - m*| / sqrt(v*)`` and ``max |v - v*| / v*``."""
+    m = copy.deepcopy(model)
+    bn = bn_layers(m)[0]
     captured: list[torch.Tensor] = []
-    handle = first_bn(model).register_forward_pre_hook(lambda m, a: captured.append(a[0].double()))
-    model.eval()
+    handle = bn.register_forward_pre_hook(lambda mod, a: captured.append(a[0].double()))
+    m.eval()
     with torch.no_grad():
-        model(x)
+        m(torch.cat(batches))
     handle.remove()
-    return captured[0]
-
-
-def errors(model: nn.Module, exact_mean: torch.Tensor, exact_var: torch.Tensor) -> tuple[float, float]:
-    bn = first_bn(model)
+    h = captured[0]
+    dims = [0, *range(2, h.dim())]
+    exact_mean, exact_var = h.mean(dims), h.var(dims)
+    fn(m, batches)
     assert bn.running_mean is not None and bn.running_var is not None
     mean_err = ((bn.running_mean.double() - exact_mean).abs() / exact_var.sqrt()).max()
     var_err = ((bn.running_var.double() - exact_var).abs() / exact_var).max()
     return float(mean_err), float(var_err)
 
 
-def error_table(model: nn.Module, n: int, size: int, batch: int) -> list[tuple[str, str, float, float]]:
-    rows = []
-    for sort in (False, True):
-        x = make_data(n, size, sort, seed=1)
-        sizes = [batch] * (n // batch) + ([n % batch] if n % batch > 1 else [])
-        batches = list(torch.split(x[: sum(sizes)], sizes))
-        h = first_bn_inputs(model, torch.cat(batches))
-        exact_mean, exact_var = h.mean((0, 2, 3)), h.var((0, 2, 3))
-        for name, fn in (
-            ("EMA over the batches (momentum 0.1, from reset)", plain_forwards),
-            ("update_bn", run_update_bn),
-            ("recalibrate_bn", run_recalibrate),
-        ):
-            m = copy.deepcopy(model)
-            for layer in m.modules():
-                if isinstance(layer, nn.BatchNorm2d):
-                    layer.reset_running_stats()
-            fn(m, batches)
-            rows.append(("sorted" if sort else "shuffled", name, *errors(m, exact_mean, exact_var)))
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer batches and repeats (well under 2 minutes)")
-    parser.add_argument("--batches", type=int, default=None, help="K: batches per timed run")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="half the batches, 5 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
+    parser.add_argument("--errors", action="store_true", help="also tabulate the first layer's error (sorted data)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    k = args.batches or (8 if args.quick else 16)
-    repeats = args.repeats or (5 if args.quick else 7)
-    models = {
-        "BNConvNet (28x28)": (BNConvNet(), 28),
-        "SmallResNet-14 (32x32)": (SmallResNet(blocks=2), 32),
-    }
-    print(
-        f"torch {torch.__version__}, cpu, {args.threads} thread(s), K={k} batches of {args.batch_size}, "
-        f"{repeats} interleaved repeats (median of per-repeat ratios)"
-    )
-    print()
-    print(
-        "| model | plain fwd (s) | update_bn (s) | recalibrate_bn (s) | recal / plain | recal / update_bn "
-        "| same, ratio of fastest runs |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, (model, size) in models.items():
-        batches = list(torch.split(make_data(k * args.batch_size, size, sort=False), args.batch_size))
-        r_plain, r_update, med = time_ratios(model, batches, repeats)
-        print(
-            f"| {name} | {med['plain']:.3f} | {med['update_bn']:.3f} | {med['recalibrate_bn']:.3f} "
-            f"| {r_plain:.3f} | {r_update:.3f} "
-            f"| {med['min_recalibrate_bn'] / med['min_plain']:.3f} / "
-            f"{med['min_recalibrate_bn'] / med['min_update_bn']:.3f} |"
-        )
-    overhead = bookkeeping_overhead_us(repeats)
-    print()
-    print(f"Bookkeeping cost of recalibrate_bn (chain of 32 tiny BatchNorm1d layers): {overhead:.1f} us per layer")
-    print("and forward, whatever the layer's size.")
-    print()
-    n = 600 if args.quick else 1000
-    print(f"Error of the first BatchNorm layer's statistics vs exact ({n} samples, batches of 96 + a smaller last one)")
-    print()
-    print("| model | data | method | mean error | var error |")
+    repeats = args.repeats or (5 if args.quick else 9)
+    print(f"torch {torch.__version__}, cpu, {args.threads} thread(s), {repeats} interleaved repeats")
+    print("time / plain no-grad train-mode forwards over the same batches (median of per-repeat ratios)\n")
+    print("| model | plain (ms) | `recalibrate_bn` | fvcore-style | update_bn-style |")
     print("|---|---|---|---|---|")
-    for name, (model, size) in models.items():
-        for data, method, mean_err, var_err in error_table(model, n, size, 96):
-            print(f"| {name} | {data} | {method} | {mean_err:.2e} | {var_err:.2e} |")
+    rows = cases(args.quick)
+    for name, model, k, batch, size in rows:
+        batches = list(torch.split(make_data(k * batch, size, sort=False), batch))
+        r = time_ratios(model, batches, repeats)
+        print(
+            f"| {name} | {r['plain_ms']:.1f} | {r['recalibrate_bn']:.3f} | {r['fvcore-style']:.3f} "
+            f"| {r['update_bn-style']:.3f} |",
+            flush=True,
+        )
+    if args.errors:
+        print("\nfirst BatchNorm layer vs exact, class-sorted data, batches of 96 and a last one of 40\n")
+        print("| model | method | mean error | var error |")
+        print("|---|---|---|---|")
+        for name, model, _, _, size in rows[:2]:
+            batches = list(torch.split(make_data(1000, size, sort=True, seed=1), 96))
+            for method in ("recalibrate_bn", "fvcore-style", "update_bn-style"):
+                mean_err, var_err = first_bn_error(model, METHODS[method], batches)
+                print(f"| {name} | {method} | {mean_err:.1e} | {var_err:.1e} |")
 
 
 if __name__ == "__main__":

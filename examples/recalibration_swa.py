@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_bnsgd._compat import Trainer, pl
-from lightning_bnsgd.callbacks.recalibration import BNRecalibration
-from lightning_bnsgd.data.digits import DigitsDataModule
-from lightning_bnsgd.models.classifier import ConvNetClassifier
+try:  # either Lightning namespace works: import yours before lightning_bnsgd, which then follows it
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
+from lightning_bnsgd import BNRecalibration, ConvNetClassifier, DigitsDataModule
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
         pl.callbacks.StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=args.swa_epoch_start),
         BNRecalibration(num_samples=args.num_samples, verbose=True),  # after SWA: runs on the averaged weights
     ]
-    trainer = Trainer(
+    trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
         devices=1,

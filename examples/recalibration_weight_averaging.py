@@ -14,10 +14,12 @@ import argparse
 
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from lightning_bnsgd._compat import Trainer, pl
-from lightning_bnsgd.callbacks.recalibration import BNRecalibration
-from lightning_bnsgd.data.digits import DigitsDataModule
-from lightning_bnsgd.models.classifier import ConvNetClassifier
+try:  # either Lightning namespace works: import yours before lightning_bnsgd, which then follows it
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
+from lightning_bnsgd import BNRecalibration, ConvNetClassifier, DigitsDataModule
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
         pl.callbacks.WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(args.decay)),
         BNRecalibration(num_samples=args.num_samples, verbose=True),  # after WeightAveraging: averaged weights
     ]
-    trainer = Trainer(
+    trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
         devices=1,

@@ -2,8 +2,13 @@
 
 Each experiment is one script, ``examples/experiments/<name>.py``, run as ``python examples/experiments/<name>.py``.
 It writes ``<name>.csv`` (one row per run), ``<name>_summary.md`` (mean +- std over seeds, included verbatim by the
-docs page) and ``<name>.png`` under ``--out-dir`` (default ``docs/experiments``). ``--smoke`` runs a tiny setting
-(CI runs every script that way, into a temporary folder) so none of the scripts rots.
+docs page) and ``<name>.png`` into a scratch folder (``<tmp>/lightning-bnsgd-experiments``), into ``--out-dir``, or,
+with ``--publish``, into ``docs/experiments`` (the published results). ``--smoke`` runs a tiny setting (CI runs every
+script that way, into a temporary folder) so none of the scripts rots; it cannot be combined with ``--publish``.
+
+The scripts use only public APIs: ``lightning_bnsgd``'s exports and Lightning's own namespace, taken from the class
+our ``ConvNetClassifier`` subclasses (``pytorch_lightning`` or ``lightning.pytorch``), so that the Trainer, the
+callbacks and the model always come from the same Lightning.
 """
 
 from __future__ import annotations
@@ -11,23 +16,46 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib
 import logging
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from lightning_bnsgd import RecalibrationReport, recalibrate_bn
-from lightning_bnsgd._compat import Callback, Trainer, pl
+from lightning_bnsgd import ConvNetClassifier, RecalibrationReport, recalibrate_bn
 
 DOCS_EXPERIMENTS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
+SCRATCH = Path(tempfile.gettempdir()) / "lightning-bnsgd-experiments"
+
+
+def lightning_namespace() -> ModuleType:
+    """The Lightning namespace (``pytorch_lightning`` or ``lightning.pytorch``) of ``lightning_bnsgd``'s modules.
+
+    A Trainer rejects a LightningModule of the other namespace, so the scripts take the Trainer and the callback
+    base classes from the namespace ``ConvNetClassifier`` was built on.
+    """
+    for base in ConvNetClassifier.__mro__:
+        top = base.__module__.partition(".")[0]
+        if top == "pytorch_lightning":
+            return importlib.import_module("pytorch_lightning")
+        if top == "lightning":
+            return importlib.import_module("lightning.pytorch")
+    raise ImportError("ConvNetClassifier subclasses no Lightning LightningModule")
+
+
+pl = lightning_namespace()
+Callback = pl.Callback
+Trainer = pl.Trainer
 
 
 def parse_args(
@@ -37,7 +65,7 @@ def parse_args(
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: Sequence[str] | None = None,
 ) -> argparse.Namespace:
-    """The shared command line: ``--seeds``, ``--epochs``, ``--smoke``, ``--out-dir``, ``--threads``.
+    """The shared command line: ``--seeds``, ``--epochs``, ``--smoke``, ``--out-dir`` or ``--publish``, ``--threads``.
 
     ``extra`` adds the script's own options. ``--smoke`` only sets ``args.smoke``; each script shrinks its own
     grid with it (one seed, one or two epochs).
@@ -46,15 +74,23 @@ def parse_args(
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="seeds (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="tiny setting: checks that the script runs (CI)")
-    parser.add_argument("--out-dir", type=Path, default=DOCS_EXPERIMENTS, help="where the CSV/summary/PNG go")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", type=Path, default=None, help=f"where the CSV/summary/PNG go (default: {SCRATCH})")
+    where.add_argument(
+        "--publish", action="store_true", help=f"write the results into {DOCS_EXPERIMENTS} (the docs' copy)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    if args.smoke and args.publish:
+        parser.error("--smoke results must not replace the published ones: drop --publish (or --smoke)")
     if args.smoke:
         args.seeds = args.seeds[:1]
+    args.out_dir = DOCS_EXPERIMENTS if args.publish else (args.out_dir or SCRATCH)
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"results go to {args.out_dir}")
     return args
 
 

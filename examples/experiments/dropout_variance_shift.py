@@ -17,7 +17,7 @@ larger variance than inference needs).
 
 Command::
 
-    python examples/experiments/dropout_variance_shift.py
+    python examples/experiments/dropout_variance_shift.py   # into a scratch folder; --publish: docs/experiments
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run(seed: int, p: float, args: argparse.Namespace) -> dict[str, Any]:
         padding="same",
         channels=args.channels,
         block_dropout=p,
-        optimizer=SGDWarmup(lr=0.4, warmup_epochs=1),
+        optimizer=SGDWarmup(lr_base=0.4, warmup_epochs=1),
     )
     quiet_trainer(args.epochs).fit(model, datamodule=data)
     net = model.net

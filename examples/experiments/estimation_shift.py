@@ -23,7 +23,7 @@ the last epoch. The estimation shift of each layer is measured directly as the m
 
 Command::
 
-    python examples/experiments/estimation_shift.py
+    python examples/experiments/estimation_shift.py   # results in a scratch folder; --publish: in docs/experiments
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from _common import (
     mean_std,
     new_figure,
     parse_args,
+    pl,
     quiet_trainer,
     recalibrated_copy,
     save_figure,
@@ -59,7 +60,6 @@ from lightning_bnsgd import (
     SGDWarmup,
     batchnorm_layers,
 )
-from lightning_bnsgd._compat import pl
 
 NAME = "estimation_shift"
 BN_EPS = 1e-5  # BatchNorm2d's default eps
@@ -131,7 +131,7 @@ def _extra(parser: argparse.ArgumentParser) -> None:
 
 def build_model(arch: str, args: argparse.Namespace) -> ConvNetClassifier:
     """The classifier for ``arch``: the 3-block ``BNConvNet`` or the BatchNorm MLP (through ``net=``)."""
-    optimizer = SGDWarmup(lr=args.lr, warmup_epochs=1)
+    optimizer = SGDWarmup(lr_base=args.lr, warmup_epochs=1)
     if arch == "cnn":
         return ConvNetClassifier(input_size=8, padding="same", channels=args.channels, optimizer=optimizer)
     return ConvNetClassifier(net=bn_mlp(args.mlp_depth, args.mlp_width), optimizer=optimizer)
@@ -146,7 +146,7 @@ def run(seed: int, arch: str, batch_size: int, args: argparse.Namespace) -> dict
     model = build_model(arch, args)
     logger = MemoryLogger()
     steps_per_epoch = len(train_loader)
-    monitor = BNStatsMonitor(logging_interval=max(steps_per_epoch // args.monitor_every, 1), on_anomaly="ignore")
+    monitor = BNStatsMonitor(log_every_n_steps=max(steps_per_epoch // args.monitor_every, 1), on_anomaly="ignore")
     trainer = quiet_trainer(args.epochs, callbacks=[monitor], logger=logger, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=train_loader)
     net = model.net
@@ -205,13 +205,13 @@ def plot(rows: list[dict[str, Any]], archs: list[str], batch_sizes: list[int], p
             _errorbar(ax, group, batch_sizes, f"gap_var_bn{i}", 1.0, label=f"BN {i}: gap_var_mean")
         _errorbar(ax, group, batch_sizes, "gap_var_max", 1.0, label="summary: gap_var_max", ls="--", color="black")
         ax.set_yscale("log")
-        ax.set_title("BNStatsMonitor: batch vs running gap\n(mean over the last epoch)")
+        ax.set_title("BNStatsMonitor: batch vs running gap\n(mean over the last epoch; mean ± std over seeds)")
         ax.set_ylabel("|log(batch var / running var)|")
         ax.legend(fontsize=7)
         ax = row_axes[2]
         for i in range(1, layers + 1):
             _errorbar(ax, group, batch_sizes, f"est_shift_var_bn{i}", 1.0, label=f"BN {i}")
-        ax.set_title('estimation shift: "train" vs "sequential"\nrunning_var, median over channels')
+        ax.set_title('estimation shift: "train" vs "sequential"\nmedian over channels; mean ± std over seeds')
         ax.set_ylabel("|log(var_train / var_sequential)|")
         ax.legend(fontsize=7)
         for ax in row_axes:

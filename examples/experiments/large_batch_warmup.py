@@ -8,10 +8,12 @@ the peak) and 23.74% with gradual warmup (a linear ramp from LR/k to the peak ov
 matches the small-batch one after a few epochs.
 
 Here: the digits (1,257 training images), a small-batch baseline (batch 16, no warmup) and a k = 16 times larger
-batch (256) with ``SGDWarmup(scale_lr="linear")`` and the same ``lr`` per 256 samples (the packaged 0.4), in the three
-warmup variants, all for the same number of epochs with Goyal's step decay (LR / 10 at 1/3, 2/3 and 8/9 of the run).
+batch (256) with ``SGDWarmup(lr_base=...)`` (linear scaling) and the same LR per 256 samples (the packaged 0.4), in
+the three warmup variants, all for the same number of epochs with Goyal's step decay (LR / 10 at 1/3, 2/3 and 8/9
+of the run).
 
-Run: ``python examples/experiments/large_batch_warmup.py`` (``--smoke`` for a quick check).
+Run: ``python examples/experiments/large_batch_warmup.py`` (``--smoke`` for a quick check, ``--publish`` to replace the
+published results in ``docs/experiments``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def recipe(variant: str, args: argparse.Namespace, epochs: int, warmup_epochs: f
     """Batch size and optimizer of one variant: the same ``lr`` per 256 samples, scaled linearly with the batch."""
     steps = milestones(epochs, warmup_epochs)
     decay: dict[str, Any] = {"decay": "multistep", "milestones": steps} if steps else {"decay": "constant"}
-    common = {"lr": args.lr, "scale_lr": "linear", **decay}
+    common = {"lr_base": args.lr, "lr_base_scale": "linear", **decay}
     if variant == "baseline":
         return args.base_batch, SGDWarmup(warmup_epochs=0, **common)
     batch = args.base_batch * args.k
@@ -114,7 +116,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, epochs: int, warm
     losses = [finite_or_nan(v) for v in history.train_loss]
     last_epoch = losses[-per_epoch:]
     final_loss = finite_or_nan(sum(last_epoch) / len(last_epoch))
-    peak_lr = optimizer.lr * batch / optimizer.reference_batch_size
+    peak_lr = optimizer.peak_lr(batch)
     row = {
         "variant": variant,
         "batch_size": batch,
@@ -177,9 +179,16 @@ def plot(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, pat
         ax_acc.fill_between(epochs, low, high, color=color, alpha=0.15, lw=0)
     ax_lr.set(xlabel="epoch (samples seen / 1,257)", ylabel="learning rate", title="LR schedule (linear scaling)")
     ax_lr.set_yscale("log")
-    ax_loss.set(xlabel="epoch (samples seen / 1,257)", ylabel="training loss", title="Training loss")
+    ax_loss.set(
+        xlabel="epoch (samples seen / 1,257)", ylabel="training loss", title="Training loss (mean, min-max band)"
+    )
     ax_loss.set_yscale("log")
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy", ylim=(0, 101))
+    ax_acc.set(
+        xlabel="epoch",
+        ylabel="validation accuracy (%)",
+        title="Validation accuracy (mean, min-max band)",
+        ylim=(0, 101),
+    )
     n = len(next(iter(results.values())))
     ax_loss.text(0.98, 0.98, f"mean of {n} seeds, band: min-max", transform=ax_loss.transAxes, ha="right", va="top")
     ax_acc.legend(loc="lower right", fontsize=8)

@@ -28,7 +28,7 @@ LR at epoch 11 (``swa_epoch_start=11``, ``annealing_epochs=1``: a constant SWA L
 that the iterates differ); Lightning averages the weights at the start of epochs 11-20. With clean labels and with
 20% of the training labels replaced (a harder task where averaging matters more).
 
-    python examples/experiments/swa_bn.py
+    python examples/experiments/swa_bn.py   # results in a scratch folder; --publish: in docs/experiments
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ from typing import Any
 
 import torch
 from _common import (
+    Callback,
     Timer,
+    Trainer,
     accuracy,
     command_line,
     mean_std,
     new_figure,
     parse_args,
+    pl,
     quiet_trainer,
     recalibrated_copy,
     save_figure,
@@ -57,7 +60,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_bnsgd import BNRecalibration, ConvNetClassifier, DigitsDataModule, SGDWarmup, recalibrate_bn
-from lightning_bnsgd._compat import Callback, Trainer, pl
 from lightning_bnsgd.bn import statistics_shift
 
 NAME = "swa_bn"
@@ -183,7 +185,7 @@ def one_sgd_step(optimizer: torch.optim.Optimizer, net: nn.Module) -> State:
 
 
 def make_model(data: DigitsDataModule) -> ConvNetClassifier:
-    optimizer = SGDWarmup(lr=0.1, scale_lr="none", warmup_epochs=1.0, decay="cosine")
+    optimizer = SGDWarmup(lr=0.1, warmup_epochs=1.0, decay="cosine")
     return ConvNetClassifier(input_size=data.input_size, padding="same", optimizer=optimizer)
 
 
@@ -202,7 +204,7 @@ def swa_run(
     before, after = BeforeSWA(swa), AfterSWA(swa)
     callbacks: list[Any] = [before, swa, after]
     if recalibrate:
-        callbacks.append(BNRecalibration(num_samples=None, before_validation=False, on_train_end=True))
+        callbacks.append(BNRecalibration(num_samples=None, before_validation=False, at_train_end=True))
     quiet_trainer(epochs, callbacks, limit_val_batches=0).fit(model, datamodule=data)
     assert before.last_iterate is not None and after.averaged is not None and after.lightning_final is not None
     return model, before, after
@@ -306,7 +308,7 @@ def plot(rows: list[dict[str, Any]], noises: list[float], path: Any) -> None:
                 label=f"label noise {noise:.0%}" + (" (mean ± std)" if yerr else " (mean)"),
             )
     left.set_ylabel("test accuracy (%)")
-    left.set_title("Test accuracy per variant")
+    left.set_title("Test accuracy per variant (mean ± std; dots: seeds)")
     right.set_yscale("log")
     right.set_ylim(bottom=floor / 2)
     right.set_ylabel("mean |log(var / exact var)| over channels")

@@ -7,11 +7,12 @@ much higher learning rates; Santurkar et al. 2018 attribute this to a smoother l
 diverge without it.
 
 Here: ``BNConvNet`` with three blocks (channels 32, 64, 128 on the native 8x8 digits) and ``batch_norm`` True/False,
-SGD with Nesterov momentum 0.9, weight decay 5e-4, cosine decay, ``scale_lr="none"`` (``lr`` is the peak LR), batch
+SGD with Nesterov momentum 0.9, weight decay 5e-4, cosine decay, ``SGDWarmup(lr=...)`` (``lr`` is the peak LR), batch
 64, 10 epochs, with a 1-epoch linear warmup from 0.1 x peak or without warmup. A run "converges" when its final test
 accuracy is >= 90% and its training loss over the last epoch is finite; a diverged run's loss is recorded as NaN.
 
-Run: ``python examples/experiments/what_bn_buys.py`` (``--smoke`` for a quick check).
+Run: ``python examples/experiments/what_bn_buys.py`` (``--smoke`` for a quick check, ``--publish`` to replace the
+published results in ``docs/experiments``).
 """
 
 from __future__ import annotations
@@ -71,9 +72,7 @@ def converged(row: dict[str, Any]) -> bool:
 
 def run_one(norm: str, warmup: bool, lr: float, seed: int, args: argparse.Namespace, epochs: int) -> dict[str, Any]:
     """Train one configuration at one peak LR with one model seed (data split and order fixed); return its row."""
-    optimizer = SGDWarmup(
-        lr=lr, scale_lr="none", warmup_epochs=args.warmup_epochs if warmup else 0, warmup="linear", decay="cosine"
-    )
+    optimizer = SGDWarmup(lr=lr, warmup_epochs=args.warmup_epochs if warmup else 0, warmup="linear", decay="cosine")
     seed_all(seed)
     data = DigitsDataModule(batch_size=args.batch_size)
     model = ConvNetClassifier(

@@ -1,12 +1,21 @@
 """lightning-bnsgd: BatchNorm + SGD toolkit for PyTorch Lightning."""
 
-from lightning_bnsgd.bn import RecalibrationReport, batchnorm_layers, recalibrate_bn
-from lightning_bnsgd.callbacks import BNAnomalyError, BNRecalibration, BNStatsMonitor
+from lightning_bnsgd.bn import (
+    LayerShift,
+    RecalibrationReport,
+    ScaleInvarianceReport,
+    batchnorm_layers,
+    equilibrium_angular_update,
+    find_scale_invariant,
+    recalibrate_bn,
+    statistics_shift,
+)
+from lightning_bnsgd.callbacks import BNAnomalyError, BNRecalibration, BNStatsMonitor, WeightDynamicsMonitor
 from lightning_bnsgd.data import DigitsDataModule
 from lightning_bnsgd.models import BNConvNet, ConvNetClassifier
 from lightning_bnsgd.optim import SGDWarmup, WarmupLR, param_groups
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BNAnomalyError",
@@ -15,11 +24,17 @@ __all__ = [
     "BNStatsMonitor",
     "ConvNetClassifier",
     "DigitsDataModule",
+    "LayerShift",
     "RecalibrationReport",
     "SGDWarmup",
+    "ScaleInvarianceReport",
     "WarmupLR",
+    "WeightDynamicsMonitor",
     "__version__",
     "batchnorm_layers",
+    "equilibrium_angular_update",
+    "find_scale_invariant",
     "param_groups",
     "recalibrate_bn",
+    "statistics_shift",
 ]

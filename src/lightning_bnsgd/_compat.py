@@ -1,13 +1,21 @@
-"""The one module that imports Lightning.
+"""The one module that imports Lightning, and the rules for its two namespaces.
 
 Lightning ships under two import names: ``pytorch_lightning`` (the standalone package, our declared dependency)
-and ``lightning.pytorch`` (inside the unified ``lightning`` package). A Trainer of one namespace rejects a
-LightningModule or LightningDataModule of the other, so every Lightning class this package subclasses comes from
-here, and this module picks the namespace once, at import time:
+and ``lightning.pytorch`` (inside the unified ``lightning`` package, whose install also brings
+``pytorch_lightning``). Both are often installed, and users import either, in any order relative to this package.
+Three rules keep every piece right whichever the user's Trainer is:
 
-1. the environment variable ``LIGHTNING_BNSGD_BACKEND`` (``"pytorch_lightning"`` or ``"lightning"``), if set;
-2. else the namespace the user already imported (if both are imported, ``pytorch_lightning``);
-3. else ``pytorch_lightning`` if it is installed, else ``lightning``.
+1. **Callbacks** subclass `Callback`, which derives from the ``Callback`` class of *every* installed namespace, so
+   either namespace's ``Trainer`` and ``LightningCLI`` accept them.
+2. **Anything namespace-specific at run time** (a Lightning logger or callback class for ``isinstance``, a Lightning
+   base class for ``is_overridden``) is looked up with `namespace_of` on the object at hand (the Trainer, the
+   DataModule), never taken from an import-time choice.
+3. **Classes that must subclass one namespace's base** (``ConvNetClassifier``, ``DigitsDataModule``, the CLI) use
+   `BACKEND`, picked once at import by `select_backend`: the ``LIGHTNING_BNSGD_BACKEND`` environment variable if
+   set; else the namespace already imported (``lightning.pytorch`` when both are); else ``lightning.pytorch`` when
+   the unified ``lightning`` package is installed; else ``pytorch_lightning``. A Trainer of the other namespace
+   rejects them with Lightning's own error before any of their hooks runs; set ``LIGHTNING_BNSGD_BACKEND`` to the
+   namespace of your Trainer in that case.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import sys
 from collections.abc import Mapping
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 ENV_VAR = "LIGHTNING_BNSGD_BACKEND"
 _MODULES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
@@ -35,7 +44,8 @@ def select_backend(
     imported: Mapping[str, object] | None = None,
     installed: Mapping[str, bool] | None = None,
 ) -> str:
-    """Return the Lightning namespace to use: ``"pytorch_lightning"`` or ``"lightning"``.
+    """Return the Lightning namespace our LightningModule, DataModule and CLI subclass: ``"pytorch_lightning"`` or
+    ``"lightning"`` (for ``lightning.pytorch``).
 
     Args:
         env: environment to read ``LIGHTNING_BNSGD_BACKEND`` from (default ``os.environ``).
@@ -43,11 +53,11 @@ def select_backend(
         installed: which of the two distributions are importable (default: looked up).
 
     Examples:
-        >>> select_backend(env={"LIGHTNING_BNSGD_BACKEND": "lightning"}, imported={}, installed={})
-        'lightning'
-        >>> select_backend(env={}, imported={"lightning.pytorch": object()}, installed={})
-        'lightning'
-        >>> select_backend(env={}, imported={}, installed={"pytorch_lightning": False, "lightning": True})
+        >>> select_backend(env={"LIGHTNING_BNSGD_BACKEND": "pytorch_lightning"}, imported={}, installed={})
+        'pytorch_lightning'
+        >>> select_backend(env={}, imported={"pytorch_lightning": object()}, installed={})
+        'pytorch_lightning'
+        >>> select_backend(env={}, imported={}, installed={"pytorch_lightning": True, "lightning": True})
         'lightning'
     """
     env = os.environ if env is None else env
@@ -61,22 +71,31 @@ def select_backend(
         return choice
     has_pl = "pytorch_lightning" in imported
     has_l = "lightning.pytorch" in imported
-    if has_pl or has_l:
+    if has_pl != has_l:
         return "pytorch_lightning" if has_pl else "lightning"
+    if has_l:  # both imported: the unified package's namespace
+        return "lightning"
     if installed is None:
-        installed = {
-            "pytorch_lightning": _installed("pytorch_lightning"),
-            "lightning": _installed("lightning"),
-        }
-    if installed.get("pytorch_lightning", False) or not installed.get("lightning", False):
-        return "pytorch_lightning"
-    return "lightning"
+        installed = {"pytorch_lightning": _installed("pytorch_lightning"), "lightning": _installed("lightning")}
+    if installed.get("lightning", False) or not installed.get("pytorch_lightning", False):
+        return "lightning"
+    return "pytorch_lightning"
+
+
+def _import_namespace(backend: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(_MODULES[backend])
+    except ImportError:
+        return None
 
 
 BACKEND: str = select_backend()
 pl: ModuleType = importlib.import_module(_MODULES[BACKEND])
+#: Every installed Lightning namespace module, the selected one first.
+NAMESPACES: tuple[ModuleType, ...] = tuple(
+    m for m in (pl, *(_import_namespace(b) for b in _MODULES if b != BACKEND)) if m is not None
+)
 
-Callback = pl.Callback
 LightningModule = pl.LightningModule
 LightningDataModule = pl.LightningDataModule
 Trainer = pl.Trainer
@@ -85,21 +104,77 @@ _cli: ModuleType = importlib.import_module(f"{_MODULES[BACKEND]}.cli")
 LightningCLI = _cli.LightningCLI
 LightningArgumentParser = _cli.LightningArgumentParser
 SaveConfigCallback = _cli.SaveConfigCallback
-_strategies: ModuleType = importlib.import_module(f"{_MODULES[BACKEND]}.strategies")
-ParallelStrategy = _strategies.ParallelStrategy
+
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback
+else:
+    _CALLBACK_BASES = tuple(dict.fromkeys(m.Callback for m in NAMESPACES))
+    if len(_CALLBACK_BASES) == 1:
+        Callback = _CALLBACK_BASES[0]
+    else:
+
+        class Callback(*_CALLBACK_BASES):
+            """A Lightning ``Callback`` of every installed namespace (``pytorch_lightning`` and
+            ``lightning.pytorch``): our callbacks derive from it so that either namespace's ``Trainer`` and
+            ``LightningCLI`` accept them."""
+
+        Callback.__module__ = __name__
+
+
+def namespace_name(obj: object) -> str | None:
+    """``"pytorch_lightning"``, ``"lightning.pytorch"`` or ``None``: the Lightning namespace of ``obj``'s class.
+
+    The first class in the method resolution order that Lightning defines decides, so a user's subclass of a
+    Lightning class counts as its base's namespace.
+
+    Examples:
+        >>> namespace_name(Trainer(logger=False, enable_progress_bar=False)) == pl.__name__
+        True
+        >>> namespace_name(object()) is None
+        True
+    """
+    cls = obj if isinstance(obj, type) else type(obj)
+    for klass in cls.__mro__:
+        module = klass.__module__ or ""
+        for name in _MODULES.values():
+            if module == name or module.startswith(name + "."):
+                return name
+    return None
+
+
+def namespace_of(obj: object) -> ModuleType:
+    """The Lightning namespace module (``pytorch_lightning`` or ``lightning.pytorch``) of ``obj``'s class.
+
+    Use it for every run-time lookup of a Lightning class (``namespace_of(trainer).loggers.TensorBoardLogger``), so
+    that the answer matches the user's Trainer whatever was imported first.
+
+    Raises:
+        TypeError: when ``obj`` is not an instance (or subclass) of a Lightning class.
+
+    Examples:
+        >>> namespace_of(Trainer(logger=False, enable_progress_bar=False)) is pl
+        True
+    """
+    name = namespace_name(obj)
+    if name is None:
+        raise TypeError(f"{type(obj).__name__} is not a class of pytorch_lightning or lightning.pytorch.")
+    return importlib.import_module(name)
+
 
 __all__ = [
     "BACKEND",
     "ENV_VAR",
+    "NAMESPACES",
     "Callback",
     "LightningArgumentParser",
     "LightningCLI",
     "LightningDataModule",
     "LightningModule",
-    "ParallelStrategy",
     "SaveConfigCallback",
     "Trainer",
     "loggers",
+    "namespace_name",
+    "namespace_of",
     "pl",
     "select_backend",
 ]

@@ -1,18 +1,50 @@
-"""The ``lightning-bnsgd`` console script: a LightningCLI over ``ConvNetClassifier`` and ``DigitsDataModule``."""
+"""The ``lightning-bnsgd`` console script: a LightningCLI for any LightningModule and LightningDataModule, with
+``ConvNetClassifier`` and ``DigitsDataModule`` as the packaged config's choice."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from lightning_bnsgd._compat import LightningArgumentParser, LightningCLI
-from lightning_bnsgd.data import DigitsDataModule
-from lightning_bnsgd.models import ConvNetClassifier
+from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import import_object
 
-#: Data-module attributes that LightningCLI copies into the model's arguments.
+from lightning_bnsgd._compat import LightningArgumentParser, LightningCLI, LightningDataModule, LightningModule
+
+#: Data-module attributes copied into the model's arguments of the same name, when both sides have them.
 LINKED_ARGUMENTS = ("in_channels", "input_size", "num_classes")
+
+
+def _instantiate_data(data_config: Namespace) -> Any:
+    """The data module a ``data:`` config describes (nested class configs included), built on its own."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    config = parser.parse_object({"data": data_config.clone().as_dict()})
+    return parser.instantiate_classes(config).data
+
+
+def link_data_into_model(config: Namespace) -> list[str]:
+    """Copy the data module's ``in_channels``, ``input_size`` and ``num_classes`` into the model's ``init_args``,
+    each only when the model's class takes an argument of that name and the data module has that attribute (a
+    user's own classes need neither). Returns the names copied.
+    """
+    data_config, model_config = config.get("data"), config.get("model")
+    if not isinstance(data_config, Namespace) or not isinstance(model_config, Namespace):
+        return []
+    if not model_config.get("class_path") or not data_config.get("class_path"):
+        return []
+    accepted = inspect.signature(import_object(model_config.class_path)).parameters
+    wanted = [name for name in LINKED_ARGUMENTS if name in accepted]
+    if not wanted:
+        return []
+    data = _instantiate_data(data_config)
+    linked = [name for name in wanted if hasattr(data, name)]
+    for name in linked:
+        model_config.init_args[name] = getattr(data, name)
+    return linked
 
 
 def packaged_config(name: str = "digits.yaml") -> Path:
@@ -30,15 +62,16 @@ def packaged_config(name: str = "digits.yaml") -> Path:
 
 
 class BNSGDCLI(LightningCLI):
-    """LightningCLI with the data module's shape attributes linked into the model and an optional test after fit.
+    """LightningCLI over any ``LightningModule`` and ``LightningDataModule`` (``--model``/``--data`` take class
+    paths, ``subclass_mode``), with the data module's shape attributes linked into the model where both have them
+    (`link_data_into_model`) and an optional test after fit.
 
     ``fit --test_after_fit true`` runs ``trainer.test`` on the fitted model right after ``fit`` and prints the
-    test accuracy, so one command trains and evaluates.
+    test accuracy (``test/acc``, or the first metric whose name ends in ``acc``), so one command trains and
+    evaluates.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name in LINKED_ARGUMENTS:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -46,12 +79,19 @@ class BNSGDCLI(LightningCLI):
             help="fit only: run the test set on the fitted model after fit and print the test accuracy.",
         )
 
+    def instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand)) if self.subcommand else self.config
+        if isinstance(config, Namespace):
+            link_data_into_model(config)
+        super().instantiate_classes()
+
     def after_fit(self) -> None:
         config = self.config.get(str(self.subcommand), {})
         if not config.get("test_after_fit", False):
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        acc = results[0].get("test/acc") if results else None
+        metrics = results[0] if results else {}
+        acc = metrics.get("test/acc", next((v for k, v in metrics.items() if k.endswith("acc")), None))
         if acc is not None and self.trainer.is_global_zero:
             print(f"test accuracy: {acc:.4f}", flush=True)
 
@@ -69,8 +109,8 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
     # automatic --optimizer/--lr_scheduler would step schedulers per epoch.
     kwargs.setdefault("auto_configure_optimizers", False)
     return BNSGDCLI(
-        ConvNetClassifier,
-        DigitsDataModule,
+        LightningModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=list(args) if args is not None else None,

@@ -1,6 +1,7 @@
 """Every fenced code block of ``README.md`` and ``docs/**/*.md`` is exercised here, so the docs cannot rot.
 
-The convention (summarized for writers in ``docs/index.md``, section "Docs"), by the block's language tag:
+The convention (summarized for writers in ``docs/contributing.md``, section "Writing docs"), by the block's language
+tag:
 
 ``python``
     Executed. The blocks of one page run in order as one module named ``my_project`` (a later block builds on the
@@ -32,15 +33,25 @@ The convention (summarized for writers in ``docs/index.md``, section "Docs"), by
     Any other command fails the test, so new docs must follow the convention.
 ``text``
     Output or plain text: not code, skipped.
+``mermaid``
+    A diagram (rendered by the docs site): skipped.
 
-Any other language tag, or none, fails. The docs import ``pytorch_lightning``; in an environment with only the
-unified ``lightning`` package the test maps that name to ``lightning.pytorch`` (the docs say either works).
+Blocks inside content tabs (``=== "..."`` followed by a four-space indented block) are dedented and run like any
+other, so both tabs of a pair are tested.
+
+``docs/cli.md``'s YAML field reference is generated from the packaged config (``tests/docs/cli_reference.py``);
+``test_cli_reference_*`` hold it to the YAML.
+
+Any other language tag, or none, fails. A page may import ``pytorch_lightning`` or ``lightning.pytorch``: while it
+runs, both names point to the namespace lightning_bnsgd chose (``alias_lightning``), as for a reader who imports
+their Lightning before lightning_bnsgd.
 """
 
 from __future__ import annotations
 
 import contextlib
 import doctest
+import importlib
 import io
 import os
 import re
@@ -59,9 +70,12 @@ import yaml
 from lightning_bnsgd._compat import LightningCLI
 from lightning_bnsgd.cli import BNSGDCLI, cli_main, packaged_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_reference  # a sibling module (tests/docs is not a package)
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-LANGUAGES = ("python", "yaml", "bash", "console", "text")
+LANGUAGES = ("python", "yaml", "bash", "console", "text", "mermaid")
 CLI_KEYS = {"seed_everything", "trainer", "model", "data", "test_after_fit", "ckpt_path", "optimizer", "lr_scheduler"}
 ACCEPTED = (
     ("pip", "install"),
@@ -309,16 +323,36 @@ def run_command(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------------------------------- pages
 
 
-def alias_pytorch_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With only the unified ``lightning`` package installed, let ``import pytorch_lightning`` mean it."""
-    try:
-        import pytorch_lightning  # noqa: F401
-    except ImportError:
-        import lightning.pytorch  # noqa: F401
+SUBPACKAGES = ("callbacks", "loggers", "tuner", "cli", "strategies", "utilities", "core")
 
-        for name, mod in list(sys.modules.items()):
-            if name == "lightning.pytorch" or name.startswith("lightning.pytorch."):
-                monkeypatch.setitem(sys.modules, "pytorch_lightning" + name[len("lightning.pytorch") :], mod)
+
+def alias_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``import pytorch_lightning`` and ``import lightning.pytorch`` both mean the namespace lightning_bnsgd chose.
+
+    A reader runs a page in a fresh process: it imports its Lightning first, and lightning_bnsgd follows that
+    namespace. Here lightning_bnsgd was imported before the page (with the namespace ``_compat`` picked), so for the
+    page's run both names point to that namespace: the page works as it does for a reader, whichever name it uses,
+    in an environment with both packages or with only one of them.
+    """
+    from lightning_bnsgd import ConvNetClassifier
+
+    modules = [base.__module__ for base in ConvNetClassifier.__mro__]
+    chosen = "lightning.pytorch" if any(m.startswith("lightning.pytorch.") for m in modules) else "pytorch_lightning"
+    for sub in SUBPACKAGES:
+        importlib.import_module(f"{chosen}.{sub}")
+    other = "lightning.pytorch" if chosen == "pytorch_lightning" else "pytorch_lightning"
+    for name, mod in list(sys.modules.items()):
+        if name == chosen or name.startswith(chosen + "."):
+            monkeypatch.setitem(sys.modules, other + name[len(chosen) :], mod)
+    if other == "lightning.pytorch":  # `import lightning.pytorch as L` reads the attribute of the parent package
+        parent = sys.modules.get("lightning")
+        if parent is None:
+            try:
+                parent = importlib.import_module("lightning")
+            except ImportError:
+                parent = types.ModuleType("lightning")
+                monkeypatch.setitem(sys.modules, "lightning", parent)
+        monkeypatch.setattr(parent, "pytorch", sys.modules[chosen], raising=False)
 
 
 def page_id(path: Path) -> str:
@@ -330,7 +364,7 @@ def test_doc_page(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     blocks = extract_blocks(doc.read_text(encoding="utf-8"))
     bad = [(b.line, b.lang or "(none)") for b in blocks if b.lang not in LANGUAGES]
     assert not bad, f"{page_id(doc)}: code blocks with a language other than {LANGUAGES}: {bad}"
-    alias_pytorch_lightning(monkeypatch)
+    alias_lightning(monkeypatch)
     module = types.ModuleType(PAGE_MODULE)
     module.__file__ = str(doc)
     monkeypatch.setitem(sys.modules, PAGE_MODULE, module)
@@ -385,3 +419,51 @@ def test_mistakes_are_caught(mistake: str, tmp_path: Path, monkeypatch: pytest.M
         else:
             for command in command_lines(block):
                 run_command(command, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------- cli field reference
+
+
+def test_cli_reference_is_current() -> None:
+    """``docs/cli.md``'s field tables are what ``cli_reference.py`` generates from the packaged YAML now."""
+    region = cli_reference.page_region(cli_reference.PAGE.read_text(encoding="utf-8"))
+    assert region is not None, "docs/cli.md lost the markers of its generated field reference"
+    assert region == cli_reference.generated(), (
+        "docs/cli.md's field reference is out of date with src/lightning_bnsgd/configs/digits.yaml: "
+        "run `python tests/docs/cli_reference.py`"
+    )
+
+
+def test_cli_reference_covers_every_field() -> None:
+    """Every scalar field of the packaged YAML (read by a real YAML parser) has a row, and every row a field."""
+    config = yaml.safe_load(cli_reference.CONFIG.read_text(encoding="utf-8"))
+    expected = {key.replace(".init_args", "") for key in cli_reference.leaf_keys(config)}
+    rows = {
+        (re.sub(r"\[\d+\]", "", section.path) + "." if section.path else "") + key
+        for section in cli_reference.parse_config(cli_reference.CONFIG.read_text(encoding="utf-8"))
+        for key, _, _ in section.rows
+    }
+    assert rows == expected, f"missing rows: {sorted(expected - rows)}; rows of no field: {sorted(rows - expected)}"
+
+
+def test_cli_reference_reads_comments_values_and_types() -> None:
+    text = (
+        "seed_everything: 0   # seeds all\n"
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_bnsgd.BNRecalibration   # exact statistics (docs/recalibration.md)\n"
+        "      init_args:\n"
+        "        every_n_epochs: 2             # how often\n"
+        "model:\n"
+        "  class_path: lightning_bnsgd.ConvNetClassifier\n"
+        "  init_args:\n"
+        "    optimizer:                    # the recipe\n"
+        "      momentum: 0.9               # SGD | momentum\n"
+    )
+    page = cli_reference.render(cli_reference.parse_config(text))
+    assert "| `seed_everything` | `0` | seeds all |" in page
+    assert "### `trainer.callbacks`: `BNRecalibration` { #bnrecalibration }" in page
+    assert "exact statistics ([recalibration](recalibration.md))." in page
+    assert "| `every_n_epochs` | `int` | `2` | how often |" in page
+    assert "### `model.init_args.optimizer`: `SGDWarmup` { #sgdwarmup }" in page
+    assert "| `momentum` | `float` | `0.9` | SGD \\| momentum |" in page

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_bnsgd._compat import LightningModule, Trainer, loggers, pl
+from lightning_bnsgd._compat import LightningModule, loggers, pl
 from lightning_bnsgd.callbacks.bn_monitor import BNStatsMonitor
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.cnn import BNConvNet
@@ -55,19 +55,14 @@ class RankFileLogger(loggers.Logger):
         pass
 
 
-def _fit(tmp_path: Path, strategy: Any) -> dict[int, list[dict[str, Any]]]:
-    trainer = Trainer(
-        accelerator="cpu",
+def _fit(tmp_path: Path, make_trainer: Any, strategy: Any) -> dict[int, list[dict[str, Any]]]:
+    trainer = make_trainer(
         devices=2,
         strategy=strategy,
         max_steps=4,
         logger=RankFileLogger(str(tmp_path)),
-        callbacks=[BNStatsMonitor(logging_interval=2)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+        callbacks=[BNStatsMonitor(log_every_n_steps=2)],
         limit_val_batches=0,
-        default_root_dir=tmp_path,
     )
     trainer.fit(SmallNet(), DigitsDataModule(batch_size=16))  # DistributedSampler: different data per rank
     calls: dict[int, list[dict[str, Any]]] = {}
@@ -84,8 +79,8 @@ def _bn_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_rank_zero_logs_and_buffers_agree_with_broadcast(tmp_path: Path) -> None:
-    calls = _fit(tmp_path, "ddp_spawn")
+def test_rank_zero_logs_and_buffers_agree_with_broadcast(tmp_path: Path, make_trainer: Any) -> None:
+    calls = _fit(tmp_path, make_trainer, "ddp_spawn")
     bn0, bn1 = _bn_calls(calls[0]), _bn_calls(calls[1])
     assert bn1 == []  # rank 1 gets its logger calls (Lightning's own), never the monitor's
     assert [c["step"] for c in bn0] == [2, 4]
@@ -99,9 +94,9 @@ def test_rank_zero_logs_and_buffers_agree_with_broadcast(tmp_path: Path) -> None
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_ranks_diverge_without_buffer_broadcast(tmp_path: Path) -> None:
+def test_ranks_diverge_without_buffer_broadcast(tmp_path: Path, make_trainer: Any) -> None:
     strategy = pl.strategies.DDPStrategy(broadcast_buffers=False, start_method="spawn")
-    calls = _fit(tmp_path, strategy)
+    calls = _fit(tmp_path, make_trainer, strategy)
     bn0 = _bn_calls(calls[0])
     assert _bn_calls(calls[1]) == []
     assert [c["step"] for c in bn0] == [2, 4]

@@ -4,11 +4,24 @@ import filecmp
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from lightning_bnsgd._compat import LightningModule
 from lightning_bnsgd.cli import cli_main, packaged_config
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class OnlyNumClasses(LightningModule):
+    """A user's model that takes one of the linked arguments."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(64, num_classes)
+
+
 QUIET = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_checkpointing=false",
@@ -70,3 +83,57 @@ def test_wrong_key_in_yaml_fails_with_jsonargparse_message(tmp_path, capsys):
     assert exc.value.code != 0
     err = capsys.readouterr().err
     assert "chanels" in err
+
+
+def test_user_classes_run_without_our_links(tmp_path):
+    # a user's own LightningModule/DataModule (no in_channels/input_size/num_classes on either side)
+    cli = cli_main(
+        [
+            "fit",
+            "--model=tests.user_project.project.UserModel",
+            "--model.init_args.warmup_steps=1",
+            "--data=tests.user_project.project.UserDataModule",
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    assert type(cli.model).__name__ == "UserModel" and type(cli.datamodule).__name__ == "UserDataModule"
+    assert cli.trainer.global_step == 1
+
+
+def test_links_apply_only_where_both_sides_have_the_field(tmp_path):
+    # our DigitsDataModule with a user model that takes only num_classes: that one is linked, nothing else
+    cli = cli_main(
+        [
+            "--model=tests.integration.test_cli.OnlyNumClasses",
+            "--data=lightning_bnsgd.DigitsDataModule",
+            "--data.init_args.resize=12",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ],
+        run=False,
+    )
+    assert cli.model.hparams.num_classes == 10 and "input_size" not in cli.model.hparams
+    cli = cli_main(
+        ["--config", str(packaged_config()), "--data.init_args.resize=12", "--model.init_args.padding=same"],
+        run=False,
+    )
+    assert cli.model.hparams.input_size == 12  # linked from the data module's resize
+
+
+@pytest.mark.both_namespaces
+def test_callbacks_by_lightning_pytorch_class_path(tmp_path):
+    cli = cli_main(
+        [
+            "--config",
+            str(packaged_config()),
+            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ],
+        run=False,
+    )
+    assert cli.trainer.__module__.startswith("lightning.pytorch")
+    assert any(type(cb).__module__.startswith("lightning.pytorch.callbacks") for cb in cli.trainer.callbacks)

@@ -13,12 +13,13 @@ from lightning_bnsgd.optim.sgd_warmup import SGDWarmup
 
 
 def test_lr_property_sets_an_absolute_peak_lr():
-    model = ConvNetClassifier(input_size=8, padding="same", optimizer=SGDWarmup(lr=0.4))
-    assert model.lr == 0.4
+    model = ConvNetClassifier(input_size=8, padding="same", optimizer=SGDWarmup(lr_base=0.4))
+    assert model.lr is None  # scaled from lr_base: no absolute LR yet
     model.lr = 0.05
-    assert model.optimizer_config.lr == 0.05
-    assert model.optimizer_config.scale_lr == "none"
+    assert model.optimizer_config.lr == 0.05 and model.optimizer_config.lr_base == 0.4
+    assert model.optimizer_config.peak_lr(effective_batch=1024) == 0.05  # absolute: the batch no longer matters
     assert model.hparams["optimizer"]["lr"] == 0.05
+    assert ConvNetClassifier(optimizer=SGDWarmup(lr=0.4)).lr == 0.4
     with pytest.raises(ValueError, match="lr"):
         model.lr = -1.0
 
@@ -33,7 +34,7 @@ def test_lr_find_updates_the_model_and_training_uses_the_suggestion(make_trainer
     assert suggestion is not None and 1e-4 <= suggestion <= 3.0
     assert len(finder.results["lr"]) > 10
     assert model.lr == pytest.approx(suggestion)
-    assert model.optimizer_config.scale_lr == "none"
+    assert model.optimizer_config.lr == pytest.approx(suggestion)
     # The real fit then runs its warmup up to exactly the suggested peak.
     lrs: list[float] = []
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnsgd._compat import Callback, LightningModule, Trainer, pl
+from lightning_bnsgd._compat import Callback, LightningModule, pl
 from lightning_bnsgd.cli import cli_main
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.classifier import ConvNetClassifier
@@ -47,48 +47,36 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
-def _trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> Any:
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
-    options.update(kwargs)
-    return Trainer(**options)
+NO_VAL = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
 
 
 def _digits_model(optimizer: SGDWarmup) -> ConvNetClassifier:
     return ConvNetClassifier(input_size=8, padding="same", channels=(4, 8), optimizer=optimizer)
 
 
-def test_resume_in_mid_warmup_gives_identical_lr_sequence(tmp_path: Path) -> None:
+def test_resume_in_mid_warmup_gives_identical_lr_sequence(tmp_path: Path, make_trainer: Any) -> None:
     config = SGDWarmup(lr=0.2, warmup_epochs=1.5, warmup="exponential", decay="cosine", min_lr=0.002)
-    run = dict(max_epochs=3, limit_train_batches=6)  # 18 steps, warmup 9 steps
+    run = dict(max_epochs=3, limit_train_batches=6, **NO_VAL)  # 18 steps, warmup 9 steps
 
     full = LRRecorder()
     torch.manual_seed(0)
-    _trainer(tmp_path / "full", [full], **run).fit(_digits_model(config), DigitsDataModule(batch_size=32))
+    make_trainer(default_root_dir=tmp_path / "full", callbacks=[full], **run).fit(
+        _digits_model(config), DigitsDataModule(batch_size=32)
+    )
     assert full.steps == list(range(18))
     assert len({lrs[0] for lrs in full.lrs.values()}) == 18  # the LR changes every step
 
     first = LRRecorder()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     torch.manual_seed(0)
-    _trainer(tmp_path / "a", [first, ckpt, StopAt(4)], enable_checkpointing=True, **run).fit(
-        _digits_model(config), DigitsDataModule(batch_size=32)
-    )
+    make_trainer(
+        default_root_dir=tmp_path / "a", callbacks=[first, ckpt, StopAt(4)], enable_checkpointing=True, **run
+    ).fit(_digits_model(config), DigitsDataModule(batch_size=32))
     (path,) = list((tmp_path / "ckpt").glob("*step=4*.ckpt"))
     assert torch.load(path, weights_only=True)["lr_schedulers"][0]["last_epoch"] == 4
 
     resumed = LRRecorder()
-    _trainer(tmp_path / "b", [resumed], **run).fit(
+    make_trainer(default_root_dir=tmp_path / "b", callbacks=[resumed], **run).fit(
         _digits_model(config), DigitsDataModule(batch_size=32), ckpt_path=str(path)
     )
     assert first.steps == [0, 1, 2, 3]
@@ -118,11 +106,11 @@ def _tensors(n: int = 128, batch_size: int = 8) -> DataLoader:
     return DataLoader(data, batch_size=batch_size)
 
 
-def test_accumulate_grad_batches_scales_lr_and_steps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = SGDWarmup(lr=0.4, warmup_epochs=1, scale_lr="linear", reference_batch_size=256, decay="linear")
+def test_accumulate_grad_batches_scales_lr_and_steps(make_trainer: Any, caplog: pytest.LogCaptureFixture) -> None:
+    config = SGDWarmup(lr_base=0.4, warmup_epochs=1, lr_base_size=256, decay="linear")
     recorder = LRRecorder()
     model = TinyModule(config)
-    trainer = _trainer(tmp_path, [recorder], max_epochs=3, accumulate_grad_batches=4)
+    trainer = make_trainer(callbacks=[recorder], max_epochs=3, accumulate_grad_batches=4, **NO_VAL)
     with caplog.at_level(logging.INFO):
         trainer.fit(model, _tensors(n=128, batch_size=8))  # 16 batches -> 4 steps per epoch
     sched = trainer.lr_scheduler_configs[0].scheduler
@@ -131,11 +119,11 @@ def test_accumulate_grad_batches_scales_lr_and_steps(tmp_path: Path, caplog: pyt
     assert (sched.warmup_steps, sched.total_steps) == (4, 12)
     assert recorder.steps == list(range(12))  # one LR value per optimizer step, not per batch
     assert recorder.lrs[4][0] == pytest.approx(0.05)  # the first step after warmup runs at the base LR
-    assert "effective batch 32" in caplog.text
+    assert "lr_base=0.4 x 32/256 (linear), effective batch 32" in caplog.text
 
 
-def test_infinite_run_asks_for_max_steps(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, [], max_epochs=-1)
+def test_infinite_run_asks_for_max_steps(make_trainer: Any) -> None:
+    trainer = make_trainer(max_epochs=-1, **NO_VAL)
     with pytest.raises(ValueError, match="max_steps"):
         trainer.fit(TinyModule(SGDWarmup(warmup_steps=1)), _tensors())
 
@@ -152,9 +140,9 @@ class _SaveLR(Callback):
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_ddp_two_devices_scales_lr_with_world_size(tmp_path: Path) -> None:
-    config = SGDWarmup(lr=0.1, warmup_steps=1, scale_lr="linear", reference_batch_size=256)
-    trainer = _trainer(tmp_path, [_SaveLR(tmp_path)], devices=2, strategy="ddp_spawn", max_epochs=1)
+def test_ddp_two_devices_scales_lr_with_world_size(tmp_path: Path, make_trainer: Any) -> None:
+    config = SGDWarmup(lr_base=0.1, warmup_steps=1, lr_base_size=256)
+    trainer = make_trainer(callbacks=[_SaveLR(tmp_path)], devices=2, strategy="ddp_spawn", max_epochs=1, **NO_VAL)
     trainer.fit(TinyModule(config), _tensors(n=64, batch_size=8))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for res in results:
@@ -178,7 +166,7 @@ def test_cli_yaml_optimizer_block_reaches_module_and_lr_changes_every_step(tmp_p
     )
     cfg = cli.model.optimizer_config
     assert isinstance(cfg, SGDWarmup)
-    assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.warmup_steps, cfg.decay) == (0.8, 0.8, False, 3, "linear")
+    assert (cfg.lr, cfg.lr_base, cfg.momentum, cfg.nesterov, cfg.warmup_steps) == (None, 0.8, 0.8, False, 3)
     opt = cli.trainer.optimizers[0]
     assert [g["momentum"] for g in opt.param_groups] == [0.8, 0.8]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.001, 0.0]
@@ -190,6 +178,6 @@ def test_cli_yaml_optimizer_block_reaches_module_and_lr_changes_every_step(tmp_p
     assert [int(row["step"]) for row in rows] == list(range(8))
     assert lrs == [float(row["lr-SGD/no_decay"]) for row in rows]
     assert all(a != b for a, b in pairwise(lrs)), lrs  # changes at every step
-    assert lrs[0] == pytest.approx(0.25 * 0.1)  # warmup_start_factor x (0.8 x 32 / 256)
+    assert lrs[0] == pytest.approx(0.25 * 0.1)  # warmup_start_factor x (lr_base 0.8 x 32 / 256)
     assert lrs[3] == pytest.approx(0.1)  # first step after warmup: the scaled peak LR
     assert lrs[7] == pytest.approx(0.01 + 0.09 * 1 / 5)  # linear decay to min_lr 0.01 at step 8

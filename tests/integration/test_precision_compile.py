@@ -63,7 +63,7 @@ def test_compile_and_channels_last_match_eager_statistics(tmp_path, make_trainer
         optimizer=SGDWarmup(warmup_steps=5),
     )
     logger = loggers.CSVLogger(tmp_path, name="compiled")
-    recal = BNRecalibration(num_samples=None, before_validation=False, on_train_end=True)
+    recal = BNRecalibration(num_samples=None, before_validation=False, at_train_end=True)
     dm = DigitsDataModule(batch_size=64)
     trainer = make_trainer(
         max_epochs=1,

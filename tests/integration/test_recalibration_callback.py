@@ -14,24 +14,17 @@ from lightning_bnsgd.callbacks.recalibration import BNRecalibration
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.classifier import ConvNetClassifier
 
+SMALL_RUN = {"max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 2, "num_sanity_val_steps": 0}
 
-def _trainer(tmp_path: Path, callbacks: list[Any], **overrides: Any) -> Trainer:
-    kwargs: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "default_root_dir": str(tmp_path),
-        "max_epochs": 1,
-        "limit_train_batches": 4,
-        "limit_val_batches": 2,
-        "num_sanity_val_steps": 0,
-        "callbacks": callbacks,
-    }
-    kwargs.update(overrides)
-    return Trainer(**kwargs)
+
+@pytest.fixture
+def small_trainer(make_trainer: Any) -> Any:
+    """The shared quiet Trainer (``make_trainer``), for a short run: ``small_trainer(callbacks, **overrides)``."""
+
+    def factory(callbacks: list[Any], **overrides: Any) -> Trainer:
+        return make_trainer(callbacks=callbacks, **{**SMALL_RUN, **overrides})
+
+    return factory
 
 
 def _model(**kwargs: Any) -> ConvNetClassifier:
@@ -68,12 +61,14 @@ class _Probe(Callback):
             self.seen.append((norm.running_mean.clone(), norm.running_var.clone()))
 
 
-def test_validation_and_checkpoint_carry_exact_statistics(tmp_path: Path) -> None:
+def test_validation_and_checkpoint_carry_exact_statistics(small_trainer: Any, tmp_path: Path) -> None:
     dm, model = _data(), _model()
     probe = _Probe()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    recal = BNRecalibration(num_samples=None, on_train_end=False)
-    trainer = _trainer(tmp_path, [recal, probe, ckpt], enable_checkpointing=True, num_sanity_val_steps=2)
+    recal = BNRecalibration(num_samples=None, at_train_end=False)
+    trainer = small_trainer(
+        [recal, probe, ckpt], enable_checkpointing=True, num_sanity_val_steps=2, limit_train_batches=1.0
+    )
     trainer.fit(model, datamodule=dm)
     assert recal.recalibrations == 1  # once before validation, never in the sanity check
     mean, var = _exact_first_layer(model, dm)
@@ -86,7 +81,7 @@ def test_validation_and_checkpoint_carry_exact_statistics(tmp_path: Path) -> Non
     assert recal.last_report is not None and recal.last_report.num_samples == len(dm._splits["train"])
 
 
-def test_every_n_epochs_train_end_logging_and_frozen_layers(tmp_path: Path) -> None:
+def test_every_n_epochs_train_end_logging_and_frozen_layers(small_trainer: Any, tmp_path: Path) -> None:
     class FrozenFirst(ConvNetClassifier):
         def on_train_epoch_start(self) -> None:
             _first_norm(self).eval()  # a frozen BatchNorm: must stay untouched
@@ -95,7 +90,7 @@ def test_every_n_epochs_train_end_logging_and_frozen_layers(tmp_path: Path) -> N
     frozen = {k: v.clone() for k, v in _first_norm(model).named_buffers()}
     recal = BNRecalibration(num_samples=256, every_n_epochs=2, log_prefix="recal")
     logger = loggers.CSVLogger(str(tmp_path), name="csv")
-    trainer = _trainer(tmp_path, [recal], max_epochs=3, logger=logger, log_every_n_steps=1)
+    trainer = small_trainer([recal], max_epochs=3, logger=logger, log_every_n_steps=1)
     trainer.fit(model, datamodule=_data())
     assert recal.recalibrations == 2  # before validation of epoch 1 (0-based), then at train end
     assert recal.last_report is not None
@@ -108,27 +103,28 @@ def test_every_n_epochs_train_end_logging_and_frozen_layers(tmp_path: Path) -> N
     assert "recal/samples" in metrics and "recal/var_shift" in metrics
 
 
-def test_resume_and_two_instances(tmp_path: Path) -> None:
+def test_resume_and_two_instances(small_trainer: Any, tmp_path: Path) -> None:
     a = BNRecalibration(num_samples=128, log_prefix="a")
-    b = BNRecalibration(num_samples=128, mode="sequential", log_prefix="b", on_train_end=False)
+    b = BNRecalibration(num_samples=128, mode="sequential", log_prefix="b", at_train_end=False)
     assert a.state_key != b.state_key
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = _trainer(tmp_path, [a, b, ckpt], enable_checkpointing=True)
+    trainer = small_trainer([a, b, ckpt], enable_checkpointing=True)
     trainer.fit(_model(), datamodule=_data())
-    assert (a.recalibrations, b.recalibrations) == (2, 1)
+    # `a` recalibrates before validation; at train end the weights are those it already recalibrated: skipped
+    assert (a.recalibrations, b.recalibrations) == (1, 1)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
-    assert saved[a.state_key]["recalibrations"] == 1  # saved at validation end, before train end
+    assert saved[a.state_key]["recalibrations"] == 1  # saved at validation end
     assert saved[b.state_key]["recalibrations"] == 1
 
     a2 = BNRecalibration(num_samples=128, log_prefix="a")
-    b2 = BNRecalibration(num_samples=128, mode="sequential", log_prefix="b", on_train_end=False)
-    trainer = _trainer(tmp_path, [a2, b2], max_epochs=2)
+    b2 = BNRecalibration(num_samples=128, mode="sequential", log_prefix="b", at_train_end=False)
+    trainer = small_trainer([a2, b2], max_epochs=2)
     trainer.fit(_model(), datamodule=_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert (a2.recalibrations, b2.recalibrations) == (3, 2)
-    assert a2.last_run == (2, 8)  # at train end (Lightning has advanced the epoch counter)
+    assert (a2.recalibrations, b2.recalibrations) == (2, 2)
+    assert a2.last_run == (1, 8)  # before the second epoch's validation; train end had nothing new
 
 
-def test_protocol_transfer_hooks_and_custom_loader(tmp_path: Path) -> None:
+def test_protocol_transfer_hooks_and_custom_loader(small_trainer: Any, tmp_path: Path) -> None:
     class WithProtocol(ConvNetClassifier):
         def __init__(self) -> None:
             super().__init__(input_size=8, padding="same", channels=(8, 8))
@@ -147,7 +143,7 @@ def test_protocol_transfer_hooks_and_custom_loader(tmp_path: Path) -> None:
     loader = DataLoader([{"image": img} for img in x], batch_size=16)
     model = WithProtocol()
     recal = BNRecalibration(num_samples=None, dataloader=lambda: loader, before_validation=False)
-    _trainer(tmp_path, [recal], limit_train_batches=2).fit(model, datamodule=_data())
+    small_trainer([recal], limit_train_batches=2).fit(model, datamodule=_data())
     assert model.recal_calls == 3 and recal.recalibrations == 1
     assert model.transfers == 2 + 2 + 3  # two training, two validation and three recalibration batches
     with torch.no_grad():
@@ -156,19 +152,19 @@ def test_protocol_transfer_hooks_and_custom_loader(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("averaging", ["swa", "weight_averaging"])
-def test_recalibrates_averaged_weights(tmp_path: Path, averaging: str) -> None:
+def test_recalibrates_averaged_weights(small_trainer: Any, tmp_path: Path, averaging: str) -> None:
     dm, model = _data(), _model()
     if averaging == "swa":
         avg = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
     else:
         avg = pl.callbacks.WeightAveraging()
     recal = BNRecalibration(num_samples=None)
-    _trainer(tmp_path, [avg, recal], max_epochs=2).fit(model, datamodule=dm)
+    small_trainer([avg, recal], max_epochs=2, limit_train_batches=1.0).fit(model, datamodule=dm)
     mean, var = _exact_first_layer(model, dm)  # exact for the final (averaged) weights
     torch.testing.assert_close(_first_norm(model).running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_first_norm(model).running_var.double(), var, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="must come after"):
-        _trainer(tmp_path, [BNRecalibration(), type(avg)(**({"swa_lrs": 0.01} if averaging == "swa" else {}))]).fit(
+        small_trainer([BNRecalibration(), type(avg)(**({"swa_lrs": 0.01} if averaging == "swa" else {}))]).fit(
             _model(), datamodule=dm
         )
 
@@ -185,7 +181,7 @@ class _AverageSnapshot(Callback):
 
 
 @pytest.mark.parametrize("with_recalibration", [True, False])
-def test_final_swa_weights_are_the_average(tmp_path: Path, with_recalibration: bool) -> None:
+def test_final_swa_weights_are_the_average(small_trainer: Any, tmp_path: Path, with_recalibration: bool) -> None:
     # Lightning's SWA steps the optimizer once in its BatchNorm-update epoch with the gradients of the last real
     # step (they survive when no validation ran in between: validation frees them); BNRecalibration drops them, so
     # the final weights are exactly the average. Without it, the weights move.
@@ -195,7 +191,7 @@ def test_final_swa_weights_are_the_average(tmp_path: Path, with_recalibration: b
     callbacks: list[Any] = [swa, snapshot]
     if with_recalibration:
         callbacks.append(BNRecalibration(num_samples=None, before_validation=False))
-    _trainer(tmp_path, callbacks, max_epochs=3, limit_train_batches=1.0, limit_val_batches=0).fit(model, datamodule=dm)
+    small_trainer(callbacks, max_epochs=3, limit_train_batches=1.0, limit_val_batches=0).fit(model, datamodule=dm)
     assert snapshot.average is not None
     moved = max((p.detach() - a).abs().max().item() for p, a in zip(model.parameters(), snapshot.average, strict=True))
     if with_recalibration:
@@ -210,7 +206,7 @@ class _Endless(IterableDataset):
             yield torch.randn(1, 8, 8), torch.tensor(0)
 
 
-def test_bad_arguments_and_bad_loaders(tmp_path: Path) -> None:
+def test_bad_arguments_and_bad_loaders(small_trainer: Any, tmp_path: Path) -> None:
     for kwargs in ({"num_samples": 0}, {"every_n_epochs": 0}, {"mode": "eval"}, {"dropout": "none"}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             BNRecalibration(**kwargs)  # type: ignore[arg-type]
@@ -218,10 +214,10 @@ def test_bad_arguments_and_bad_loaders(tmp_path: Path) -> None:
         BNRecalibration(dataloader=3)  # type: ignore[arg-type]
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0)), batch_size=4)
     with pytest.raises(ValueError, match="empty"):
-        _trainer(tmp_path, [BNRecalibration(dataloader=empty)]).fit(_model(), datamodule=_data())
+        small_trainer([BNRecalibration(dataloader=empty)]).fit(_model(), datamodule=_data())
     endless = DataLoader(_Endless(), batch_size=8)
     with pytest.raises(ValueError, match="infinite"):
-        _trainer(tmp_path, [BNRecalibration(dataloader=endless, num_samples=None)]).fit(_model(), datamodule=_data())
+        small_trainer([BNRecalibration(dataloader=endless, num_samples=None)]).fit(_model(), datamodule=_data())
     recal = BNRecalibration(dataloader=endless, num_samples=40, before_validation=False)
-    _trainer(tmp_path, [recal], limit_train_batches=1).fit(_model(), datamodule=_data())
+    small_trainer([recal], limit_train_batches=1).fit(_model(), datamodule=_data())
     assert recal.last_report is not None and recal.last_report.num_samples == 40

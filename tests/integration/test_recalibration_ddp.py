@@ -1,8 +1,14 @@
-"""Recalibration across 2 CPU processes (gloo): identical buffers, exact union, no hang on uneven data."""
+"""Recalibration across 2 CPU processes (gloo): exact over the union of uneven shards, identical buffers, no hang.
+
+Rank 0 holds 600 samples from one end of a sorted data set (12 batches of 50), rank 1 the other 400 (13 batches of
+30 and a last one of 10): different lengths and different distributions. Every scenario runs in one spawn of two
+processes; the parent compares each rank's result with the statistics of the union of the samples used.
+"""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +19,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_bnsgd._compat import Callback, Trainer
-from lightning_bnsgd.bn.recalibrate import recalibrate_bn
+from lightning_bnsgd._compat import Callback
+from lightning_bnsgd.bn.recalibrate import RecalibrationReport, recalibrate_bn
 from lightning_bnsgd.callbacks.recalibration import BNRecalibration
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.classifier import ConvNetClassifier
 
 WORLD = 2
+SHARD = {0: (0, 600, 50), 1: (600, 1000, 30)}  # rank -> (start, end, batch size)
 
 
 def _free_port() -> int:
@@ -28,37 +35,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 4), nn.BatchNorm1d(4)
-    )
-
-
 def _data() -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1000, 3, generator=gen)
     return x[x[:, 0].argsort()]  # sorted: the two ranks see very different data
 
 
+def _shard(rank: int) -> torch.Tensor:
+    start, end, _ = SHARD[rank]
+    return _data()[start:end]
+
+
 def _rank_batches(rank: int) -> list[torch.Tensor]:
-    x = _data()
-    if rank == 0:
-        return list(torch.split(x[:600], 50))  # 12 batches of 50
-    return list(torch.split(x[600:], 34))  # 11 batches of 34 and one of 26
+    return list(torch.split(_shard(rank), SHARD[rank][2]))  # rank 0: 12 x 50; rank 1: 13 x 30 + 10
 
 
-class _CollectiveBN(nn.BatchNorm1d):
-    """Stands in for SyncBatchNorm on CPU: a collective in every forward, so unequal forward counts hang."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        flag = torch.ones(1)
-        dist.all_reduce(flag)
-        return super().forward(input)
+def _generator(batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    yield from batches  # no length: the processes agree before every forward
 
 
 class _GatheringSyncBN(nn.SyncBatchNorm):
-    """SyncBatchNorm's semantics on CPU (the real one needs a GPU): batch statistics over all processes' inputs."""
+    """SyncBatchNorm's semantics on CPU (the real one needs a GPU): batch statistics over all processes' inputs,
+    a collective in every forward (unequal forward counts hang), zero-size inputs accepted."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         sizes = [torch.zeros(1, dtype=torch.long) for _ in range(WORLD)]
@@ -77,64 +75,141 @@ class _GatheringSyncBN(nn.SyncBatchNorm):
         return out[start : start + input.shape[0]]
 
 
+def _model(sync: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    first: nn.Module = _GatheringSyncBN(6) if sync else nn.BatchNorm1d(6)
+    return nn.Sequential(nn.Linear(3, 6), first, nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 4), nn.BatchNorm1d(4))
+
+
+def _run(rank: int, sync: bool, mode: str, loader: Any, budget: int | None) -> dict[str, Any]:
+    model = _model(sync)
+    calls = {"all_reduce": 0}
+    original = dist.all_reduce
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls["all_reduce"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting  # type: ignore[assignment]
+    try:
+        report = recalibrate_bn(model, loader, mode=mode, num_samples=budget)
+    finally:
+        dist.all_reduce = original
+    state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    return {"report": report, "state": state, "all_reduce": calls["all_reduce"]}
+
+
+SCENARIOS: dict[str, tuple[bool, str, str, int | None]] = {
+    # name: (SyncBN stand-in, mode, loader kind, num_samples)
+    "planned": (False, "train", "list", None),
+    "planned_sequential": (False, "sequential", "list", None),
+    "per_batch": (False, "train", "generator", None),
+    "planned_budget": (False, "train", "list", 900),  # ends inside rank 0's data after rank 1 ran out
+    "per_batch_budget": (False, "train", "generator", 700),  # ends inside both ranks' data
+    "sequential_budget": (False, "sequential", "list", 900),
+    "sync": (True, "train", "list", None),
+    "sync_budget": (True, "train", "list", 700),
+    "sync_sequential": (True, "sequential", "list", None),
+}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        results: dict[str, Any] = {}
-        for mode in ("train", "sequential"):
-            model = _model()
-            report = recalibrate_bn(model, _rank_batches(rank), mode=mode)
-            results[mode] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-            results[f"{mode}_samples"] = report.num_samples
-        synced = nn.Sequential(nn.Linear(3, 4), _CollectiveBN(4))
-        batches = list(torch.split(_data()[rank * 500 : rank * 500 + (250 if rank else 400)], 50))  # 8 vs 5
-        report = recalibrate_bn(synced, batches)
-        results["uneven_batches"] = report.num_batches
-        results["uneven_var"] = synced[1].running_var.clone()
-        torch.manual_seed(0)
-        sync_model = nn.Sequential(nn.Linear(3, 4), _GatheringSyncBN(4))
-        report = recalibrate_bn(sync_model, _rank_batches(rank))
-        results["sync_samples"] = report.num_samples
-        results["sync_stats"] = (sync_model[1].running_mean.clone(), sync_model[1].running_var.clone())
+        results = {}
+        for name, (sync, mode, kind, budget) in SCENARIOS.items():
+            batches = _rank_batches(rank)
+            loader = batches if kind == "list" else _generator(batches)
+            results[name] = _run(rank, sync, mode, loader, budget)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.ddp
-@pytest.mark.timeout(120)
-def test_two_processes_match_the_union(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
-    union = _rank_batches(0) + _rank_batches(1)
-    for mode in ("train", "sequential"):
-        assert r0[f"{mode}_samples"] == r1[f"{mode}_samples"] == 1000
-        reference = _model()
-        recalibrate_bn(reference, union, mode=mode)
-        for key, value in reference.state_dict().items():
-            if "running" not in key:
-                continue
-            assert torch.equal(r0[mode][key], r1[mode][key]), f"{mode} {key}: ranks differ"
-            torch.testing.assert_close(r0[mode][key], value, rtol=1e-5, atol=1e-6)
-    x = _data()
-    torch.testing.assert_close(r0["train"]["1.running_mean"].double(), _first_linear_stats(x)[0], rtol=1e-5, atol=1e-6)
-    assert r0["uneven_batches"] == r1["uneven_batches"] == 5  # agreed on the shorter loader, no hang
-    assert torch.equal(r0["uneven_var"], r1["uneven_var"])
-    # SyncBatchNorm: already global per forward, counted with the global element count, not merged twice
-    assert r0["sync_samples"] == r1["sync_samples"] == 1000
-    assert all(torch.equal(a, b) for a, b in zip(r0["sync_stats"], r1["sync_stats"], strict=True))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        h = nn.Linear(3, 4)(x).double()
-    torch.testing.assert_close(r0["sync_stats"][0].double(), h.mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(r0["sync_stats"][1].double(), h.var(0), rtol=1e-5, atol=1e-6)
+def _used_union(report: RecalibrationReport) -> torch.Tensor:
+    """The samples a run used: each rank uses the first ``samples_per_rank[r]`` samples of its shard, in order."""
+    return torch.cat([_shard(r)[:n] for r, n in enumerate(report.samples_per_rank)])
 
 
-def _first_linear_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_layer_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         h = _model()[0](x).double()
     return h.mean(0), h.var(0)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_uneven_shards_exact_over_the_union(ranks: list[dict[str, Any]], name: str) -> None:
+    _, mode, _, budget = SCENARIOS[name]
+    r0, r1 = ranks[0][name], ranks[1][name]
+    report = r0["report"]
+    assert report.samples_per_rank == r1["report"].samples_per_rank
+    assert report.num_samples == r1["report"].num_samples == sum(report.samples_per_rank)
+    assert report.num_samples == (budget if budget is not None else 1000)
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), f"{name} {key}: ranks differ"
+    union = _used_union(report)
+    mean, var = _first_layer_stats(union)
+    first = "1.running_mean", "1.running_var"
+    torch.testing.assert_close(r0["state"][first[0]].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r0["state"][first[1]].double(), var, rtol=1e-5, atol=1e-6)
+    if mode == "sequential":  # every layer is exact over the union, whatever the batching
+        reference = _model()
+        recalibrate_bn(reference, list(torch.split(union, 64)), mode="sequential")
+        for key, value in reference.state_dict().items():
+            if "running" in key:
+                torch.testing.assert_close(r0["state"][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_agreement_kind_and_its_collectives(ranks: list[dict[str, Any]]) -> None:
+    r0 = ranks[0]
+    assert r0["planned"]["report"].agreement == "planned"
+    assert r0["per_batch"]["report"].agreement == "per_batch"
+    assert r0["sync"]["report"].agreement == "per_batch"
+    # planned: a fixed handful of small all-reduces (plan, settle, sample counts, NaN check), none per batch
+    assert r0["planned"]["all_reduce"] <= 4
+    assert r0["per_batch"]["all_reduce"] >= 12  # one per step at least: 12 steps until rank 0 runs out
+    # the budget that rank 1 could not fill is finished per batch by rank 0 (exactly 900 samples)
+    assert r0["planned_budget"]["report"].samples_per_rank == [500, 400]
+    assert r0["per_batch_budget"]["report"].samples_per_rank == [450, 250]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_syncbn_ranks_that_ran_out_forward_empty_batches(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ranks[0]["sync"]["report"], ranks[1]["sync"]["report"]
+    # 14 steps: rank 0 forwards its 12 batches, then 2 empty ones while rank 1 finishes (no hang)
+    assert r0.num_batches == 12 and r1.num_batches == 14
+    assert r0.samples_per_rank == [600, 400]
+    assert ranks[0]["sync_budget"]["report"].samples_per_rank == [450, 250]
+
+
+def _first_layer_error(ranks: list[dict[str, Any]], name: str) -> float:
+    """Max abs error of rank 0's first-layer statistics against the union's (for the record)."""
+    state = ranks[0][name]["state"]
+    mean, var = _first_layer_stats(_used_union(ranks[0][name]["report"]))
+    return max(
+        float((state["1.running_mean"].double() - mean).abs().max()),
+        float((state["1.running_var"].double() - var).abs().max()),
+    )
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_error_against_the_union_is_float_rounding(ranks: list[dict[str, Any]]) -> None:
+    errors = {name: _first_layer_error(ranks, name) for name in SCENARIOS}
+    print("max abs error vs union:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(errors.values()) < 1e-5
 
 
 class _SaveBuffers(Callback):
@@ -148,21 +223,15 @@ class _SaveBuffers(Callback):
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_ddp_spawn_trainer_identical_buffers(tmp_path: Path) -> None:
+def test_ddp_spawn_trainer_identical_buffers(tmp_path: Path, make_trainer: Any) -> None:
     recal = BNRecalibration(num_samples=600, verbose=True)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
         devices=WORLD,
         strategy="ddp_spawn",
         max_epochs=1,
         limit_train_batches=3,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
         callbacks=[recal, _SaveBuffers(str(tmp_path))],
     )
     trainer.fit(ConvNetClassifier(input_size=8, padding="same", channels=(8, 8)), DigitsDataModule(batch_size=32))

@@ -43,7 +43,7 @@ def _run(tmp_path, name: str, stop_at: int | None = None, ckpt_path: str | None 
     model = ConvNetClassifier(input_size=dm.input_size, padding="same", optimizer=SGDWarmup(lr=0.1, warmup_epochs=1))
     recorder = RecordLR(stop_at)
     recal = BNRecalibration(num_samples=256)
-    monitor = BNStatsMonitor(logging_interval=5)
+    monitor = BNStatsMonitor(log_every_n_steps=5)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_train_steps=1, save_top_k=0)
     trainer = Trainer(
         accelerator="cpu",

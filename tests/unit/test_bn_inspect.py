@@ -10,24 +10,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max
 from lightning_bnsgd.bn.inspect import (
     ANOMALIES,
     BUFFER_STATS,
     CHECKED_TENSORS,
     GAP_STATS,
-    all_ranks_max_min,
-    all_reduce_max,
+    Segments,
     anomaly_flags,
-    batch_gap,
     batch_moments,
     batchnorm_layers,
-    buffer_summary,
-    compile_name_patterns,
     configuration_issues,
-    nonfinite_counts,
-    segment_max,
-    select_layer_names,
+    gap_summaries,
+    summarize_layers,
+    updates_running_stats,
 )
+
+
+def buffer_summary(bn: nn.Module, dead_threshold: float = 1e-2) -> torch.Tensor:
+    """One layer's row of `summarize_layers`."""
+    return summarize_layers([bn], dead_threshold)[0][0]
+
+
+def nonfinite_counts(bn: nn.Module) -> torch.Tensor:
+    """One layer's NaN/Inf counts from `summarize_layers`."""
+    return summarize_layers([bn])[1][0]
+
+
+def batch_gap(mean: torch.Tensor, var: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor, eps: float) -> torch.Tensor:
+    """One layer's row of `gap_summaries`."""
+    segments = Segments([mean.numel()], mean.device)
+    return gap_summaries(mean, var, rm, rv, torch.full_like(mean, eps), segments)[0]
 
 
 def _random_bn(channels: int, seed: int = 0) -> nn.BatchNorm2d:
@@ -199,24 +212,16 @@ def test_all_ranks_max_min_with_a_simulated_second_rank() -> None:
     assert torch.equal(mx1, mine) and torch.equal(mn1, mine)
 
 
-def test_segment_max() -> None:
+def test_segments_reduce_each_layer_and_propagate_nan() -> None:
     values = torch.tensor([0.0, 3.0, 1.0, 7.0, 2.0, 2.5])
-    assert segment_max(values, [1, 3, 2]).tolist() == [0.0, 7.0, 2.5]
-
-
-def test_name_patterns_glob_and_regex() -> None:
-    names = ["net.features.0.norm", "net.features.1.norm", "head.bn"]
-    assert select_layer_names(names, compile_name_patterns("*.0.*", "include")) == [names[0]]
-    assert select_layer_names(names, compile_name_patterns(r"re:features\.\d", "include")) == names[:2]
-    exclude = compile_name_patterns(["head.*", "re:1"], "exclude")
-    assert select_layer_names(names, (), exclude) == [names[0]]
-    assert select_layer_names(names) == names
-    with pytest.raises(ValueError, match=r"`exclude`.*invalid regular expression.*re:\("):
-        compile_name_patterns(["re:("], "exclude")
-    with pytest.raises(ValueError, match="`include`"):
-        compile_name_patterns([""], "include")
-    with pytest.raises(ValueError, match="`include`"):
-        compile_name_patterns(3, "include")  # type: ignore[arg-type]
+    segments = Segments([1, 3, 2], torch.device("cpu"))
+    assert segments.max(values).tolist() == [0.0, 7.0, 2.5]
+    assert segments.min(values).tolist() == [0.0, 1.0, 2.0]
+    assert segments.sum(values).tolist() == [0.0, 11.0, 4.5]
+    values[4] = float("nan")
+    assert math.isnan(segments.max(values)[2].item()) and segments.max(values)[1].item() == 7.0
+    with pytest.raises(ValueError, match="sizes"):
+        Segments([2, 0], torch.device("cpu"))
 
 
 def test_configuration_issues_and_layer_discovery() -> None:
@@ -234,3 +239,22 @@ def test_configuration_issues_and_layer_discovery() -> None:
         "momentum_none": ["1"],
         "momentum_zero": ["4"],
     }
+
+
+def test_frozen_layers_have_no_configuration_issue() -> None:
+    """Lightning's ``BaseFinetuning.freeze_module`` switches tracking off but keeps the buffers; eval mode freezes too:
+    such layers use their running statistics in evaluation and their momentum never applies."""
+    tracked_off = nn.BatchNorm1d(3, momentum=None)
+    tracked_off.track_running_stats = False
+    in_eval = nn.BatchNorm1d(3, momentum=0.0).eval()
+    built_without = nn.BatchNorm1d(3, track_running_stats=False)
+    net = nn.Sequential(tracked_off, in_eval, built_without)
+    assert configuration_issues(batchnorm_layers(net)) == {
+        "no_running_stats": ["2"],
+        "momentum_none": [],
+        "momentum_zero": [],
+    }
+    assert [updates_running_stats(m) for m in net] == [False, False, False]
+    in_eval.train()
+    tracked_off.track_running_stats = True
+    assert [updates_running_stats(m) for m in net] == [True, True, False]

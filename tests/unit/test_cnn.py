@@ -50,27 +50,6 @@ def test_shrinking_configuration_names_block_and_suggests_same_padding():
         BNConvNet(input_size=8)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        ({"in_channels": 0}, "in_channels"),
-        ({"num_classes": -1}, "num_classes"),
-        ({"input_size": 2.5}, "input_size"),
-        ({"channels": []}, "channels"),
-        ({"channels": [32, 0]}, r"channels\[1\]"),
-        ({"kernel_size": 0}, "kernel_size"),
-        ({"padding": "full"}, "padding"),
-        ({"norm_position": "middle"}, "norm_position"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"block_dropout": -0.1}, "block_dropout"),
-        ({"batch_norm": 1}, "batch_norm"),
-    ],
-)
-def test_bad_arguments_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        BNConvNet(**kwargs)
-
-
 def test_dropout_layer_is_present_only_when_asked():
     assert isinstance(BNConvNet(dropout=0.25).dropout, nn.Dropout)
     assert isinstance(BNConvNet().dropout, nn.Identity)

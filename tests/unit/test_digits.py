@@ -50,24 +50,6 @@ def test_resize_changes_input_size_and_tensors():
     assert x.shape == (16, 1, 28, 28) and y.dtype == torch.long
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "pattern"),
-    [
-        ({"val_fraction": 0.0}, "val_fraction"),
-        ({"val_fraction": 1.2}, "val_fraction"),
-        ({"test_fraction": -0.1}, "test_fraction"),
-        ({"val_fraction": 0.5, "test_fraction": 0.5}, "sum|below 1"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"batch_size": 2.0}, "batch_size"),
-        ({"num_workers": -1}, "num_workers"),
-        ({"resize": 0}, "resize"),
-    ],
-)
-def test_bad_arguments(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        DigitsDataModule(**kwargs)
-
-
 def test_label_noise_corrupts_only_training_labels():
     clean, noisy = DigitsDataModule(), DigitsDataModule(label_noise=0.2)
     clean.setup(), noisy.setup()

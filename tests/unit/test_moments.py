@@ -1,16 +1,14 @@
-"""Per-channel moments: Chan merge, pairwise merge, variance, RunningMoments."""
+"""Per-channel moments: Chan merge, pairwise merge (per-layer and per-channel counts), variance, all-gather."""
 
 from __future__ import annotations
 
 import itertools
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_bnsgd.bn.moments import (
-    RunningMoments,
     accumulation_dtype,
     all_gather_moments,
     chan_merge,
@@ -62,11 +60,10 @@ def test_chan_merge_handles_empty_sides() -> None:
 
 def test_single_value_batches_have_zero_m2() -> None:
     x = torch.arange(6, dtype=torch.float64).view(6, 1)
-    acc = RunningMoments(1)
-    for row in x:  # one value per batch: the unbiased variance of each is undefined (NaN)
-        acc.update(1, row, torch.full((1,), float("nan"), dtype=torch.float64))
-    torch.testing.assert_close(acc.mean, x.mean(0))
-    torch.testing.assert_close(acc.variance(), x.var(0))
+    nan = torch.full((6, 1), float("nan"), dtype=torch.float64)  # unbiased variance of one value: undefined
+    count, mean, m2 = merge_moments(*moments_from_batch_stats(torch.ones(6, dtype=torch.float64), x, nan))
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(variance_from_moments(count, m2), x.var(0))
 
 
 def test_pairwise_merge_is_accurate_in_float32() -> None:
@@ -80,17 +77,32 @@ def test_pairwise_merge_is_accurate_in_float32() -> None:
     torch.testing.assert_close(variance_from_moments(n, s).double(), x.var(0), rtol=1e-3, atol=0)
 
 
-def test_update_stacked_ignores_zero_count_rows() -> None:
+def test_per_channel_counts_merge_layers_side_by_side() -> None:
+    """Two layers (2 and 3 channels) in one flat row per batch; a zero count leaves a batch out of its layer."""
     x = torch.randn(30, 2, dtype=torch.float64)
-    parts = [x[:10], x[10:]]
-    counts = torch.tensor([10.0, 0.0, 20.0])
-    means = torch.stack([parts[0].mean(0), torch.zeros(2, dtype=torch.float64), parts[1].mean(0)])
-    variances = torch.stack([parts[0].var(0), torch.zeros(2, dtype=torch.float64), parts[1].var(0)])
-    acc = RunningMoments(2).update_stacked(counts, means, variances)
-    assert int(acc.count) == 30
-    torch.testing.assert_close(acc.mean, x.mean(0))
-    torch.testing.assert_close(acc.variance(), x.var(0))
-    torch.testing.assert_close(acc.variance(unbiased=False), x.var(0, unbiased=False))
+    y = torch.randn(12, 3, dtype=torch.float64) + 4.0
+    parts_x = [x[:10], torch.zeros(0, 2, dtype=torch.float64), x[10:]]
+    parts_y = [y[:5], y[5:], torch.full((0, 3), float("nan"), dtype=torch.float64)]
+    counts = torch.tensor([[10.0] * 2 + [5.0] * 3, [0.0] * 2 + [7.0] * 3, [20.0] * 2 + [0.0] * 3], dtype=torch.float64)
+    means = torch.stack(
+        [
+            torch.cat([a.mean(0) if len(a) else torch.zeros(2), b.mean(0) if len(b) else torch.zeros(3)])
+            for a, b in zip(parts_x, parts_y, strict=True)
+        ]
+    ).double()
+    variances = torch.stack(
+        [
+            torch.cat([a.var(0) if len(a) > 1 else torch.zeros(2), b.var(0) if len(b) > 1 else torch.zeros(3)])
+            for a, b in zip(parts_x, parts_y, strict=True)
+        ]
+    ).double()
+    n, m, s = merge_moments(*moments_from_batch_stats(counts, means, variances))
+    assert n.tolist() == [30.0, 30.0, 12.0, 12.0, 12.0]
+    torch.testing.assert_close(m, torch.cat([x.mean(0), y.mean(0)]))
+    torch.testing.assert_close(variance_from_moments(n, s), torch.cat([x.var(0), y.var(0)]))
+    torch.testing.assert_close(
+        variance_from_moments(n, s, unbiased=False), torch.cat([x.var(0, unbiased=False), y.var(0, unbiased=False)])
+    )
 
 
 def test_variance_is_clamped_and_guarded() -> None:
@@ -99,18 +111,12 @@ def test_variance_is_clamped_and_guarded() -> None:
     assert torch.isfinite(out).all()
 
 
-def test_accumulation_dtype_and_validation() -> None:
+def test_accumulation_dtype() -> None:
     assert accumulation_dtype(None) == torch.float64
     assert accumulation_dtype(torch.device("cpu")) == torch.float64
     assert accumulation_dtype("mps") == torch.float32
-    assert RunningMoments(3, dtype=torch.float32).mean.dtype == torch.float32
-    with pytest.raises(ValueError, match="num_channels"):
-        RunningMoments(0)
 
 
 def test_all_gather_without_process_group_is_identity() -> None:
     moments = [(torch.tensor(3.0), torch.ones(2), torch.zeros(2))]
     assert all_gather_moments(moments) is moments
-    acc = RunningMoments(2).update(3, torch.ones(2), torch.zeros(2))
-    before = acc.mean.clone()
-    assert torch.equal(acc.all_gather_().mean, before)

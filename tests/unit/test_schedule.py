@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from itertools import pairwise
 
 import pytest
@@ -229,14 +230,126 @@ def test_scheduler_honours_last_epoch_when_restored_by_torch_convention() -> Non
         ({"milestones": [2, 6]}, ValueError, "milestones"),  # inside warmup
         ({"milestones": "6"}, TypeError, "milestones"),
         ({"decay": "multistep"}, ValueError, "milestones"),
+        ({"warmup_steps": 2.5}, TypeError, "warmup_steps"),
+        ({"warmup": 1}, TypeError, "warmup"),
+        ({"resume_schedule": "latest"}, ValueError, "resume_schedule"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict, exc: type[Exception], names: str) -> None:
     settings_ = {"warmup_steps": 3, "total_steps": 10, **kwargs}
-    with pytest.raises(exc, match=names):
+    with pytest.raises(exc, match=names) as info:
         WarmupLR(_optimizer(1.0), **settings_)
+    assert str(info.value).startswith("WarmupLR")
 
 
 def test_rejects_non_optimizer() -> None:
     with pytest.raises(TypeError, match="optimizer"):
         WarmupLR("sgd", warmup_steps=0, total_steps=1)  # type: ignore[arg-type]
+
+
+def test_one_validator_for_both_classes() -> None:
+    """``WarmupLR`` and ``SGDWarmup`` check the shared settings with one function: same rule, same exception type."""
+    from lightning_bnsgd.optim.sgd_warmup import SGDWarmup
+
+    for kwargs in ({"gamma": 0.0}, {"warmup_start_factor": 2.0}, {"power": "2"}, {"milestones": [3, 3]}):
+        errors = []
+        for build in (lambda kw: WarmupLR(_optimizer(1.0), warmup_steps=1, total_steps=10, **kw), SGDWarmup):
+            with pytest.raises((TypeError, ValueError)) as info:
+                build(kwargs) if build is not SGDWarmup else SGDWarmup(warmup_steps=1, **kwargs)
+            errors.append((type(info.value), str(info.value).split(": ", 1)[1]))
+        assert errors[0] == errors[1], errors
+
+
+def test_a_group_added_mid_run_follows_the_schedule_from_its_own_lr() -> None:
+    """What Lightning's ``BackboneFinetuning`` does: ``add_param_group`` between two steps, with an LR of its own."""
+    opt = _optimizer(1.0)
+    sched = WarmupLR(opt, warmup_steps=2, total_steps=10, decay="linear")
+    seen = []
+    for t in range(12):
+        if t == 4:
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.05})
+        seen.append([group["lr"] for group in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen[4] == [pytest.approx(0.75), 0.05]  # added: runs its own LR at the step it was added
+    for t in range(5, 10):  # then keeps its ratio to the schedule of that step
+        assert seen[t][1] == pytest.approx(0.05 * seen[t][0] / 0.75)
+    assert seen[10:] == [[0.0, 0.0]] * 2  # and ends at the floor with the others
+    assert opt.param_groups[1]["initial_lr"] == pytest.approx(0.05 / 0.75)
+    assert sched.peak_lr == 1.0  # the floor stays relative to the constructed groups
+
+
+def test_an_lr_changed_from_outside_persists_and_follows_the_schedule() -> None:
+    opt = _optimizer(1.0, 0.1)
+    sched = WarmupLR(opt, warmup_steps=0, total_steps=10, decay="linear")
+    _run(sched, 3)
+    opt.param_groups[1]["lr"] = 0.2  # e.g. BackboneFinetuning raising the backbone LR at an epoch start
+    seen = _run(sched, 3)
+    assert seen[0] == [pytest.approx(0.7), 0.2]
+    assert seen[1][1] == pytest.approx(0.2 * 0.6 / 0.7) and seen[2][1] == pytest.approx(0.2 * 0.5 / 0.7)
+    assert seen[1][0] == pytest.approx(0.6)  # the untouched group keeps the closed form
+
+
+def _saved(opt: torch.optim.Optimizer, sched: WarmupLR) -> dict:
+    buffer = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_resume_with_a_group_added_before_the_checkpoint() -> None:
+    kwargs = dict(warmup_steps=2, total_steps=12, decay="cosine")
+
+    def fresh() -> tuple[torch.optim.Optimizer, WarmupLR]:
+        opt = _optimizer(1.0)
+        return opt, WarmupLR(opt, **kwargs)  # type: ignore[arg-type]
+
+    def add(opt: torch.optim.Optimizer) -> None:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1})
+
+    opt, sched = fresh()
+    first = _run(sched, 4)
+    add(opt)
+    full = first + _run(sched, 8)
+    opt, sched = fresh()
+    _run(sched, 4)
+    add(opt)
+    _run(sched, 2)
+    saved = _saved(opt, sched)
+    opt2, resumed = fresh()
+    add(opt2)  # the finetuning callback restores its group (Lightning: BaseFinetuning.on_fit_start)
+    opt2.load_state_dict(saved["opt"])
+    resumed.load_state_dict(saved["sched"])
+    assert _run(resumed, 6) == full[6:]  # exact, both groups
+    _, fewer = fresh()  # a state with more groups than the optimizer has now: no error, the extra base waits
+    fewer.load_state_dict(saved["sched"])
+    assert len(_run(fewer, 1)[0]) == 1
+
+
+def test_resume_into_a_longer_run_warns_or_replans() -> None:
+    opt = _optimizer(1.0)
+    sched = WarmupLR(opt, warmup_steps=2, total_steps=6, decay="linear")
+    _run(sched, 6)  # a finished run
+    saved = _saved(opt, sched)
+
+    opt2 = _optimizer(1.0)
+    kept = WarmupLR(opt2, warmup_steps=2, total_steps=12, decay="linear")
+    opt2.load_state_dict(saved["opt"])
+    with pytest.warns(UserWarning, match=r"ended at step 6.*resume_schedule='replan'"):
+        kept.load_state_dict(saved["sched"])
+    assert kept.total_steps == 6 and _run(kept, 2) == [[0.0], [0.0]]
+
+    opt3 = _optimizer(1.0)
+    replanned = WarmupLR(opt3, warmup_steps=2, total_steps=12, decay="linear", resume_schedule="replan")
+    opt3.load_state_dict(saved["opt"])
+    replanned.load_state_dict(saved["sched"])
+    assert (replanned.total_steps, replanned.last_epoch) == (12, 6)
+    lrs = [lrs[0] for lrs in _run(replanned, 7)]
+    assert lrs[0] == pytest.approx(0.6) and lrs[5] == pytest.approx(0.1) and lrs[6] == 0.0
+
+    opt4 = _optimizer(1.0)
+    same = WarmupLR(opt4, warmup_steps=2, total_steps=6, decay="linear")
+    opt4.load_state_dict(saved["opt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(saved["sched"])  # the same plan: silent

@@ -1,6 +1,30 @@
 """Pure-torch BatchNorm utilities (no Lightning import): usable in any training loop."""
 
+from lightning_bnsgd.bn.dynamics import (
+    ScaleInvarianceReport,
+    ScaleInvariantGroup,
+    angular_update,
+    effective_lr,
+    equilibrium_angular_update,
+    find_scale_invariant,
+    sgd_group_equilibrium,
+    weight_layers,
+)
 from lightning_bnsgd.bn.inspect import batchnorm_layers
-from lightning_bnsgd.bn.recalibrate import RecalibrationReport, recalibrate_bn, statistics_shift
+from lightning_bnsgd.bn.recalibrate import LayerShift, RecalibrationReport, recalibrate_bn, statistics_shift
 
-__all__ = ["RecalibrationReport", "batchnorm_layers", "recalibrate_bn", "statistics_shift"]
+__all__ = [
+    "LayerShift",
+    "RecalibrationReport",
+    "ScaleInvarianceReport",
+    "ScaleInvariantGroup",
+    "angular_update",
+    "batchnorm_layers",
+    "effective_lr",
+    "equilibrium_angular_update",
+    "find_scale_invariant",
+    "recalibrate_bn",
+    "sgd_group_equilibrium",
+    "statistics_shift",
+    "weight_layers",
+]

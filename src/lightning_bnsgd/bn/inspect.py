@@ -1,4 +1,4 @@
-"""Finding BatchNorm layers and summarizing their buffers and affine parameters.
+"""Finding BatchNorm layers and summarizing their buffers and affine parameters, for many layers at once.
 
 Pure torch (no Lightning import). Every summary is computed on the layer's device and returned as a tensor, so
 a caller can stack the numbers of all layers and move them to the host in one transfer; nothing here calls
@@ -6,8 +6,7 @@ a caller can stack the numbers of all layers and move them to the host in one tr
 
 For many layers at once, `summarize_layers` returns the values named by `BUFFER_STATS` and `gap_summaries`
 those named by `GAP_STATS`, each as one ``(layers, values)`` tensor computed with a fixed number of kernels
-(`Segments` reduces the layers' concatenated channels segment by segment); `buffer_summary` and `batch_gap` do
-the same for one layer:
+(`Segments` reduces the layers' concatenated channels segment by segment):
 
 * ``running_mean_mean`` / ``running_mean_absmean``: mean over channels of ``running_mean`` and of its absolute
   value;
@@ -28,16 +27,14 @@ Values a layer cannot have (no running statistics, no affine parameters) are NaN
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-#: Names of the values returned by `summarize_layers` and `buffer_summary`, in order.
+#: Names of the values returned by `summarize_layers`, in order.
 BUFFER_STATS: tuple[str, ...] = (
     "running_mean_mean",
     "running_mean_absmean",
@@ -53,9 +50,9 @@ BUFFER_STATS: tuple[str, ...] = (
     "gain_max",
     "nonfinite_count",
 )
-#: Names of the values returned by `gap_summaries` and `batch_gap`, in order.
+#: Names of the values returned by `gap_summaries`, in order.
 GAP_STATS: tuple[str, ...] = ("gap_mean_mean", "gap_mean_max", "gap_var_mean", "gap_var_max")
-#: Names of the per-tensor NaN/Inf counts returned by `nonfinite_counts`, in order.
+#: Names of the per-tensor NaN/Inf counts returned by `summarize_layers`, in order.
 CHECKED_TENSORS: tuple[str, ...] = ("running_mean", "running_var", "weight", "bias")
 #: Names of the anomaly flags returned by `anomaly_flags`, in order.
 ANOMALIES: tuple[str, ...] = (
@@ -67,8 +64,6 @@ ANOMALIES: tuple[str, ...] = (
     "running_var_high",
     "dead_frac_high",
 )
-
-_REGEX_PREFIX = "re:"
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -223,20 +218,6 @@ def gap_summaries(
     return torch.stack([means[0], maxes[0], means[1], maxes[1]], dim=1).float()
 
 
-def batch_gap(batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-    """The batch-versus-running gap of one layer: the values named by `GAP_STATS` (see
-    `gap_summaries`).
-
-    Examples:
-        >>> gap = batch_gap(torch.zeros(2), torch.ones(2), torch.zeros(2), torch.full((2,), 10.0), eps=0.0)
-        >>> [round(v, 4) for v in gap.tolist()]
-        [0.0, 0.0, 2.3026, 2.3026]
-    """
-    segments = Segments([batch_mean.numel()], batch_mean.device)
-    eps_t = torch.full_like(batch_mean, eps, dtype=torch.float64 if batch_mean.dtype == torch.float64 else None)
-    return gap_summaries(batch_mean, batch_var, running_mean, running_var, eps_t, segments)[0]
-
-
 def summarize_layers(
     layers: Sequence[_BatchNorm],
     dead_threshold: float = 1e-2,
@@ -306,44 +287,23 @@ def summarize_layers(
     summary = torch.stack([columns[name] for name in BUFFER_STATS], dim=1)
     running = [a and c for a, c in zip(has_rm, has_rv, strict=True)]
     affine = [a and c for a, c in zip(has_w, has_b, strict=True)]
-    if not (all(running) and all(affine)):  # known on the host: no device work in the usual case
-        missing = [
-            [
-                (name.startswith(("running_", "gain_")) and not running[i])
-                or (name.startswith(("weight_", "bias_", "dead_")) and not affine[i])
-                for name in BUFFER_STATS
-            ]
-            for i in range(len(layers))
+    return _mask_missing(summary, running, affine).float(), nonfinite.float()
+
+
+def _mask_missing(summary: Tensor, running: list[bool], affine: list[bool]) -> Tensor:
+    """``summary`` with NaN in the values a layer cannot have (no running statistics, no affine parameters)."""
+    if all(running) and all(affine):  # known on the host: no device work in the usual case
+        return summary
+    missing = [
+        [
+            (name.startswith(("running_", "gain_")) and not has_running)
+            or (name.startswith(("weight_", "bias_", "dead_")) and not has_affine)
+            for name in BUFFER_STATS
         ]
-        mask = torch.tensor(missing, device=device)
-        summary = torch.where(mask, torch.full_like(summary, math.nan), summary)
-    return summary.float(), nonfinite.float()
-
-
-def nonfinite_counts(layer: _BatchNorm) -> Tensor:
-    """Number of NaN/Inf entries in each tensor named by `CHECKED_TENSORS` (0 where a tensor is absent).
-
-    Examples:
-        >>> bn = nn.BatchNorm1d(3)
-        >>> bn.running_var[1] = float("nan")
-        >>> nonfinite_counts(bn).tolist()
-        [0.0, 1.0, 0.0, 0.0]
-    """
-    return summarize_layers([layer])[1][0]
-
-
-def buffer_summary(layer: _BatchNorm, dead_threshold: float = 1e-2) -> Tensor:
-    """Summaries of one layer's running statistics and affine parameters (named by `BUFFER_STATS`).
-
-    One row of `summarize_layers`, which says what NaN entries mean.
-
-    Examples:
-        >>> bn = nn.BatchNorm1d(4)
-        >>> bn.weight.data[:3] = 0.0
-        >>> dict(zip(BUFFER_STATS, buffer_summary(bn).tolist(), strict=True))["dead_frac"]
-        0.75
-    """
-    return summarize_layers([layer], dead_threshold)[0][0]
+        for has_running, has_affine in zip(running, affine, strict=True)
+    ]
+    mask = torch.tensor(missing, device=summary.device)
+    return torch.where(mask, torch.full_like(summary, math.nan), summary)
 
 
 def anomaly_flags(
@@ -356,8 +316,8 @@ def anomaly_flags(
     """Anomaly flags (1.0 or 0.0) of several layers, one column per name in `ANOMALIES`.
 
     Args:
-        summary: ``(L, len(BUFFER_STATS))`` stacked `buffer_summary` rows.
-        nonfinite: ``(L, len(CHECKED_TENSORS))`` stacked `nonfinite_counts` rows.
+        summary: ``(L, len(BUFFER_STATS))``, as returned by `summarize_layers`.
+        nonfinite: ``(L, len(CHECKED_TENSORS))``, as returned by `summarize_layers`.
         min_running_var: flag layers whose smallest ``running_var`` is below this (None: never).
         max_running_var: flag layers whose largest ``running_var`` is above this (None: never).
         max_dead_frac: flag layers whose ``dead_frac`` is above this (None: never).
@@ -365,7 +325,7 @@ def anomaly_flags(
     Examples:
         >>> bn = nn.BatchNorm1d(2)
         >>> bn.running_var[0] = 1e-9
-        >>> flags = anomaly_flags(buffer_summary(bn)[None], nonfinite_counts(bn)[None], min_running_var=1e-6)
+        >>> flags = anomaly_flags(*summarize_layers([bn]), min_running_var=1e-6)
         >>> dict(zip(ANOMALIES, flags[0].tolist()))["running_var_low"]
         1.0
     """
@@ -378,123 +338,54 @@ def anomaly_flags(
     return flags.float()
 
 
-def all_ranks_max_min(values: Tensor, reduce_max: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """Elementwise maximum and minimum of ``values`` over all ranks, with ONE max all-reduce.
-
-    ``reduce_max`` all-reduces a tensor with the MAX operation (e.g. `all_reduce_max`); the payload is
-    ``cat([values, -values])``, so the minimum comes from the same collective.
+# Cross-rank reductions: ready to move to ``bn/distributed.py`` (nothing else here depends on them).
+def updates_running_stats(layer: _BatchNorm) -> bool:
+    """Whether a forward of ``layer`` now would update its running statistics (train mode, tracking, buffers).
 
     Examples:
-        >>> other_rank = torch.tensor([3.0, -1.0])
-        >>> fake_reduce = lambda p: torch.maximum(p, torch.cat([other_rank, -other_rank]))
-        >>> mx, mn = all_ranks_max_min(torch.tensor([1.0, 2.0]), fake_reduce)
-        >>> mx.tolist(), mn.tolist()
-        ([3.0, 2.0], [1.0, -1.0])
+        >>> bn = nn.BatchNorm1d(2)
+        >>> updates_running_stats(bn), updates_running_stats(bn.eval())
+        (True, False)
+        >>> bn.train().track_running_stats = False  # what Lightning's ``BaseFinetuning.freeze_module`` does
+        >>> updates_running_stats(bn)
+        False
     """
-    n = values.numel()
-    flat = values.reshape(-1)
-    reduced = reduce_max(torch.cat([flat, -flat]))
-    return reduced[:n].view_as(values), (-reduced[n:]).view_as(values)
-
-
-def all_reduce_max(payload: Tensor) -> Tensor:
-    """MAX all-reduce over the default ``torch.distributed`` process group (identity when not initialized).
-
-    Examples:
-        >>> all_reduce_max(torch.tensor([1.0, 2.0])).tolist()
-        [1.0, 2.0]
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        payload = payload.clone()
-        torch.distributed.all_reduce(payload, op=torch.distributed.ReduceOp.MAX)
-    return payload
-
-
-def segment_max(values: Tensor, sizes: Sequence[int]) -> Tensor:
-    """Maximum of each consecutive segment of ``values`` (segment lengths ``sizes``, each at least 1).
-
-    Examples:
-        >>> segment_max(torch.tensor([1.0, 5.0, 2.0, 0.0, 3.0]), [2, 3]).tolist()
-        [5.0, 3.0]
-    """
-    return Segments(sizes, values.device).max(values)
-
-
-def _compile_one(pattern: str, argument: str) -> Callable[[str], bool]:
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"`{argument}` patterns must be non-empty strings, got {pattern!r}.")
-    if pattern.startswith(_REGEX_PREFIX):
-        try:
-            regex = re.compile(pattern[len(_REGEX_PREFIX) :])
-        except re.error as err:
-            raise ValueError(
-                f"`{argument}` has an invalid regular expression {pattern!r}: {err}. "
-                f"Patterns starting with {_REGEX_PREFIX!r} are regular expressions (re.search), "
-                "others are globs."
-            ) from err
-        return lambda name: regex.search(name) is not None
-    return lambda name: fnmatch.fnmatchcase(name, pattern)
-
-
-def compile_name_patterns(patterns: str | Iterable[str] | None, argument: str) -> list[Callable[[str], bool]]:
-    """Turn layer-name patterns into predicates.
-
-    A pattern is a glob (``fnmatch``, matching the whole name) unless it starts with ``"re:"``: then the rest
-    is a regular expression searched in the name. An invalid regular expression raises ``ValueError`` naming
-    ``argument``.
-
-    Examples:
-        >>> [p("net.features.0.norm") for p in compile_name_patterns(["*.0.*", r"re:\\.1\\."], "include")]
-        [True, False]
-    """
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    try:
-        items = list(patterns)
-    except TypeError as err:
-        raise ValueError(f"`{argument}` must be a pattern string, a list of them, or None; got {patterns!r}.") from err
-    return [_compile_one(p, argument) for p in items]
-
-
-def select_layer_names(
-    names: Iterable[str],
-    include: Sequence[Callable[[str], bool]] = (),
-    exclude: Sequence[Callable[[str], bool]] = (),
-) -> list[str]:
-    """Names matched by any ``include`` predicate (all when there is none) and by no ``exclude`` predicate.
-
-    Examples:
-        >>> names = ["a.norm", "b.norm", "b.bn"]
-        >>> include = compile_name_patterns("b.*", "include")
-        >>> exclude = compile_name_patterns("*bn", "exclude")
-        >>> select_layer_names(names, include, exclude)
-        ['b.norm']
-    """
-    return [n for n in names if (not include or any(p(n) for p in include)) and not any(p(n) for p in exclude)]
+    return layer.training and layer.track_running_stats and _has_running_stats(layer)
 
 
 def configuration_issues(layers: Sequence[tuple[str, _BatchNorm]]) -> dict[str, list[str]]:
-    """Layer names with a suspicious BatchNorm configuration, by issue.
+    """Layer names with a BatchNorm configuration that is likely a mistake, by issue.
 
-    Keys: ``"no_running_stats"`` (``track_running_stats=False``: evaluation also uses batch statistics),
-    ``"momentum_none"`` (cumulative average over all batches, dominated by old weights) and
-    ``"momentum_zero"`` (running statistics never change).
+    Keys:
+
+    * ``"no_running_stats"``: the layer has no running statistics (built with ``track_running_stats=False``), so
+      evaluation normalizes with batch statistics too. A layer whose ``track_running_stats`` was switched off
+      later keeps its buffers and uses them in evaluation (Lightning's ``BaseFinetuning.freeze_module`` does
+      this): not an issue.
+    * ``"momentum_none"``: a layer that updates its running statistics (`updates_running_stats`) with
+      ``momentum=None``, a cumulative average that weights every batch since the start equally, so statistics
+      collected under early weights never fade.
+    * ``"momentum_zero"``: a layer that runs in train mode with ``momentum=0``: its running statistics never change.
+
+    Layers that do not update their running statistics (eval mode, tracking off) are frozen on purpose: their
+    momentum does not matter.
 
     Examples:
         >>> net = nn.Sequential(
         ...     nn.BatchNorm1d(2, momentum=None),
         ...     nn.BatchNorm1d(2, momentum=0.0),
         ...     nn.BatchNorm1d(2, track_running_stats=False),
+        ...     nn.BatchNorm1d(2, momentum=None).eval(),
         ... )
         >>> configuration_issues(batchnorm_layers(net))
         {'no_running_stats': ['2'], 'momentum_none': ['0'], 'momentum_zero': ['1']}
     """
     issues: dict[str, list[str]] = {"no_running_stats": [], "momentum_none": [], "momentum_zero": []}
     for name, layer in layers:
-        if not layer.track_running_stats or not _has_running_stats(layer):
+        if not _has_running_stats(layer):
             issues["no_running_stats"].append(name)
+        elif not updates_running_stats(layer):
+            continue
         elif layer.momentum is None:
             issues["momentum_none"].append(name)
         elif layer.momentum == 0:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_bnsgd._validation import check_int
+from lightning_bnsgd.bn.distributed import comm_device, world_size
 
 Moments = tuple[Tensor, Tensor, Tensor]
 
@@ -37,7 +37,8 @@ def moments_from_batch_stats(count: Tensor | float, mean: Tensor, var: Tensor, u
     """Turn a batch's per-channel mean and variance into ``(count, mean, M2)``.
 
     Args:
-        count: values per channel in the batch (scalar, or one per leading index of ``mean``).
+        count: values per channel in the batch: a scalar, one per leading index of ``mean`` (shape
+            ``mean.shape[:-1]``), or one per channel (the shape of ``mean``).
         mean: per-channel mean, shape ``(..., C)``.
         var: per-channel variance of the same shape (unbiased, as BatchNorm stores it, unless
             ``unbiased=False``).
@@ -50,13 +51,21 @@ def moments_from_batch_stats(count: Tensor | float, mean: Tensor, var: Tensor, u
         (3.0, 2.333333, 4.666667)
     """
     n = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
-    scale = ((n - 1).clamp_min(0) if unbiased else n).unsqueeze(-1)
+    scale = _per_channel((n - 1).clamp_min(0) if unbiased else n, mean)
     # a single value per channel has no spread (its "unbiased variance" is NaN): M2 = 0
     return n, mean, torch.where(scale > 0, var * scale, torch.zeros_like(var))
 
 
+def _per_channel(count: Tensor, like: Tensor) -> Tensor:
+    """``count`` broadcastable against ``like``: a trailing channel dimension is added unless it has one."""
+    return count if count.dim() == like.dim() else count.unsqueeze(-1)
+
+
 def chan_merge(a: Moments, b: Moments) -> Moments:
-    """Merge two moment summaries exactly; counts have the shape of ``mean`` without its last (channel) dim.
+    """Merge two moment summaries exactly.
+
+    Counts have the shape of ``mean`` without its last (channel) dimension, or the shape of ``mean`` itself
+    (one count per channel, for summaries of several layers side by side).
 
     Zero counts are allowed (an empty side leaves the other unchanged, and two empty sides give zeros).
 
@@ -73,8 +82,8 @@ def chan_merge(a: Moments, b: Moments) -> Moments:
     n = na + nb
     safe = n.clamp_min(1)
     delta = mb - ma
-    weight_b = (nb / safe).unsqueeze(-1)
-    cross = (na * nb / safe).unsqueeze(-1)
+    weight_b = _per_channel(nb / safe, delta)
+    cross = _per_channel(na * nb / safe, delta)
     return n, ma + delta * weight_b, m2a + m2b + delta * delta * cross
 
 
@@ -82,12 +91,12 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
     """Merge ``B`` summaries along dim 0 with a balanced tree of Chan merges (stable in float32 too).
 
     Args:
-        count: shape ``(B,)``.
+        count: shape ``(B,)``, or ``(B, C)`` for one count per channel.
         mean: shape ``(B, C)``.
         m2: shape ``(B, C)``.
 
     Returns:
-        ``(count, mean, M2)`` of the union, shapes ``()``, ``(C,)``, ``(C,)``.
+        ``(count, mean, M2)`` of the union, shapes ``()`` (``(C,)`` for per-channel counts), ``(C,)``, ``(C,)``.
 
     Examples:
         >>> x = torch.randn(50, 3, dtype=torch.float64)
@@ -102,7 +111,7 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
     if count.shape[0] == 0:
         channels = mean.shape[-1]
         zeros = torch.zeros(channels, dtype=mean.dtype, device=mean.device)
-        return count.new_zeros(()), zeros, zeros.clone()
+        return count.new_zeros(count.shape[1:]), zeros, zeros.clone()
     while count.shape[0] > 1:
         pairs = count.shape[0] // 2
         even = slice(0, 2 * pairs, 2)
@@ -127,13 +136,6 @@ def variance_from_moments(count: Tensor, m2: Tensor, unbiased: bool = True) -> T
     return (m2 / denom.clamp_min(1)).clamp_min(0)
 
 
-def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
-    backend = str(dist.get_backend(group))
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def all_gather_moments(moments: list[Moments], group: dist.ProcessGroup | None = None) -> list[Moments]:
     """Merge per-rank summaries exactly across the processes of ``group``; every rank gets identical results.
 
@@ -150,13 +152,11 @@ def all_gather_moments(moments: list[Moments], group: dist.ProcessGroup | None =
         >>> float(n), m.tolist()
         (2.0, [0.0, 0.0, 0.0])
     """
-    if not moments or not (dist.is_available() and dist.is_initialized()):
-        return moments
-    world = dist.get_world_size(group)
-    if world == 1:
+    world = world_size(group)
+    if not moments or world == 1:
         return moments
     device = moments[0][1].device
-    flat = torch.cat([torch.cat([n.reshape(1), m, s]) for n, m, s in moments]).to(_comm_device(group))
+    flat = torch.cat([torch.cat([n.reshape(1), m, s]) for n, m, s in moments]).to(comm_device(group))
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat, group=group)
     table = torch.stack(gathered).to(device)  # (world, total)
@@ -170,65 +170,3 @@ def all_gather_moments(moments: list[Moments], group: dist.ProcessGroup | None =
         merged.append(merge_moments(count, mean, m2))
         offset += 1 + 2 * channels
     return merged
-
-
-class RunningMoments:
-    """Per-channel ``(count, mean, M2)`` accumulated over batches, merged exactly (pairwise Chan merges).
-
-    Args:
-        num_channels: number of channels ``C``.
-        device: where the moments live.
-        dtype: accumulation dtype (default: float64, or float32 where float64 is unsupported).
-
-    Examples:
-        >>> x = torch.randn(100, 4, dtype=torch.float64)
-        >>> acc = RunningMoments(4)
-        >>> for part in (x[:10], x[10:11], x[11:]):
-        ...     _ = acc.update(part.shape[0], part.mean(0), part.var(0) if len(part) > 1 else torch.zeros(4))
-        >>> bool(torch.allclose(acc.mean, x.mean(0))), bool(torch.allclose(acc.variance(), x.var(0)))
-        (True, True)
-        >>> int(acc.count)
-        100
-    """
-
-    def __init__(
-        self, num_channels: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> None:
-        check_int("num_channels", num_channels)
-        self.dtype = dtype if dtype is not None else accumulation_dtype(device)
-        self.count = torch.zeros((), dtype=self.dtype, device=device)
-        self.mean = torch.zeros(num_channels, dtype=self.dtype, device=device)
-        self.m2 = torch.zeros(num_channels, dtype=self.dtype, device=device)
-
-    @property
-    def moments(self) -> Moments:
-        """The summary ``(count, mean, M2)``."""
-        return self.count, self.mean, self.m2
-
-    def merge_(self, other: Moments) -> RunningMoments:
-        """Merge another summary into this one (in place) and return ``self``."""
-        n, m, s = (t.to(device=self.mean.device, dtype=self.dtype) for t in other)
-        self.count, self.mean, self.m2 = chan_merge(self.moments, (n, m, s))
-        return self
-
-    def update(self, count: Tensor | float, mean: Tensor, var: Tensor) -> RunningMoments:
-        """Add one batch given its count, per-channel mean and unbiased variance."""
-        mean = mean.to(device=self.mean.device, dtype=self.dtype)
-        return self.merge_(moments_from_batch_stats(count, mean, var.to(mean)))
-
-    def update_stacked(self, counts: Tensor, means: Tensor, variances: Tensor) -> RunningMoments:
-        """Add ``B`` batches at once: ``counts (B,)``, ``means (B, C)``, unbiased ``variances (B, C)``.
-
-        Batches with count 0 are ignored (their mean and variance must be finite, e.g. zeros).
-        """
-        means = means.to(device=self.mean.device, dtype=self.dtype)
-        return self.merge_(merge_moments(*moments_from_batch_stats(counts.to(means), means, variances.to(means))))
-
-    def variance(self, unbiased: bool = True) -> Tensor:
-        """Per-channel variance of everything seen, clamped at >= 0."""
-        return variance_from_moments(self.count, self.m2, unbiased)
-
-    def all_gather_(self, group: dist.ProcessGroup | None = None) -> RunningMoments:
-        """Replace the summary by the exact merge over all ranks of ``group`` (identical on every rank)."""
-        self.count, self.mean, self.m2 = all_gather_moments([self.moments], group)[0]
-        return self

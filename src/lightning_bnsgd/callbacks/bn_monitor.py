@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
@@ -14,30 +14,30 @@ from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, LightningModule, Trainer, loggers
-from lightning_bnsgd._validation import check_choice, check_int
+from lightning_bnsgd._compat import Callback, namespace_name, namespace_of
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number
+from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max, is_distributed
 from lightning_bnsgd.bn.inspect import (
     ANOMALIES,
     BUFFER_STATS,
     GAP_STATS,
     Segments,
-    all_ranks_max_min,
-    all_reduce_max,
     anomaly_flags,
     batch_moments,
     batchnorm_layers,
-    compile_name_patterns,
     configuration_issues,
     gap_summaries,
-    segment_max,
-    select_layer_names,
     summarize_layers,
 )
+from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
+from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+
+if TYPE_CHECKING:
+    from lightning_bnsgd._compat import LightningModule, Trainer
 
 AnomalyAction = Literal["warn", "raise", "ignore"]
+_OWNER = "BNStatsMonitor"
 _ACTIONS = ("warn", "raise", "ignore")
-#: Cross-rank statistics (logged on multi-device runs only).
-RANK_STATS: tuple[str, ...] = ("rank_diff_running_mean_max", "rank_diff_running_var_max")
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``bn/<layer name>/<statistic>``).
 STATS: tuple[str, ...] = (*BUFFER_STATS, *GAP_STATS, "samples_per_channel", *RANK_STATS)
 _HISTOGRAM_TENSORS = ("running_mean", "running_var", "weight")
@@ -66,10 +66,41 @@ class _Capture:
     """What the forward pre-hook of one layer saw during a monitored training step."""
 
     samples: int = 0
+    batch_stats: bool = False  # the forward normalized with the batch's statistics (train mode or no buffers)
     mean: Tensor | None = None
     var: Tensor | None = None
     running_mean: Tensor | None = None
     running_var: Tensor | None = None
+
+
+def _freeze_marks(module: _BatchNorm) -> frozenset[str]:
+    """How ``module`` is frozen now: ``"eval"`` (eval mode), ``"params"`` (affine parameters without gradients),
+    ``"no_track"`` (``track_running_stats=False``, as Lightning's ``BaseFinetuning.freeze_module`` sets it)."""
+    marks = set()
+    if not module.training:
+        marks.add("eval")
+    params = [p for p in (module.weight, module.bias) if isinstance(p, Tensor)]
+    if params and not any(p.requires_grad for p in params):
+        marks.add("params")
+    if not module.track_running_stats:
+        marks.add("no_track")
+    return frozenset(marks)
+
+
+@dataclass
+class _Frozen:
+    """A layer seen frozen, with its running statistics at that moment."""
+
+    marks: frozenset[str]
+    running_mean: Tensor
+    running_var: Tensor
+
+    def released(self, module: _BatchNorm) -> bool:
+        """Unfrozen on purpose since: parameters trainable again or tracking switched back on (what
+        ``BaseFinetuning.make_trainable`` and ``unfreeze_and_add_param_group`` do). Eval mode alone cannot tell a
+        deliberate ``.train()`` from an accidental one, so it never releases."""
+        now = _freeze_marks(module)
+        return any(mark in self.marks and mark not in now for mark in ("params", "no_track"))
 
 
 @dataclass
@@ -77,19 +108,22 @@ class _Layer:
     name: str
     module: _BatchNorm
     capture: _Capture = field(default_factory=_Capture)
+    frozen: _Frozen | None = None
 
 
-def _check_bound(name: str, value: object, allow_none: bool = True) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        allowed = "a finite number >= 0 or None" if allow_none else "a finite number >= 0"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-    return float(value)
+def _check_stats(stats: Sequence[str] | None) -> tuple[str, ...]:
+    if stats is None:
+        return STATS
+    if isinstance(stats, str) or not isinstance(stats, Sequence):
+        raise TypeError(f"{_OWNER}: `stats` must be a list of statistic names or None, got {stats!r}.")
+    unknown = [s for s in stats if s not in STATS]
+    if unknown:
+        raise ValueError(f"{_OWNER}: `stats` has unknown statistics {unknown}; allowed: {list(STATS)}.")
+    return tuple(stats)
 
 
 class BNStatsMonitor(Callback):
-    """Log BatchNorm health every ``logging_interval`` optimizer steps to every logger of the Trainer.
+    """Log BatchNorm health every ``log_every_n_steps`` training steps to every logger of the Trainer.
 
     Per BatchNorm layer it logs ``bn/<layer name>/<statistic>`` for the statistics in `STATS`
     (running statistics, affine parameters, dead-channel fraction, effective gain, the gap between the current
@@ -98,20 +132,28 @@ class BNStatsMonitor(Callback):
     gaps (``gap_mean_max``, ``gap_var_max``), the total dead-channel fraction (``dead_frac``), the total
     ``nonfinite_count`` and, on multi-device runs, the largest cross-rank differences.
 
+    Steps are counted like the Trainer counts them for its own ``log_every_n_steps``: training batches that end
+    with an optimizer step, once per batch whatever the number of optimizers (with gradient accumulation, the
+    last micro-batch of each accumulation window; with manual optimization, every batch). The values are
+    logged at that count, this batch included (``trainer.global_step`` with one optimizer).
+
     It is cheap enough to leave on: forward pre-hooks that read the batch statistics are attached only for the
     monitored step and removed right after; every number of that step is computed on the device and moved to
     the host in one transfer; other steps cost nothing. Only rank zero logs.
 
     Each monitored step is also checked for anomalies: NaN/Inf in a buffer or affine parameter,
     ``running_var`` outside ``[min_running_var, max_running_var]``, a dead-channel fraction above
-    ``max_dead_fraction``. Misconfigurations get one warning each: at fit start ``track_running_stats=False``,
-    ``momentum=None`` or ``0`` and plain BatchNorm on several devices; at the first monitored step too few
-    samples per channel; at every monitored step BatchNorm layers meant to be frozen (in eval mode, or with
-    frozen affine parameters, when training starts) whose running statistics have changed since.
+    ``max_dead_fraction``. Misconfigurations get one warning each, at the first training batch: layers without
+    running statistics, ``momentum=None`` or ``0`` on layers that update their statistics, and plain BatchNorm
+    normalizing with per-device batch statistics on several devices; at the first monitored step, too few
+    samples per channel. Layers frozen on purpose (eval mode, ``requires_grad=False`` affine parameters, or
+    ``track_running_stats=False`` as Lightning's ``BaseFinetuning.freeze`` sets it) are watched: a warning says
+    when their running statistics change anyway. Unfreezing them (``BaseFinetuning.make_trainable``,
+    ``BackboneFinetuning``) ends the watch.
 
     Args:
-        logging_interval: monitor every this many optimizer steps (default: the Trainer's
-            ``log_every_n_steps``).
+        log_every_n_steps: monitor every this many training steps (default: the Trainer's ``log_every_n_steps``;
+            0 there turns the monitor off).
         include: layer-name patterns to monitor (default: all BatchNorm layers). A pattern is a glob unless it
             starts with ``"re:"``; then it is a regular expression searched in the name. Names are those of
             ``LightningModule.named_modules()``, e.g. ``"net.features.0.norm"``.
@@ -124,27 +166,29 @@ class BNStatsMonitor(Callback):
         max_dead_fraction: anomaly when a layer's dead-channel fraction is above this (None: no check).
         on_anomaly: ``"warn"`` (once per layer and kind of anomaly), ``"raise"`` (`BNAnomalyError`) or
             ``"ignore"``.
-        min_samples_per_channel: warn when a layer's batch statistics at the first monitored step come from
-            fewer values per channel than this.
+        min_samples_per_channel: warn when a layer that normalizes with batch statistics gets, at the first
+            monitored step, fewer values per channel than this.
         log_histograms: also log histograms of ``running_mean``, ``running_var`` and ``weight`` per layer
-            through loggers that support them (TensorBoard); other loggers are skipped with one warning.
+            through the ``TensorBoardLogger`` (of either Lightning namespace); other loggers are skipped with
+            one warning.
 
     Raises:
-        ValueError: for invalid arguments.
+        TypeError: for an argument of the wrong type.
+        ValueError: for an argument with a value that is not allowed.
 
     Examples:
-        >>> monitor = BNStatsMonitor(logging_interval=10, include="net.features.*", stats=["gap_var_max"])
-        >>> monitor.logging_interval, monitor.stats
+        >>> monitor = BNStatsMonitor(log_every_n_steps=10, include="net.features.*", stats=["gap_var_max"])
+        >>> monitor.log_every_n_steps, monitor.stats
         (10, ('gap_var_max',))
         >>> BNStatsMonitor(on_anomaly="explode")
         Traceback (most recent call last):
         ...
-        ValueError: `on_anomaly` must be one of ('warn', 'raise', 'ignore'), got 'explode'.
+        ValueError: BNStatsMonitor: `on_anomaly` must be one of ('warn', 'raise', 'ignore'), got 'explode'.
     """
 
     def __init__(
         self,
-        logging_interval: int | None = None,
+        log_every_n_steps: int | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         stats: Sequence[str] | None = None,
@@ -156,145 +200,153 @@ class BNStatsMonitor(Callback):
         min_samples_per_channel: int = 16,
         log_histograms: bool = False,
     ) -> None:
-        check_int("logging_interval", logging_interval, allow_none=True)
+        self.log_every_n_steps: int | None = check_int(
+            "log_every_n_steps", log_every_n_steps, allow_none=True, owner=_OWNER
+        )
         self._include = compile_name_patterns(include, "include")
         self._exclude = compile_name_patterns(exclude, "exclude")
-        if stats is not None:
-            if isinstance(stats, str) or not isinstance(stats, Sequence):
-                raise ValueError(f"`stats` must be a list of statistic names or None, got {stats!r}.")
-            unknown = [s for s in stats if s not in STATS]
-            if unknown:
-                raise ValueError(f"`stats` has unknown statistics {unknown}; allowed: {list(STATS)}.")
-        check_choice("on_anomaly", on_anomaly, _ACTIONS)
-        if (
-            isinstance(min_samples_per_channel, bool)
-            or not isinstance(min_samples_per_channel, int)
-            or min_samples_per_channel < 0
-        ):
-            raise ValueError(f"`min_samples_per_channel` must be an integer >= 0, got {min_samples_per_channel!r}.")
-        if not isinstance(log_histograms, bool):
-            raise TypeError(f"`log_histograms` must be a bool, got {log_histograms!r}.")
-        self.dead_threshold = _check_bound("dead_threshold", dead_threshold, allow_none=False)
-        self.min_running_var = _check_bound("min_running_var", min_running_var)
-        self.max_running_var = _check_bound("max_running_var", max_running_var)
-        self.max_dead_fraction = _check_bound("max_dead_fraction", max_dead_fraction)
-        if (
-            self.min_running_var is not None
-            and self.max_running_var is not None
-            and self.min_running_var >= self.max_running_var
-        ):
-            raise ValueError(
-                f"`min_running_var` ({min_running_var!r}) must be below `max_running_var` ({max_running_var!r})."
-            )
-        self.logging_interval = logging_interval
         self.include = include
         self.exclude = exclude
-        self.stats: tuple[str, ...] = tuple(stats) if stats is not None else STATS
-        self.on_anomaly: AnomalyAction = on_anomaly
-        self.min_samples_per_channel = min_samples_per_channel
-        self.log_histograms = log_histograms
+        self.stats: tuple[str, ...] = _check_stats(stats)
+        self.dead_threshold: float = check_number("dead_threshold", dead_threshold, 0.0, owner=_OWNER)
+        bound: dict[str, Any] = {"minimum": 0.0, "allow_none": True, "owner": _OWNER}
+        self.min_running_var: float | None = check_number("min_running_var", min_running_var, **bound)
+        self.max_running_var: float | None = check_number("max_running_var", max_running_var, **bound)
+        self.max_dead_fraction: float | None = check_number("max_dead_fraction", max_dead_fraction, **bound)
+        if None not in (self.min_running_var, self.max_running_var) and min_running_var >= max_running_var:  # type: ignore[operator]
+            raise ValueError(
+                f"{_OWNER}: `min_running_var` ({min_running_var!r}) must be below `max_running_var` "
+                f"({max_running_var!r})."
+            )
+        self.on_anomaly: AnomalyAction = check_choice("on_anomaly", on_anomaly, _ACTIONS, owner=_OWNER)
+        self.min_samples_per_channel: int = check_int(
+            "min_samples_per_channel", min_samples_per_channel, 0, owner=_OWNER
+        )
+        self.log_histograms: bool = check_bool("log_histograms", log_histograms, owner=_OWNER)
 
-        self._interval = logging_interval or 1
+        self._interval = log_every_n_steps or 1
         self._layers: list[_Layer] = []
         self._handles: list[RemovableHandle] = []
-        self._monitoring = False
+        self._steps = False  # the current batch ends with an optimizer step
+        self._monitoring = False  # the current batch is monitored
+        self._batches_stepped = 0  # training batches that ended with an optimizer step (Lightning's logging step)
+        self._restored_batches: int | None = None
         self._first_batch = True
         self._samples_checked = False
-        self._frozen: dict[str, tuple[Tensor, Tensor]] = {}
         self._warned: set[tuple[str, str]] = set()
         self._histogram_loggers: list[Any] = []
         self._world_size = 1
         self._is_zero = True
         self._segments: Segments | None = None
 
-    # ------------------------------------------------------------------ fit-start checks
+    # ------------------------------------------------------------------ fit start
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._interval = self.logging_interval or max(int(trainer.log_every_n_steps), 1)
+        self._interval = (
+            self.log_every_n_steps if self.log_every_n_steps is not None else int(trainer.log_every_n_steps)
+        )
+        if self._interval == 0 and stage == "fit":
+            rank_zero_warn(
+                f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
+                f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._world_size = int(trainer.world_size)
         self._first_batch = True
         self._samples_checked = False
-        self._frozen = {}
         found = batchnorm_layers(pl_module)
         keep = set(select_layer_names([name for name, _ in found], self._include, self._exclude))
-        selected = [(name, m) for name, m in found if name in keep]
-        self._layers = [_Layer(name, m) for name, m in selected]
+        self._layers = [_Layer(name, m) for name, m in found if name in keep]
         self._segments = None
         if not self._layers:
             what = "has no BatchNorm layer" if not found else "has no BatchNorm layer matching `include`/`exclude`"
-            rank_zero_warn(f"BNStatsMonitor: the model {what}; nothing will be monitored.")
+            rank_zero_warn(f"{_OWNER}: the model {what}; nothing will be monitored.")
             return
         if not trainer.loggers:
             rank_zero_warn(
-                "BNStatsMonitor: the Trainer has no logger, so no BatchNorm statistics will be logged "
+                f"{_OWNER}: the Trainer has no logger, so no BatchNorm statistics will be logged "
                 "(anomaly checks still run)."
             )
+        self._histogram_loggers = self._find_histogram_loggers(trainer) if self.log_histograms else []
+
+    def _find_histogram_loggers(self, trainer: Trainer) -> list[Any]:
+        """The Trainer's TensorBoard loggers, each recognized in its own Lightning namespace."""
+        found, skipped = [], []
+        for logger in trainer.loggers:
+            if namespace_name(logger) is not None and isinstance(
+                logger, namespace_of(logger).loggers.TensorBoardLogger
+            ):
+                found.append(logger)
+            else:
+                skipped.append(type(logger).__name__)
+        if skipped:
+            rank_zero_warn(
+                f"{_OWNER}: `log_histograms=True` but {skipped} cannot log histograms; only TensorBoardLogger "
+                "gets them."
+            )
+        return found
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        restored, self._restored_batches = self._restored_batches, None
+        self._batches_stepped = restored if restored is not None else int(trainer.global_step)
+        self._watch_frozen()
+
+    def _check_configuration(self) -> None:
+        """Warn about layer settings that are likely mistakes, as the layers stand at the first training batch."""
+        selected = [(x.name, x.module) for x in self._layers]
         issues = configuration_issues(selected)
         if issues["no_running_stats"]:
             rank_zero_warn(
-                "BNStatsMonitor: BatchNorm layers with `track_running_stats=False` normalize with batch "
-                "statistics in evaluation too, so predictions depend on the batch: "
+                f"{_OWNER}: BatchNorm layers without running statistics (built with `track_running_stats=False`) "
+                f"normalize with batch statistics in evaluation too, so predictions depend on the batch: "
                 f"{issues['no_running_stats']}."
             )
         if issues["momentum_none"]:
             rank_zero_warn(
-                "BNStatsMonitor: BatchNorm layers with `momentum=None` keep a cumulative average over all "
-                "batches, dominated by early weights; use a momentum such as 0.1 or recalibrate: "
-                f"{issues['momentum_none']}."
+                f"{_OWNER}: BatchNorm layers with `momentum=None` keep a cumulative average that weights every "
+                "batch since the start equally, so statistics collected under early weights never fade; use a "
+                f"momentum such as 0.1 or recalibrate: {issues['momentum_none']}."
             )
         if issues["momentum_zero"]:
             rank_zero_warn(
-                "BNStatsMonitor: BatchNorm layers with `momentum=0` never update their running statistics "
+                f"{_OWNER}: BatchNorm layers with `momentum=0` never update their running statistics "
                 f"(to freeze BatchNorm, keep the layer in eval mode instead): {issues['momentum_zero']}."
             )
-        plain = [name for name, m in selected if not isinstance(m, SyncBatchNorm)]
-        if self._world_size > 1 and plain:
+        per_device = [
+            name
+            for name, m in selected
+            if not isinstance(m, SyncBatchNorm) and (m.training or not isinstance(m.running_mean, Tensor))
+        ]
+        if self._world_size > 1 and per_device:
             rank_zero_warn(
-                f"BNStatsMonitor: {len(plain)} plain BatchNorm layer(s) run on {self._world_size} devices: "
-                "each device normalizes with its own batch statistics. When per-device batches are small, use "
-                f"`Trainer(sync_batchnorm=True)` (SyncBatchNorm). Layers: {plain}."
+                f"{_OWNER}: {len(per_device)} plain BatchNorm layer(s) normalize with batch statistics on "
+                f"{self._world_size} devices: each device uses its own batch's. When per-device batches are small, "
+                f"use `Trainer(sync_batchnorm=True)` (SyncBatchNorm). Layers: {per_device}."
             )
-        self._histogram_loggers = []
-        if self.log_histograms:
-            skipped = []
-            for logger in trainer.loggers:
-                if isinstance(logger, loggers.TensorBoardLogger):
-                    self._histogram_loggers.append(logger)
-                else:
-                    skipped.append(type(logger).__name__)
-            if skipped:
-                rank_zero_warn(
-                    f"BNStatsMonitor: `log_histograms=True` but {skipped} cannot log histograms; only "
-                    "TensorBoardLogger gets them."
-                )
 
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._remember_frozen(eval_only=False)
-
-    def _remember_frozen(self, eval_only: bool) -> None:
-        """Snapshot the buffers of layers meant to be frozen (eval mode, or affine parameters not trained)."""
+    def _watch_frozen(self) -> None:
+        """Keep the running statistics of layers frozen now that are not watched yet."""
         for layer in self._layers:
             m = layer.module
-            if layer.name in self._frozen or not isinstance(m.running_mean, Tensor):
+            if layer.frozen is not None or not isinstance(m.running_mean, Tensor):
                 continue
-            params = [p for p in (m.weight, m.bias) if isinstance(p, Tensor)]
-            frozen_params = bool(params) and not any(p.requires_grad for p in params)
-            if not m.training or (frozen_params and not eval_only):
+            marks = _freeze_marks(m)
+            if marks:
                 assert isinstance(m.running_var, Tensor)
-                self._frozen[layer.name] = (m.running_mean.detach().clone(), m.running_var.detach().clone())
+                layer.frozen = _Frozen(marks, m.running_mean.detach().clone(), m.running_var.detach().clone())
 
-    # ------------------------------------------------------------------ hooks
-    def _is_monitored_batch(self, trainer: Trainer, batch_idx: int) -> bool:
-        accumulate = max(int(trainer.accumulate_grad_batches), 1)
+    # ------------------------------------------------------------------ which batches, hooks
+    @staticmethod
+    def _ends_with_step(trainer: Trainer, batch_idx: int) -> bool:
+        """Whether this training batch ends with an optimizer step, as Lightning decides it (once per batch)."""
+        if (batch_idx + 1) % max(int(trainer.accumulate_grad_batches), 1) == 0:
+            return True
         total = trainer.num_training_batches
-        steps = (batch_idx + 1) % accumulate == 0 or (
-            isinstance(total, int) and not math.isinf(total) and batch_idx + 1 >= total
-        )
-        return bool(steps) and (trainer.global_step + 1) % self._interval == 0
+        last = isinstance(total, int) and batch_idx + 1 >= total
+        return last and not trainer.strategy.handles_gradient_accumulation
 
     def _make_hook(self, layer: _Layer, keep_running: bool) -> Any:
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
@@ -304,9 +356,8 @@ class BNStatsMonitor(Callback):
             cap = layer.capture
             cap.samples = x.numel() // x.shape[1] if x.shape[1] else 0
             rm, rv = module.running_mean, module.running_var
-            if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
-                return
-            if not (self._is_zero or keep_running):
+            cap.batch_stats = module.training or not isinstance(rm, Tensor)
+            if not isinstance(rm, Tensor) or not isinstance(rv, Tensor) or not (self._is_zero or keep_running):
                 return
             with torch.no_grad():
                 # the buffers this step normalizes with, before this forward updates them
@@ -330,15 +381,18 @@ class BNStatsMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._remove_hooks()
+        self._steps = self._ends_with_step(trainer, batch_idx)
         self._monitoring = False
         if not self._layers:
             return
-        if self._first_batch:  # after every on_*_start hook: layers the user put in eval mode count as frozen
+        if self._first_batch:  # after every on_*_start hook: the layers are as the user and the callbacks set them
             self._first_batch = False
-            self._remember_frozen(eval_only=True)
+            self._watch_frozen()
+            self._check_configuration()
         self._is_zero = bool(trainer.is_global_zero)
-        self._monitoring = self._is_monitored_batch(trainer, batch_idx)
+        self._monitoring = self._steps and self._interval > 0 and (self._batches_stepped + 1) % self._interval == 0
         if self._monitoring:
+            self._watch_frozen()  # layers frozen since the last monitored step
             self._attach()
 
     @override
@@ -346,6 +400,9 @@ class BNStatsMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._remove_hooks()
+        if self._steps:
+            self._batches_stepped += 1
+            self._steps = False
         if self._monitoring:
             self._monitoring = False
             if not self._samples_checked:
@@ -361,204 +418,228 @@ class BNStatsMonitor(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
-        self._frozen = {}
+        for layer in self._layers:
+            layer.frozen = None
 
     def _check_samples(self) -> None:
         few = [
-            f"{layer.name} ({layer.capture.samples})"
-            for layer in self._layers
-            if 0 < layer.capture.samples < self.min_samples_per_channel
+            f"{x.name} ({x.capture.samples})"
+            for x in self._layers
+            if x.capture.batch_stats and 0 < x.capture.samples < self.min_samples_per_channel
         ]
         if few:
             rank_zero_warn(
-                "BNStatsMonitor: BatchNorm layers compute batch statistics from fewer than "
+                f"{_OWNER}: BatchNorm layers normalize with batch statistics from fewer than "
                 f"min_samples_per_channel={self.min_samples_per_channel} values per channel in a training "
                 "batch, so their normalization and running statistics are noisy (larger batches, "
                 f"SyncBatchNorm or GroupNorm help): {few}."
             )
 
-    # ------------------------------------------------------------------ the monitored step
+    # ------------------------------------------------------------------ the monitored step (on the device)
     def _monitor_step(self, trainer: Trainer) -> None:
         layers = self._layers
         device = next(
             (t.device for t in (layers[0].module.running_mean, layers[0].module.weight) if isinstance(t, Tensor)),
             torch.device("cpu"),
         )
-        n_layers = len(layers)
-        threshold = float(self.dead_threshold or 0.0)
         if self._segments is None or self._segments.ids.device != device:
             self._segments = Segments([x.module.num_features for x in layers], device)
-        summary, nonfinite = summarize_layers([x.module for x in layers], threshold, device, self._segments)
-        gaps = torch.full((n_layers, len(GAP_STATS)), math.nan, device=device)
-        captured = [i for i, x in enumerate(layers) if x.capture.mean is not None]
-        if captured:
-            caps = [layers[i].capture for i in captured]
-            flat = [
-                torch.cat([getattr(c, name).to(device) for c in caps])  # type: ignore[union-attr]
-                for name in ("mean", "var", "running_mean", "running_var")
-            ]
-            everything = len(captured) == n_layers
-            segments = (
-                self._segments if everything else Segments([layers[i].module.num_features for i in captured], device)
-            )
-            eps = torch.tensor([float(layers[i].module.eps) for i in captured], device=device)[segments.ids]
-            gaps[captured] = gap_summaries(flat[0], flat[1], flat[2], flat[3], eps, segments)
+        summary, nonfinite = summarize_layers([x.module for x in layers], self.dead_threshold, device, self._segments)
         flags = anomaly_flags(summary, nonfinite, self.min_running_var, self.max_running_var, self.max_dead_fraction)
-        frozen_changed = torch.zeros(n_layers, device=device)
-        for i, x in enumerate(layers):
-            snap = self._frozen.get(x.name)
-            if snap is not None:
-                rm, rv = x.module.running_mean, x.module.running_var
-                assert isinstance(rm, Tensor) and isinstance(rv, Tensor)
-                changed = (rm.detach() != snap[0]).any() | (rv.detach() != snap[1]).any()
-                frozen_changed[i] = changed.to(device=device, dtype=torch.float32)
-        parts = [summary.flatten(), gaps.flatten()]
-        rank_diff: Tensor | None = None
+        frozen = self._frozen_changes(device)
+        rank_diff = None
         if self._world_size > 1:
-            with_stats = [x for x in layers if isinstance(x.module.running_mean, Tensor)]
-            means = [_buffer_used(x, "running_mean").to(device) for x in with_stats]
-            varis = [_buffer_used(x, "running_var").to(device) for x in with_stats]
-            sizes = [t.numel() for t in means]
-            payload = torch.cat([*means, *varis, flags.flatten(), frozen_changed])
-            mx, mn = all_ranks_max_min(payload, self._reduce_max(trainer))
-            spread = (mx - mn).float()
-            n_buf = sum(sizes)
-            rank_diff = torch.full((n_layers, 2), math.nan, device=device)
-            if sizes:
-                index = [i for i, x in enumerate(layers) if isinstance(x.module.running_mean, Tensor)]
-                rank_diff[index, 0] = segment_max(spread[:n_buf], sizes)
-                rank_diff[index, 1] = segment_max(spread[n_buf : 2 * n_buf], sizes)
-            flags = mx[2 * n_buf : 2 * n_buf + flags.numel()].view_as(flags)
-            frozen_changed = mx[2 * n_buf + flags.numel() :]
-            parts.append(rank_diff.flatten())
-        parts += [flags.flatten().float(), frozen_changed.float()]
-        hist_sizes: list[tuple[str, str, int]] = []
+            rank_diff, flags, frozen = self._across_ranks(trainer, flags, frozen, device)
+        histograms: list[Tensor] = []
+        sizes: list[tuple[str, str, int]] = []
         if self._histogram_loggers and self._is_zero:
             for x in layers:
                 for name in _HISTOGRAM_TENSORS:
                     t = getattr(x.module, name, None)
                     if isinstance(t, Tensor):
-                        parts.append(t.detach().float().flatten().to(device))
-                        hist_sizes.append((x.name, name, t.numel()))
-        # The one device-to-host transfer of this step.
-        host = torch.cat([p.to(dtype=torch.float32) for p in parts]).cpu()
-        self._report(trainer, host, rank_diff is not None, hist_sizes)
+                        histograms.append(t.detach())
+                        sizes.append((x.name, name, t.numel()))
+        layout = StepLayout(len(layers), rank_diff is not None, tuple(sizes))
+        packed = layout.pack(summary, self._gaps(device), rank_diff, flags, frozen, histograms)
+        self._report(trainer, layout.unpack(packed.cpu()))  # the one device-to-host transfer of this step
+
+    def _gaps(self, device: torch.device) -> Tensor:
+        """``(layers, len(GAP_STATS))`` batch-versus-running gaps; NaN rows for layers whose input was not seen."""
+        layers = self._layers
+        gaps = torch.full((len(layers), len(GAP_STATS)), math.nan, device=device)
+        captured = [i for i, x in enumerate(layers) if x.capture.mean is not None]
+        if not captured:
+            return gaps
+        caps = [layers[i].capture for i in captured]
+        flat = [
+            torch.cat([getattr(c, name).to(device) for c in caps])
+            for name in ("mean", "var", "running_mean", "running_var")
+        ]
+        assert self._segments is not None
+        everything = len(captured) == len(layers)
+        segments = self._segments if everything else Segments([layers[i].module.num_features for i in captured], device)
+        eps = torch.tensor([float(layers[i].module.eps) for i in captured], device=device)[segments.ids]
+        gaps[captured] = gap_summaries(flat[0], flat[1], flat[2], flat[3], eps, segments)
+        return gaps
+
+    def _frozen_changes(self, device: torch.device) -> Tensor:
+        """1.0 for each watched frozen layer whose running statistics changed since it was seen frozen."""
+        changed = torch.zeros(len(self._layers), device=device)
+        for i, layer in enumerate(self._layers):
+            snap, m = layer.frozen, layer.module
+            if snap is None:
+                continue
+            if snap.released(m):
+                layer.frozen = None  # unfrozen on purpose: stop watching (watched again if frozen again)
+                continue
+            assert isinstance(m.running_mean, Tensor) and isinstance(m.running_var, Tensor)
+            moved = (m.running_mean != snap.running_mean).any() | (m.running_var != snap.running_var).any()
+            changed[i] = moved.to(device=device, dtype=torch.float32)
+        return changed
+
+    def _across_ranks(
+        self, trainer: Trainer, flags: Tensor, frozen: Tensor, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One all-reduce: per-layer cross-rank spread of the buffers used, and flags raised on any rank."""
+        with_stats = [i for i, x in enumerate(self._layers) if isinstance(x.module.running_mean, Tensor)]
+        means = [_buffer_used(self._layers[i], "running_mean").to(device) for i in with_stats]
+        varis = [_buffer_used(self._layers[i], "running_var").to(device) for i in with_stats]
+        sizes = [t.numel() for t in means]
+        n_buf = sum(sizes)
+        # payload: [running_mean of every layer | running_var of every layer | flags | frozen]
+        payload = torch.cat([*means, *varis, flags.flatten().float(), frozen.float()])
+        mx, mn = all_ranks_max_min(payload, self._reduce_max(trainer))
+        spread = (mx - mn).float()
+        rank_diff = torch.full((len(self._layers), len(RANK_STATS)), math.nan, device=device)
+        if sizes:
+            segments = Segments(sizes, device)
+            rank_diff[with_stats, 0] = segments.max(spread[:n_buf])
+            rank_diff[with_stats, 1] = segments.max(spread[n_buf : 2 * n_buf])
+        any_flags = mx[2 * n_buf : 2 * n_buf + flags.numel()].view_as(flags)
+        return rank_diff, any_flags, mx[2 * n_buf + flags.numel() :]
 
     @staticmethod
     def _reduce_max(trainer: Trainer) -> Any:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             return all_reduce_max
         return lambda t: trainer.strategy.reduce(t, reduce_op="max")
 
-    def _report(self, trainer: Trainer, host: Tensor, has_rank: bool, hist_sizes: list[tuple[str, str, int]]) -> None:
-        n = len(self._layers)
-        chunks = [n * len(BUFFER_STATS), n * len(GAP_STATS), n * 2 if has_rank else 0, n * len(ANOMALIES), n]
-        chunks.append(host.numel() - sum(chunks))
-        summary, gaps, ranks, flags, frozen, hist = host.split(chunks)
-        summary_rows = summary.view(n, -1).tolist()
-        gap_rows = gaps.view(n, -1).tolist()
-        rank_rows = ranks.view(n, 2).tolist() if has_rank else None
-        flag_rows = flags.view(n, -1).tolist()
-        step = int(trainer.global_step)
-        self._handle_anomalies(flag_rows, frozen.tolist(), step)
+    # ------------------------------------------------------------------ on the host: warn, raise, log
+    def _report(self, trainer: Trainer, values: StepValues) -> None:
+        step = self._batches_stepped
+        self._warn_frozen_changes(values.frozen_changed, step)
+        self._handle_anomalies(values.flags, step)
         if not trainer.is_global_zero:
             return
-        selected = set(self.stats)
-        metrics: dict[str, float] = {}
-        worst_gap_mean, worst_gap_var, nonfinite_total = -math.inf, -math.inf, 0.0
-        dead_channels, affine_channels = 0.0, 0
-        worst_rank = [-math.inf, -math.inf]
-        for i, layer in enumerate(self._layers):
-            values: dict[str, float] = dict(zip(BUFFER_STATS, summary_rows[i], strict=True))
-            if layer.capture.mean is not None:
-                values.update(zip(GAP_STATS, gap_rows[i], strict=True))
-                worst_gap_mean = _nanmax(worst_gap_mean, values["gap_mean_max"])
-                worst_gap_var = _nanmax(worst_gap_var, values["gap_var_max"])
-            if layer.capture.samples:
-                values["samples_per_channel"] = float(layer.capture.samples)
-            if rank_rows is not None and isinstance(layer.module.running_mean, Tensor):
-                values.update(zip(RANK_STATS, rank_rows[i], strict=True))
-                worst_rank = [_nanmax(w, v) for w, v in zip(worst_rank, rank_rows[i], strict=False)]
-            nonfinite_total += values["nonfinite_count"]
-            if isinstance(layer.module.weight, Tensor):
-                dead_channels += values["dead_frac"] * layer.module.num_features
-                affine_channels += layer.module.num_features
-            has_running = isinstance(layer.module.running_mean, Tensor)
-            has_affine = isinstance(layer.module.weight, Tensor)
-            for key, value in values.items():
-                if key not in selected:
-                    continue
-                if (key.startswith(("running_", "gain_")) and not has_running) or (
-                    key.startswith(("weight_", "bias_", "dead_")) and not has_affine
-                ):
-                    continue
-                metrics[f"bn/{layer.name}/{key}"] = value
-        metrics["bn/summary/nonfinite_count"] = nonfinite_total
-        if affine_channels:
-            metrics["bn/summary/dead_frac"] = dead_channels / affine_channels
-        if worst_gap_mean > -math.inf:
-            metrics["bn/summary/gap_mean_max"] = worst_gap_mean
-        if worst_gap_var > -math.inf:
-            metrics["bn/summary/gap_var_max"] = worst_gap_var
-        if rank_rows is not None:
-            for key, value in zip(RANK_STATS, worst_rank, strict=False):
-                if value > -math.inf:
-                    metrics[f"bn/summary/{key}"] = value
+        metrics = self._metrics(values)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if hist_sizes:
-            self._log_histograms(hist, hist_sizes, step)
+        for layer, name, hist in values.histograms:
+            hist = hist[torch.isfinite(hist)]
+            if hist.numel():
+                for logger in self._histogram_loggers:
+                    logger.experiment.add_histogram(f"bn/{layer}/{name}", hist.numpy(), global_step=step)
 
-    def _log_histograms(self, hist: Tensor, sizes: list[tuple[str, str, int]], step: int) -> None:
-        for (layer, name, _), values in zip(sizes, hist.split([s for _, _, s in sizes]), strict=False):
-            values = values[torch.isfinite(values)]
-            if not values.numel():
-                continue
-            for logger in self._histogram_loggers:
-                logger.experiment.add_histogram(f"bn/{layer}/{name}", values.numpy(), global_step=step)
-
-    def _handle_anomalies(self, flag_rows: list[list[float]], frozen: list[float], step: int) -> None:
-        where = " on at least one rank" if self._world_size > 1 else ""
-        for layer, changed in zip(self._layers, frozen, strict=False):
-            if changed > 0 and (layer.name, "frozen") not in self._warned:
-                self._warned.add((layer.name, "frozen"))
-                rank_zero_warn(
-                    f"BNStatsMonitor: BatchNorm layer {layer.name!r} was meant to be frozen (eval mode or "
-                    "frozen affine parameters when training started) but its running statistics changed by "
-                    f"step {step}{where}: it runs in train mode during training steps. Keep it in eval mode "
-                    "during training (e.g. call `.eval()` on it in `on_train_epoch_start`, after any code "
-                    "that calls `.train()` on the model)."
+    def _metrics(self, values: StepValues) -> dict[str, float]:
+        """``bn/<layer>/<statistic>`` for the selected statistics each layer has, and the ``bn/summary/...`` values."""
+        selected = set(self.stats)
+        metrics: dict[str, float] = {}
+        worst: dict[str, float] = {}
+        nonfinite, dead, channels = 0.0, 0.0, 0
+        for i, layer in enumerate(self._layers):
+            m = layer.module
+            has_running, has_affine = isinstance(m.running_mean, Tensor), isinstance(m.weight, Tensor)
+            row: dict[str, float] = dict(zip(BUFFER_STATS, values.summary[i], strict=True))
+            if layer.capture.mean is not None:
+                row.update(zip(GAP_STATS, values.gaps[i], strict=True))
+            if layer.capture.samples:
+                row["samples_per_channel"] = float(layer.capture.samples)
+            if values.rank_diff is not None and has_running:
+                row.update(zip(RANK_STATS, values.rank_diff[i], strict=True))
+            for key in ("gap_mean_max", "gap_var_max", *RANK_STATS):
+                if key in row:
+                    worst[key] = _nanmax(worst.get(key, -math.inf), row[key])
+            nonfinite += row["nonfinite_count"]
+            if has_affine:
+                dead += row["dead_frac"] * m.num_features
+                channels += m.num_features
+            for key, value in row.items():
+                absent = (key.startswith(("running_", "gain_")) and not has_running) or (
+                    key.startswith(("weight_", "bias_", "dead_")) and not has_affine
                 )
+                if key in selected and not absent:
+                    metrics[f"bn/{layer.name}/{key}"] = value
+        metrics["bn/summary/nonfinite_count"] = nonfinite
+        if channels:
+            metrics["bn/summary/dead_frac"] = dead / channels
+        metrics.update({f"bn/summary/{key}": value for key, value in worst.items()})
+        return metrics
+
+    def _warn_frozen_changes(self, changed: list[float], step: int) -> None:
+        where = " on at least one rank" if self._world_size > 1 else ""
+        for layer, flag in zip(self._layers, changed, strict=True):
+            if flag <= 0 or (layer.name, "frozen") in self._warned or layer.frozen is None:
+                continue
+            self._warned.add((layer.name, "frozen"))
+            marks = layer.frozen.marks
+            how = " and ".join(
+                text
+                for mark, text in (("eval", "in eval mode"), ("params", "with `requires_grad=False` affine parameters"))
+                if mark in marks
+            )
+            if "eval" in marks:
+                cause = (
+                    "it ran in train mode in a training step since: something called `.train()` on it or on a "
+                    "parent module. Keep it in eval mode, e.g. call `.eval()` on it in `on_train_epoch_start`, "
+                    "after any code that calls `.train()`."
+                )
+            else:
+                cause = (
+                    "it is in train mode and tracks running statistics, so every training step updates them; "
+                    "`requires_grad=False` freezes only gamma and beta. Call `.eval()` on it in "
+                    "`on_train_epoch_start`, or freeze it with `BaseFinetuning.freeze(..., train_bn=False)`."
+                )
+            rank_zero_warn(
+                f"{_OWNER}: BatchNorm layer {layer.name!r} was frozen ({how or 'tracking off'}) but its running "
+                f"statistics changed by step {step}{where}: {cause}"
+            )
+
+    def _handle_anomalies(self, flag_rows: list[list[float]], step: int) -> None:
         if self.on_anomaly == "ignore":
             return
+        where = " on at least one rank" if self._world_size > 1 else ""
         bounds = {
             "running_var_low": self.min_running_var,
             "running_var_high": self.max_running_var,
             "dead_frac_high": self.max_dead_fraction,
         }
         problems = []
-        for layer, row in zip(self._layers, flag_rows, strict=False):
-            for kind, flag in zip(ANOMALIES, row, strict=False):
+        for layer, row in zip(self._layers, flag_rows, strict=True):
+            for kind, flag in zip(ANOMALIES, row, strict=True):
                 if flag > 0:
                     text = _ANOMALY_TEXT[kind].format(bound=bounds.get(kind))
                     problems.append((layer.name, kind, f"layer {layer.name!r}: {text} at step {step}{where}"))
-        if not problems:
-            return
-        if self.on_anomaly == "raise":
-            raise BNAnomalyError("BNStatsMonitor found BatchNorm anomalies: " + "; ".join(p[2] for p in problems))
+        if problems and self.on_anomaly == "raise":
+            raise BNAnomalyError(f"{_OWNER} found BatchNorm anomalies: " + "; ".join(p[2] for p in problems))
         for name, kind, message in problems:
             if (name, kind) not in self._warned:
                 self._warned.add((name, kind))
-                rank_zero_warn(f"BNStatsMonitor: {message} (warned once per layer and kind).")
+                rank_zero_warn(f"{_OWNER}: {message} (warned once per layer and kind).")
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"warned": sorted([list(w) for w in self._warned]), "logging_interval": self.logging_interval}
+        return {
+            "warned": sorted([list(w) for w in self._warned]),
+            "log_every_n_steps": self.log_every_n_steps,
+            "batches_stepped": self._batches_stepped,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._warned = {(str(a), str(b)) for a, b in state_dict.get("warned", [])}
+        batches = state_dict.get("batches_stepped")
+        self._restored_batches = int(batches) if batches is not None else None
 
 
 def _buffer_used(layer: _Layer, name: str) -> Tensor:

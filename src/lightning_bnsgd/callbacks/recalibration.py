@@ -2,79 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lightning_utilities.core.overrides import is_overridden
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, LightningDataModule, LightningModule, Trainer, pl
-from lightning_bnsgd._validation import check_choice
+from lightning_bnsgd._compat import Callback, LightningModule, Trainer, namespace_of
+from lightning_bnsgd._validation import check_bool, check_int, check_str
 from lightning_bnsgd.bn.recalibrate import (
-    DROPOUT_MODES,
-    MODES,
-    NONFINITE_ACTIONS,
     DropoutMode,
     ForwardFn,
     Mode,
     NonFinite,
     RecalibrationReport,
     recalibrate_bn,
+    validate_recalibration_args,
+)
+from lightning_bnsgd.callbacks._batches import (
+    TransferredBatches,
+    debug_batch_limit,
+    default_forward_accepts,
+    loader_generators,
+    loader_length,
+    preserved_rng,
+    transfer_batch,
+    without_persistent_workers,
 )
 
-_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 #: The method a LightningModule may define to run one recalibration forward: ``bn_recalibration_step(batch)``.
 STEP_METHOD = "bn_recalibration_step"
+_OWNER = "BNRecalibration"
 
 
-def _loader_length(loader: Iterable[Any]) -> int | None:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):
-        return None
-
-
-def _without_persistent_workers(loader: DataLoader) -> DataLoader:
-    """A DataLoader over the same data whose iterator cannot reset the one the training loop is using."""
-    if loader.num_workers == 0 or not loader.persistent_workers:
-        return loader
-    common: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "worker_init_fn": loader.worker_init_fn,
-        "timeout": loader.timeout,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "persistent_workers": False,
-    }
-    if isinstance(loader.dataset, IterableDataset):
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **common)
-    if loader.batch_sampler is not None:
-        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
-    return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, **common)
-
-
-class _TransferredBatches:
-    """Re-iterable view of a loader whose batches go through the LightningModule's batch-transfer hooks."""
-
-    def __init__(self, loader: Iterable[Any], move: Callable[[Any], Any]) -> None:
-        self.loader = loader
-        self.move = move
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            yield self.move(batch)
+def _averaging_callbacks(trainer: Trainer) -> tuple[type, ...]:
+    """Lightning's weight-averaging callback classes, from the Trainer's own namespace."""
+    callbacks = namespace_of(trainer).callbacks
+    names = ("StochasticWeightAveraging", "WeightAveraging")
+    return tuple(cls for cls in (getattr(callbacks, n, None) for n in names) if isinstance(cls, type))
 
 
 def _in_swa_bn_update_epoch(trainer: Trainer) -> bool:
     """True in the extra BatchNorm-update epoch of Lightning's ``StochasticWeightAveraging`` (backward skipped)."""
-    swa = getattr(pl.callbacks, "StochasticWeightAveraging", None)
+    swa = getattr(namespace_of(trainer).callbacks, "StochasticWeightAveraging", None)
     if swa is None or not any(isinstance(cb, swa) for cb in trainer.callbacks):
         return False
     return bool(getattr(trainer.fit_loop, "_skip_backward", False))
+
+
+def _renamed(err: Exception) -> Exception:
+    """``err`` with its message naming the class the user wrote instead of the function it calls."""
+    prefix = "recalibrate_bn: "
+    message = str(err)
+    if not message.startswith(prefix):
+        return err
+    return type(err)(f"{_OWNER}: {message[len(prefix) :]}")
+
+
+def _weights_version(module: nn.Module) -> tuple[int, ...]:
+    """A fingerprint that changes whenever a parameter is modified in place (optimizer steps, weight averaging)."""
+    return tuple(p._version for p in module.parameters())
 
 
 class BNRecalibration(Callback):
@@ -103,7 +92,8 @@ class BNRecalibration(Callback):
             Wu & Johnson (2021) found 10^3 to 10^4 samples enough.
         every_n_epochs: recalibrate before validation every ``n`` epochs.
         before_validation: recalibrate in ``on_validation_epoch_start``.
-        on_train_end: recalibrate in ``on_train_end``.
+        at_train_end: recalibrate in ``on_train_end`` (skipped when the weights have not changed since the last
+            recalibration, e.g. right after the last validation already recalibrated them).
         dataloader: a DataLoader, or a callable returning an iterable of batches (called at each use);
             ``None``: the trainer's train dataloader.
         forward_fn: ``forward_fn(module, batch)`` runs one forward (the return value is ignored).
@@ -126,7 +116,7 @@ class BNRecalibration(Callback):
         num_samples: int | None = 4096,
         every_n_epochs: int = 1,
         before_validation: bool = True,
-        on_train_end: bool = True,
+        at_train_end: bool = True,
         dataloader: DataLoader | Callable[[], Iterable[Any]] | None = None,
         forward_fn: ForwardFn | None = None,
         mode: Mode = "train",
@@ -136,36 +126,23 @@ class BNRecalibration(Callback):
         verbose: bool = False,
     ) -> None:
         super().__init__()
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)):
-            raise TypeError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}.")
-        if num_samples is not None and num_samples < 1:
-            raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}.")
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
-            raise TypeError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}.")
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}.")
-        for name, flag in (
-            ("before_validation", before_validation),
-            ("on_train_end", on_train_end),
-            ("verbose", verbose),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
+        validate_recalibration_args(
+            _OWNER, num_samples=num_samples, mode=mode, dropout=dropout, nonfinite=nonfinite, forward_fn=forward_fn
+        )
+        check_int("every_n_epochs", every_n_epochs, owner=_OWNER)
+        check_bool("before_validation", before_validation, owner=_OWNER)
+        check_bool("at_train_end", at_train_end, owner=_OWNER)
+        check_bool("verbose", verbose, owner=_OWNER)
         if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
             raise TypeError(
-                f"`dataloader` must be None, a DataLoader or a callable returning batches, got {dataloader!r}."
+                f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, "
+                f"got {dataloader!r}."
             )
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be None or callable as forward_fn(module, batch), got {forward_fn!r}.")
-        check_choice("mode", mode, MODES)
-        check_choice("dropout", dropout, DROPOUT_MODES)
-        check_choice("nonfinite", nonfinite, NONFINITE_ACTIONS)
-        if not isinstance(log_prefix, str) or not log_prefix:
-            raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}.")
+        check_str("log_prefix", log_prefix, owner=_OWNER)
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.before_validation = before_validation
-        self.at_train_end = on_train_end
+        self.at_train_end = at_train_end
         self.dataloader = dataloader
         self.forward_fn = forward_fn
         self.mode: Mode = mode
@@ -180,6 +157,8 @@ class BNRecalibration(Callback):
         #: The report of the last recalibration in this process.
         self.last_report: RecalibrationReport | None = None
         self._train_flags: dict[str, bool] | None = None
+        self._batch_checked = False
+        self._calibrated_version: tuple[int, ...] | None = None
 
     @property
     @override
@@ -197,20 +176,15 @@ class BNRecalibration(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        averaging = tuple(
-            cls
-            for cls in (
-                getattr(pl.callbacks, "StochasticWeightAveraging", None),
-                getattr(pl.callbacks, "WeightAveraging", None),
-            )
-            if cls is not None
-        )
+        self._batch_checked = False
+        self._calibrated_version = None
+        averaging = _averaging_callbacks(trainer)
         callbacks = list(trainer.callbacks)
         mine = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
         late = [type(cb).__name__ for cb in callbacks[mine + 1 :] if isinstance(cb, averaging)]
         if late:
             raise ValueError(
-                f"BNRecalibration must come after {', '.join(late)} in `callbacks=[...]` so that it "
+                f"{_OWNER} must come after {', '.join(late)} in `callbacks=[...]` so that it "
                 "recalibrates the averaged weights (hooks run in list order); move it after them."
             )
 
@@ -230,6 +204,20 @@ class BNRecalibration(Callback):
         # (which BatchNorm layers are trained, which are frozen) once per epoch.
         if batch_idx == 0 or self._train_flags is None:
             self._train_flags = {name: module.training for name, module in pl_module.named_modules()}
+        if not self._batch_checked:
+            self._batch_checked = True
+            self._check_batch_type(batch, pl_module)
+
+    def _check_batch_type(self, batch: Any, pl_module: LightningModule) -> None:
+        """Fail at the first training batch, not after an epoch, when the default forward cannot take the batches."""
+        if self.dataloader is not None or self._forward_fn(pl_module) is not None or default_forward_accepts(batch):
+            return
+        raise TypeError(
+            f"{_OWNER} cannot feed a training batch of type {type(batch).__name__} to the model: its default "
+            "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
+            "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
+            f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
+        )
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -241,8 +229,11 @@ class BNRecalibration(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.at_train_end:
-            self.recalibrate(trainer, pl_module)
+        if not self.at_train_end:
+            return
+        if self._calibrated_version is not None and self._calibrated_version == _weights_version(pl_module):
+            return  # the last recalibration already saw these exact weights (e.g. the last validation's)
+        self.recalibrate(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -257,21 +248,26 @@ class BNRecalibration(Callback):
     # ------------------------------------------------------------------------------------------------- work
 
     def recalibrate(self, trainer: Trainer, pl_module: LightningModule) -> RecalibrationReport:
-        """Recalibrate ``pl_module`` now (on every process) and log the result; returns the report."""
+        """Recalibrate ``pl_module`` now (on every process) and log the result; returns the report.
+
+        The random states it draws from (a DataLoader iterator draws shuffling and worker seeds) are restored
+        afterwards, so the training run goes on exactly as it would have without it.
+        """
         loader = self._source(trainer)
-        length = _loader_length(loader)
+        length = loader_length(loader)
         if length == 0:
-            raise ValueError("BNRecalibration: the dataloader is empty; there is nothing to recalibrate from.")
+            raise ValueError(f"{_OWNER}: the dataloader is empty; there is nothing to recalibrate from.")
         if length is None and self.num_samples is None:
             raise ValueError(
-                "BNRecalibration: the dataloader has no length (it may be infinite) and `num_samples` is "
+                f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
                 "None; set `num_samples` to bound the recalibration."
             )
-        batches = _TransferredBatches(loader, lambda batch: self._transfer(batch, trainer, pl_module))
+        limit = debug_batch_limit(trainer, from_trainer_loader=self.dataloader is None)
+        batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
         current = {module: module.training for module in pl_module.modules()}
         self._apply_train_flags(pl_module)
         try:
-            with trainer.precision_plugin.forward_context():
+            with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context():
                 report = recalibrate_bn(
                     pl_module,
                     batches,
@@ -281,12 +277,18 @@ class BNRecalibration(Callback):
                     dropout=self.dropout,
                     nonfinite=self.nonfinite,
                 )
+        except (ValueError, TypeError, RuntimeError) as err:
+            renamed = _renamed(err)
+            if renamed is err:
+                raise
+            raise renamed from err
         finally:
             for module, flag in current.items():
                 module.training = flag
         self.recalibrations += 1
         self.last_run = (trainer.current_epoch, trainer.global_step)
         self.last_report = report
+        self._calibrated_version = _weights_version(pl_module)
         self._log(trainer, report)
         return report
 
@@ -294,14 +296,12 @@ class BNRecalibration(Callback):
         if self.dataloader is None:
             loaders = trainer.train_dataloader
             if loaders is None:
-                raise RuntimeError(
-                    "BNRecalibration: the trainer has no train dataloader at this point; pass `dataloader=`."
-                )
+                raise RuntimeError(f"{_OWNER}: the trainer has no train dataloader at this point; pass `dataloader=`.")
             if isinstance(loaders, Mapping) or (
                 isinstance(loaders, (list, tuple)) and loaders and all(isinstance(x, DataLoader) for x in loaders)
             ):
                 first = next(iter(loaders.values())) if isinstance(loaders, Mapping) else loaders[0]
-                rank_zero_warn("BNRecalibration: several train dataloaders; using the first. Pass `dataloader=`.")
+                rank_zero_warn(f"{_OWNER}: several train dataloaders; using the first. Pass `dataloader=`.")
                 loaders = first
             loader: Iterable[Any] = loaders
         elif isinstance(self.dataloader, DataLoader):
@@ -310,21 +310,9 @@ class BNRecalibration(Callback):
             loader = self.dataloader()
             if not isinstance(loader, Iterable):
                 raise TypeError(
-                    f"BNRecalibration: `dataloader()` must return an iterable of batches, got {type(loader).__name__}."
+                    f"{_OWNER}: `dataloader()` must return an iterable of batches, got {type(loader).__name__}."
                 )
-        return _without_persistent_workers(loader) if isinstance(loader, DataLoader) else loader
-
-    def _transfer(self, batch: Any, trainer: Trainer, pl_module: LightningModule) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
-        for hook in _TRANSFER_HOOKS:
-            owner: Any = pl_module
-            if isinstance(datamodule, LightningDataModule) and is_overridden(hook, datamodule, LightningDataModule):
-                owner = datamodule
-            if hook == "transfer_batch_to_device":
-                batch = owner.transfer_batch_to_device(batch, pl_module.device, 0)
-            else:
-                batch = getattr(owner, hook)(batch, 0)
-        return batch
+        return without_persistent_workers(loader) if isinstance(loader, DataLoader) else loader
 
     def _forward_fn(self, pl_module: LightningModule) -> ForwardFn | None:
         if self.forward_fn is not None:
@@ -336,9 +324,7 @@ class BNRecalibration(Callback):
 
     def _apply_train_flags(self, pl_module: nn.Module) -> None:
         if self._train_flags is None:
-            rank_zero_warn(
-                "BNRecalibration: no training batch seen yet in this run; treating every module as in train mode."
-            )
+            rank_zero_warn(f"{_OWNER}: no training batch seen yet in this run; treating every module as in train mode.")
             pl_module.train()
             return
         for name, module in pl_module.named_modules():
@@ -359,7 +345,7 @@ class BNRecalibration(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(
-                f"BNRecalibration: {len(report.layers)} layer(s) from {report.num_samples} samples "
+                f"{_OWNER}: {len(report.layers)} layer(s) from {report.num_samples} samples "
                 f"({report.num_batches} batches, {report.passes} pass(es)); largest shift: mean "
                 f"{mean_shift:.4g}, var {var_shift:.4g}."
             )

@@ -9,15 +9,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_bnsgd._compat import LightningDataModule
-from lightning_bnsgd._validation import check_int, is_number
+from lightning_bnsgd._validation import check_bool, check_int, check_number
 
-_PIXEL_MAX = 16.0  # the digits are 4-bit grey levels, 0..16
+_PIXEL_MAX = 16.0  # the digits are grey levels 0..16
+
+
+_OWNER = "DigitsDataModule"
 
 
 def _check_fraction(name: str, value: object) -> float:
-    if not is_number(value) or not 0.0 < float(value) < 1.0:  # type: ignore[arg-type]
-        raise ValueError(f"`{name}` must be a float in the open interval (0, 1), got {value!r}.")
-    return float(value)  # type: ignore[arg-type]
+    return float(check_number(name, value, 0.0, 1.0, min_open=True, max_open=True, owner=_OWNER))
 
 
 def load_digits_tensors(resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,18 +184,20 @@ class DigitsDataModule(LightningDataModule):
         label_noise: float = 0.0,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size)
-        check_int("num_workers", num_workers, minimum=0)
+        check_int("batch_size", batch_size, owner=_OWNER)
+        check_int("num_workers", num_workers, minimum=0, owner=_OWNER)
         val = _check_fraction("val_fraction", val_fraction)
         test = _check_fraction("test_fraction", test_fraction)
         if val + test >= 1.0:
             raise ValueError(
-                f"`val_fraction` + `test_fraction` must be below 1 so that training data remains, "
+                f"{_OWNER}: `val_fraction` + `test_fraction` must be below 1 so that training data remains, "
                 f"got {val} + {test} = {val + test}."
             )
-        check_int("resize", resize, allow_none=True)
-        if not is_number(label_noise) or not 0.0 <= label_noise < 1.0:
-            raise ValueError(f"`label_noise` must be a float in [0, 1), got {label_noise!r}.")
+        check_int("resize", resize, allow_none=True, owner=_OWNER)
+        check_number("label_noise", label_noise, 0.0, 1.0, max_open=True, owner=_OWNER)
+        check_int("seed", seed, minimum=0, owner=_OWNER)
+        check_bool("normalize", normalize, owner=_OWNER)
+        check_bool("pin_memory", pin_memory, owner=_OWNER)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers

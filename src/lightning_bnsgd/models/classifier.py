@@ -107,18 +107,18 @@ class ConvNetClassifier(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     @property
-    def lr(self) -> float:
-        """The ``lr`` of the ``SGDWarmup`` recipe; setting it sets an absolute peak LR.
+    def lr(self) -> float | None:
+        """The absolute ``lr`` of the ``SGDWarmup`` recipe (``None`` while it scales ``lr_base`` with the batch).
 
-        Setting ``lr`` replaces the recipe's ``lr`` and turns its batch-size scaling off (``scale_lr="none"``), so
-        the value given is the peak LR the optimizer runs at. That is what Lightning's LR finder suggests:
-        ``Tuner(trainer).lr_find(model)`` finds and sets it (docs: FAQ, "How do I choose the learning rate?").
+        Setting it sets ``SGDWarmup.lr``, the peak LR used as given (``lr_base`` no longer applies). That is what
+        Lightning's LR finder suggests: ``Tuner(trainer).lr_find(model)`` finds and sets it (docs: FAQ, "How do I
+        choose the learning rate?").
         """
         return self.optimizer_config.lr
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.optimizer_config = dataclasses.replace(self.optimizer_config, lr=float(value), scale_lr="none")
+        self.optimizer_config = dataclasses.replace(self.optimizer_config, lr=value)
         self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:

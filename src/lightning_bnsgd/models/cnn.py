@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_bnsgd._validation import check_choice, check_int, is_number
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number
 
 Padding = Literal["valid", "same"]
 NormPosition = Literal["post_activation", "pre_activation"]
@@ -113,22 +113,24 @@ class BNConvNet(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
-        check_int("input_size", input_size)
-        check_int("kernel_size", kernel_size)
-        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) == 0:
-            raise ValueError(f"`channels` must be a non-empty sequence of positive integers, got {channels!r}.")
+        owner = "BNConvNet"
+        check_int("in_channels", in_channels, owner=owner)
+        check_int("num_classes", num_classes, owner=owner)
+        check_int("input_size", input_size, owner=owner)
+        check_int("kernel_size", kernel_size, owner=owner)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"{owner}: `channels` must be a non-empty sequence of positive integers, got {channels!r}.")
+        if len(channels) == 0:
+            raise ValueError(
+                f"{owner}: `channels` must be a non-empty sequence of positive integers, got {channels!r}."
+            )
         for i, c in enumerate(channels):
-            check_int(f"channels[{i}]", c)
-        check_choice("padding", padding, _PADDINGS)
-        check_choice("norm_position", norm_position, _NORM_POSITIONS)
-        if not is_number(dropout) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
-        if not is_number(block_dropout) or not 0.0 <= block_dropout < 1.0:
-            raise ValueError(f"`block_dropout` must be a float in [0, 1), got {block_dropout!r}.")
-        if not isinstance(batch_norm, bool):
-            raise ValueError(f"`batch_norm` must be True or False, got {batch_norm!r}.")
+            check_int(f"channels[{i}]", c, owner=owner)
+        check_choice("padding", padding, _PADDINGS, owner=owner)
+        check_choice("norm_position", norm_position, _NORM_POSITIONS, owner=owner)
+        check_number("dropout", dropout, 0.0, 1.0, max_open=True, owner=owner)
+        check_number("block_dropout", block_dropout, 0.0, 1.0, max_open=True, owner=owner)
+        check_bool("batch_norm", batch_norm, owner=owner)
 
         size = input_size
         blocks = []

@@ -15,44 +15,23 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_bnsgd._validation import check_choice, is_int, is_number
+from lightning_bnsgd._validation import check_choice, check_int, check_number
 
 WarmupShape = Literal["linear", "exponential", "constant"]
 DecayShape = Literal["cosine", "linear", "poly", "step", "multistep", "exponential", "constant"]
 WARMUP_SHAPES: tuple[str, ...] = get_args(WarmupShape)
 DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
+ResumeSchedule = Literal["checkpoint", "replan"]
+RESUME_SCHEDULES: tuple[str, ...] = get_args(ResumeSchedule)
 
 
-def check_warmup_start_factor(value: object, name: str = "warmup_start_factor") -> float:
-    """Validate a warmup start factor: a number in (0, 1].
-
-    Examples:
-        >>> check_warmup_start_factor(0.1)
-        0.1
-    """
-    if not is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
-    return float(value)  # type: ignore[arg-type]
-
-
-def check_gamma(value: object, name: str = "gamma") -> float:
-    """Validate a decay factor ``gamma``: a number in (0, 1].
-
-    Examples:
-        >>> check_gamma(0.1)
-        0.1
-    """
-    if not is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
-    return float(value)  # type: ignore[arg-type]
-
-
-def check_milestones(value: object, name: str = "milestones") -> list[int]:
+def check_milestones(value: object, *, owner: str | None = None, name: str = "milestones") -> list[int]:
     """Validate milestones: positive integers in strictly increasing order.
 
     Examples:
@@ -60,13 +39,61 @@ def check_milestones(value: object, name: str = "milestones") -> list[int]:
         [30, 60, 80]
     """
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"`{name}` must be a list of positive integers, got {value!r}.")
-    items = list(value)
-    if not all(is_int(m) and m > 0 for m in items):
-        raise ValueError(f"`{name}` must hold positive integers only, got {items!r}.")
+        raise TypeError(f"{owner + ': ' if owner else ''}`{name}` must be a list of positive integers, got {value!r}.")
+    items = [int(check_int(f"{name}[{i}]", m, 1, owner=owner)) for i, m in enumerate(value)]
     if any(b <= a for a, b in itertools.pairwise(items)):
-        raise ValueError(f"`{name}` must be strictly increasing, got {items!r}.")
-    return [int(m) for m in items]
+        raise ValueError(f"{owner + ': ' if owner else ''}`{name}` must be strictly increasing, got {items!r}.")
+    return items
+
+
+def check_schedule(
+    owner: str,
+    *,
+    warmup_steps: object,
+    total_steps: object,
+    warmup: object,
+    warmup_start_factor: object,
+    decay: object,
+    min_lr: object,
+    power: object,
+    gamma: object,
+    step_size: object,
+    milestones: object,
+    warmup_end: float | None = None,
+) -> list[int]:
+    """The rules ``WarmupLR`` and ``SGDWarmup`` share, checked in one place; returns the milestones as a list.
+
+    ``warmup_steps``/``total_steps`` may be ``None`` (``SGDWarmup`` reads them from the Trainer). Milestones must lie
+    after ``warmup_end`` (in the milestones' own unit; default: ``warmup_steps``). Wrong types raise ``TypeError``,
+    values out of range ``ValueError``; messages start with ``owner``.
+
+    Examples:
+        >>> check_schedule("WarmupLR", warmup_steps=2, total_steps=10, warmup="linear", warmup_start_factor=0.1,
+        ...                decay="multistep", min_lr=0.0, power=2.0, gamma=0.1, step_size=1.0, milestones=(5, 8))
+        [5, 8]
+    """
+    check_int("warmup_steps", warmup_steps, 0, allow_none=True, owner=owner)
+    check_int("total_steps", total_steps, 1, allow_none=True, owner=owner)
+    if warmup_steps is not None and total_steps is not None and warmup_steps > total_steps:  # type: ignore[operator]
+        raise ValueError(
+            f"{owner}: `warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}."
+        )
+    check_choice("warmup", warmup, WARMUP_SHAPES, owner=owner)
+    check_number("warmup_start_factor", warmup_start_factor, 0.0, 1.0, min_open=True, owner=owner)
+    check_choice("decay", decay, DECAY_SHAPES, owner=owner)
+    check_number("min_lr", min_lr, 0.0, owner=owner)
+    check_number("power", power, 0.0, min_open=True, owner=owner)
+    check_number("gamma", gamma, 0.0, 1.0, min_open=True, owner=owner)
+    check_number("step_size", step_size, 0.0, min_open=True, owner=owner)
+    items = check_milestones(milestones, owner=owner) if milestones is not None else []
+    if decay == "multistep" and not items:
+        raise ValueError(
+            f"{owner}: `milestones` must be a non-empty list when `decay='multistep'`, got {milestones!r}."
+        )
+    end = warmup_end if warmup_end is not None else warmup_steps
+    if items and end is not None and items[0] <= end:  # type: ignore[operator]
+        raise ValueError(f"{owner}: `milestones` must all come after warmup (> {end}), got {items!r}.")
+    return items
 
 
 def warmup_factor(step: int, warmup_steps: int, shape: str = "linear", start_factor: float = 0.1) -> float:
@@ -192,12 +219,58 @@ def lr_factor(
     )
 
 
+#: The settings that define a ``WarmupLR`` plan (compared when a checkpoint is loaded).
+PLAN_FIELDS: tuple[str, ...] = (
+    "warmup_steps",
+    "total_steps",
+    "warmup",
+    "warmup_start_factor",
+    "decay",
+    "min_lr",
+    "power",
+    "gamma",
+    "step_size",
+    "milestones",
+    "peak_lr",
+)
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """One line describing a plan (a dict with the :data:`PLAN_FIELDS`).
+
+    Examples:
+        >>> describe_plan({"warmup_steps": 20, "warmup": "linear", "decay": "cosine", "min_lr": 0.0,
+        ...                "total_steps": 300})
+        'warmup 20 steps (linear), cosine decay to 0 at step 300'
+    """
+    return (
+        f"warmup {plan['warmup_steps']} steps ({plan['warmup']}), {plan['decay']} decay to {plan['min_lr']:.6g} "
+        f"at step {plan['total_steps']}"
+    )
+
+
 class WarmupLR(LRScheduler):
     """Per-step warmup, then decay to ``min_lr`` at ``total_steps``: the LR is a closed form of the step.
 
     Step it once per optimizer step (Lightning: ``"interval": "step"``). The LR of optimizer step ``t``
     (0-based) is ``base_lr * lr_factor(t, ...)`` for every param group, with that group's own base LR. The
-    schedule keeps no state but the step count, so a resumed run gets the bitwise-identical LR sequence.
+    schedule keeps no state but the step count (and the base LRs), so a resumed run gets the bitwise-identical LR
+    sequence.
+
+    **Groups added or changed mid-run.** A param group added after construction (Lightning's
+    ``BackboneFinetuning``/``BaseFinetuning.unfreeze_and_add_param_group`` call ``optimizer.add_param_group``) keeps
+    the LR it was added with for the step it was added at, and then follows the schedule's shape from there: its
+    base LR is set to ``lr / f(t)`` (and recorded as its ``initial_lr``). The same holds for a group whose ``lr`` was
+    changed from outside between two steps (e.g. ``BackboneFinetuning`` raising the backbone LR at each epoch
+    start): the change persists and is scaled by the schedule from then on, as torch's chainable schedulers do.
+    Without such changes every LR is the closed form of the step. The base LRs of all groups are in
+    ``state_dict()``, so resuming works with groups added before the checkpoint.
+
+    **Resuming into a different plan.** ``load_state_dict`` compares the checkpoint's plan (lengths, shapes,
+    ``min_lr``, base LRs) with the one this scheduler was constructed with (e.g. ``max_epochs`` was raised to
+    extend a finished run). With ``resume_schedule="checkpoint"`` (default) the checkpoint's plan is kept and a
+    warning says what follows (an ended schedule stays at ``min_lr``) and how to re-plan; with ``"replan"`` the
+    constructed plan is used from the restored step on (load the optimizer's state first, as Lightning does).
 
     Args:
         optimizer: the wrapped optimizer; each group's current ``lr`` is its base (peak) LR.
@@ -210,18 +283,20 @@ class WarmupLR(LRScheduler):
             the reference.
         decay: decay shape after warmup: ``"cosine"``, ``"linear"``, ``"poly"``, ``"step"``, ``"multistep"``,
             ``"exponential"`` or ``"constant"``.
-        min_lr: final LR of the group with the largest base LR (the other groups' floors scale with their base
-            LR, so all groups keep their ratios). Must not exceed the largest base LR.
+        min_lr: final LR of the group with the largest base LR at construction (the other groups' floors scale
+            with their base LR, so all groups keep their ratios). Must not exceed the largest base LR.
         power: exponent of the ``"poly"`` decay (> 0).
         gamma: factor in (0, 1] of the ``"step"``, ``"multistep"`` and ``"exponential"`` decays.
         step_size: ``"step"``: steps between two multiplications by ``gamma``, counted from the end of warmup;
             ``"exponential"``: steps over which the LR falls by ``gamma`` (default 1: ``gamma`` per step).
         milestones: ``"multistep"``: absolute step numbers (counted from step 0, all after warmup) at which
             the LR is multiplied by ``gamma``.
+        resume_schedule: ``"checkpoint"`` or ``"replan"``: which plan wins when a loaded state differs (see above).
         last_epoch: index of the last step taken, as in every torch scheduler (-1: start fresh).
 
     Raises:
         ValueError: for invalid settings (each message names the argument, the value and what is allowed).
+        TypeError: for an argument of the wrong type.
 
     Examples:
         >>> import torch
@@ -250,45 +325,39 @@ class WarmupLR(LRScheduler):
         gamma: float = 0.1,
         step_size: float = 1.0,
         milestones: Sequence[int] = (),
+        resume_schedule: ResumeSchedule = "checkpoint",
         last_epoch: int = -1,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-        if not is_int(total_steps) or total_steps < 1:
-            raise ValueError(f"`total_steps` must be an integer >= 1, got {total_steps!r}.")
-        if not is_int(warmup_steps) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
-        if warmup_steps > total_steps:
-            raise ValueError(f"`warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}.")
-        self.warmup = check_choice("warmup", warmup, WARMUP_SHAPES)
-        self.decay = check_choice("decay", decay, DECAY_SHAPES)
-        self.warmup_start_factor = check_warmup_start_factor(warmup_start_factor)
-        if not is_number(min_lr) or min_lr < 0:
-            raise ValueError(f"`min_lr` must be a number >= 0, got {min_lr!r}.")
-        if not is_number(power) or power <= 0:
-            raise ValueError(f"`power` must be a number > 0, got {power!r}.")
-        self.gamma = check_gamma(gamma)
-        if not is_number(step_size) or step_size <= 0:
-            raise ValueError(f"`step_size` must be a number > 0 (in steps), got {step_size!r}.")
-        self.milestones = check_milestones(milestones)
-        if self.milestones and self.milestones[0] <= warmup_steps:
-            raise ValueError(
-                f"`milestones` must all come after warmup (> warmup_steps={warmup_steps}), got {self.milestones!r}."
-            )
-        if self.decay == "multistep" and not self.milestones:
-            raise ValueError("`milestones` must be a non-empty list when `decay='multistep'`, got [].")
-        peak = max(float(group["lr"]) for group in optimizer.param_groups)
-        if last_epoch == -1 and min_lr > peak:
-            raise ValueError(f"`min_lr` must not exceed the base LR ({peak}), got {min_lr!r}.")
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = int(total_steps)
-        self.min_lr = float(min_lr)
-        self.power = float(power)
-        self.step_size = float(step_size)
+            raise TypeError(f"WarmupLR: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        check_int("warmup_steps", warmup_steps, 0, owner="WarmupLR")
+        check_int("total_steps", total_steps, 1, owner="WarmupLR")
+        self.milestones = check_schedule(
+            "WarmupLR",
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            warmup=warmup,
+            warmup_start_factor=warmup_start_factor,
+            decay=decay,
+            min_lr=min_lr,
+            power=power,
+            gamma=gamma,
+            step_size=step_size,
+            milestones=milestones,
+        )
+        self.resume_schedule = check_choice("resume_schedule", resume_schedule, RESUME_SCHEDULES, owner="WarmupLR")
+        key = "lr" if last_epoch == -1 else "initial_lr"
+        self.peak_lr = max(float(group.get(key, group["lr"])) for group in optimizer.param_groups)
+        if last_epoch == -1 and min_lr > self.peak_lr:
+            raise ValueError(f"WarmupLR: `min_lr` must not exceed the base LR ({self.peak_lr}), got {min_lr!r}.")
+        self.warmup, self.decay = warmup, decay
+        self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
+        self.warmup_start_factor, self.min_lr = float(warmup_start_factor), float(min_lr)
+        self.power, self.gamma, self.step_size = float(power), float(gamma), float(step_size)
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def floor(self) -> float:
-        """The final LR multiplier: ``min_lr`` relative to the largest base LR (0 when that is 0).
+        """The final LR multiplier: ``min_lr`` relative to the largest base LR at construction (0 when that is 0).
 
         Examples:
             >>> import torch
@@ -296,8 +365,7 @@ class WarmupLR(LRScheduler):
             >>> WarmupLR(opt, warmup_steps=0, total_steps=10, min_lr=0.05).floor()
             0.1
         """
-        peak = max(float(base) for base in self.base_lrs)
-        return self.min_lr / peak if peak > 0 else 0.0
+        return self.min_lr / self.peak_lr if self.peak_lr > 0 else 0.0
 
     def factor(self, step: int) -> float:
         """The LR multiplier of optimizer step ``step`` (0-based), common to all param groups.
@@ -323,14 +391,84 @@ class WarmupLR(LRScheduler):
             milestones=self.milestones,
         )
 
+    def plan(self) -> dict[str, Any]:
+        """The settings of the schedule that runs (the :data:`PLAN_FIELDS`), e.g. for :func:`describe_plan`."""
+        return {name: getattr(self, name) for name in PLAN_FIELDS}
+
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """LRs of the current step ``last_epoch`` for every param group (closed form)."""
         return self._get_closed_form_lr()
 
     def _get_closed_form_lr(self) -> list[float]:
-        if self.last_epoch >= self.total_steps:
+        self._adopt_groups()
+        return self._lrs_at(self.last_epoch)[: len(self.optimizer.param_groups)]
+
+    def _lrs_at(self, step: int) -> list[float]:
+        """The LR of every group with a base LR at ``step`` (pure: changes nothing)."""
+        if step >= self.total_steps:
             # min_lr exactly for the peak group (base / peak == 1.0), the same ratio for the others
-            peak = max(float(base) for base in self.base_lrs)
+            peak = self.peak_lr
             return [self.min_lr * (float(base) / peak) if peak > 0 else 0.0 for base in self.base_lrs]
-        factor = self.factor(self.last_epoch)
+        factor = self.factor(step)
         return [float(base) * factor for base in self.base_lrs]
+
+    def _adopt_groups(self) -> None:
+        """Give a group added since the last step a base LR, and rebase a group whose LR was changed from outside.
+
+        Either way the group's current LR (the one it ran the previous step with) becomes ``base * f(previous)``.
+        """
+        last = getattr(self, "_last_lr", None)
+        previous = max(self.last_epoch - 1, 0)
+        for index, group in enumerate(self.optimizer.param_groups):
+            known = index < len(self.base_lrs)
+            if known and (last is None or index >= len(last) or float(group["lr"]) == float(last[index])):
+                continue
+            factor = self.factor(previous)
+            base = float(group["lr"]) / factor if factor > 0 else float(group["lr"])
+            group["initial_lr"] = base
+            if known:
+                self.base_lrs[index] = base
+            else:
+                self.base_lrs.append(base)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; when its plan differs from this scheduler's, warn or re-plan.
+
+        ``resume_schedule`` (this scheduler's, not the checkpoint's) decides: ``"checkpoint"`` keeps the restored
+        plan and warns; ``"replan"`` keeps the step count and the base LRs of groups added mid-run, and takes the
+        plan (lengths, shapes, ``min_lr``, base LRs of the constructed groups) from this scheduler.
+        """
+        planned, planned_bases, mode = self.plan(), [float(b) for b in self.base_lrs], self.resume_schedule
+        super().load_state_dict(state_dict)
+        self.resume_schedule = mode
+        stored = self.plan()
+        count = len(planned_bases)
+        if stored != planned or [float(b) for b in self.base_lrs[:count]] != planned_bases:
+            self._resolve_mismatch(stored, planned, planned_bases)
+        # What the groups run at now counts as set by this scheduler (no rebase at the next step).
+        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def _resolve_mismatch(self, stored: dict[str, Any], planned: dict[str, Any], planned_bases: list[float]) -> None:
+        if self.resume_schedule == "replan":
+            self._replan(planned, planned_bases)
+            return
+        ended = (
+            f" for good (that schedule ended at step {self.total_steps})" if self.last_epoch >= self.total_steps else ""
+        )
+        rank_zero_warn(
+            f"WarmupLR: the checkpoint's schedule ({describe_plan(stored)}, peak LR {stored['peak_lr']:.6g}) "
+            f"differs from the one this run planned ({describe_plan(planned)}, peak LR {planned['peak_lr']:.6g}), "
+            "e.g. because max_epochs, max_steps, the devices or the batch size changed. The checkpoint's schedule "
+            f"is kept: from step {self.last_epoch} on the first param group's LR is "
+            f"{self._lrs_at(self.last_epoch)[0]:.6g}{ended}. To re-plan the schedule to this run, set "
+            "`resume_schedule='replan'` (on SGDWarmup or WarmupLR).",
+            category=UserWarning,
+        )
+
+    def _replan(self, planned: dict[str, Any], planned_bases: list[float]) -> None:
+        self.__dict__.update(planned)
+        bases: list[Any] = planned_bases + [float(b) for b in self.base_lrs[len(planned_bases) :]]
+        self.base_lrs = bases
+        groups = self.optimizer.param_groups
+        for group, base, lr in zip(groups, self.base_lrs, self._lrs_at(self.last_epoch), strict=False):
+            group["lr"], group["initial_lr"] = lr, base

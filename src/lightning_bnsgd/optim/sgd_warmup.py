@@ -1,38 +1,40 @@
 """``SGDWarmup``: SGD with the large-batch recipe of Goyal et al. (2017) as one config.
 
-Linear (or square-root) LR scaling with the effective batch, per-step gradual warmup, a decay to
-``min_lr``, and no weight decay on normalization parameters and biases. ``SGDWarmup(...).build(module)``
-returns what Lightning's ``configure_optimizers`` returns; the pieces are public pure functions for users who
-assemble their own optimizer.
+An absolute ``lr``, or ``lr_base`` scaled with the effective batch (linear or square-root rule), per-step gradual
+warmup, a decay to ``min_lr``, and no weight decay on normalization parameters and biases.
+``SGDWarmup(...).build(module)`` returns what Lightning's ``configure_optimizers`` returns; the pieces are public
+pure functions for users who assemble their own optimizer.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
-from lightning_utilities.core.rank_zero import rank_zero_info
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.parameter import UninitializedParameter
 from torch.utils.data import DataLoader
 
-from lightning_bnsgd._validation import check_choice, is_int, is_number
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, check_str, is_int, is_number
 from lightning_bnsgd.optim.schedule import (
-    DECAY_SHAPES,
-    WARMUP_SHAPES,
+    RESUME_SCHEDULES,
     DecayShape,
+    ResumeSchedule,
     WarmupLR,
     WarmupShape,
-    check_gamma,
-    check_milestones,
-    check_warmup_start_factor,
+    check_schedule,
+    describe_plan,
 )
 
-ScaleRule = Literal["none", "linear", "sqrt"]
+ScaleRule = Literal["linear", "sqrt"]
 SCALE_RULES: tuple[str, ...] = get_args(ScaleRule)
 
 #: Warmup length used when neither ``warmup_epochs`` nor ``warmup_steps`` is set.
@@ -48,8 +50,66 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 
+#: Lazy modules whose ``weight`` is a matrix or a kernel once materialized: it gets ``weight_decay``.
+LAZY_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.LazyLinear,
+    nn.LazyConv1d,
+    nn.LazyConv2d,
+    nn.LazyConv3d,
+    nn.LazyConvTranspose1d,
+    nn.LazyConvTranspose2d,
+    nn.LazyConvTranspose3d,
+)
 
-def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_decay: float = 0.0) -> list[dict[str, Any]]:
+
+def _is_no_decay(owner: nn.Module, name: str, param: torch.Tensor, where: str) -> bool:
+    """Whether ``param`` (called ``name`` in ``owner``) belongs to the no-decay group; decided by type and shape."""
+    if isinstance(owner, NORM_LAYERS):
+        return True
+    if not isinstance(param, UninitializedParameter):
+        return param.ndim <= 1
+    if name == "bias":
+        return True
+    if name == "weight" and isinstance(owner, LAZY_WEIGHT_LAYERS):
+        return False
+    raise ValueError(
+        f"param_groups: the parameter `{where}` of {type(owner).__name__} is not materialized yet (a lazy module "
+        "before its first forward), so its shape cannot tell whether it gets weight decay. Run one forward pass "
+        "before the optimizer is built (e.g. `self(example_batch)` in the LightningModule's `setup`), or use a "
+        "module that is not lazy."
+    )
+
+
+def _selection(module: nn.Module, params: nn.Module | Iterable[torch.Tensor] | None) -> tuple[nn.Module, set[int]]:
+    """The module to walk and the ids of the parameters to keep (empty: all of them)."""
+    if params is None:
+        return module, set()
+    if isinstance(params, nn.Module):
+        return params, set()
+    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
+        raise TypeError(
+            f"`params` must be None, a torch.nn.Module or an iterable of parameters, got {type(params).__name__}."
+        )
+    chosen = list(params)
+    if not all(isinstance(p, torch.Tensor) for p in chosen):
+        raise TypeError("`params` must hold tensors (parameters of the module) only.")
+    known = {id(p) for p in module.parameters()}
+    if any(id(p) not in known for p in chosen):
+        raise ValueError(
+            f"`params` holds tensors that are not parameters of {type(module).__name__}: pass the module that owns "
+            "them first (their owning layers decide their weight decay)."
+        )
+    return module, {id(p) for p in chosen}
+
+
+def param_groups(
+    module: nn.Module,
+    weight_decay: float = 1e-4,
+    norm_weight_decay: float = 0.0,
+    *,
+    params: nn.Module | Iterable[torch.Tensor] | None = None,
+    prefix: str = "",
+) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``module`` into a weight-decay group and a no-decay group.
 
     The split goes by module type and parameter shape, never by name: the weights and biases of every
@@ -58,10 +118,18 @@ def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_deca
     other parameters (conv and linear weights) go to ``"decay"`` with ``weight_decay``. Parameters with
     ``requires_grad=False`` are left out; a parameter shared by several modules appears once.
 
+    Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, ...) are grouped before their first
+    forward by the owning module's type: lazy linear/conv weights decay, biases and lazy norm parameters do not. An
+    uninitialized parameter of any other module raises a ``ValueError`` (never a silent no-decay).
+
     Args:
         module: the model.
         weight_decay: weight decay of the ``"decay"`` group (>= 0).
         norm_weight_decay: weight decay of the ``"no_decay"`` group (>= 0).
+        params: only these parameters: a submodule (grouped by its own layers), or an iterable of parameters of
+            ``module`` (grouped by their owning layers in ``module``); ``None``: all of ``module``'s.
+        prefix: put before the group names (``f"{prefix}decay"``), e.g. to add groups to an optimizer that already
+            has a ``"decay"`` group (Lightning's ``LearningRateMonitor`` refuses duplicate group names).
 
     Returns:
         ``[{"params": [...], "weight_decay": ..., "name": "decay"}, {..., "name": "no_decay"}]`` for
@@ -71,23 +139,26 @@ def param_groups(module: nn.Module, weight_decay: float = 1e-4, norm_weight_deca
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
         >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in param_groups(net, 5e-4)]
         [('decay', 2, 0.0005), ('no_decay', 4, 0.0)]
+        >>> lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.Flatten(), nn.LazyLinear(2))
+        >>> [(g["name"], len(g["params"])) for g in param_groups(lazy, 5e-4, params=lazy[:2], prefix="body.")]
+        [('body.decay', 1), ('body.no_decay', 3)]
     """
-    for name, value in (("weight_decay", weight_decay), ("norm_weight_decay", norm_weight_decay)):
-        if not is_number(value) or value < 0:
-            raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+    check_number("weight_decay", weight_decay, 0.0, owner="param_groups")
+    check_number("norm_weight_decay", norm_weight_decay, 0.0, owner="param_groups")
+    root, wanted = _selection(module, params)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
-    for sub in module.modules():
-        is_norm = isinstance(sub, NORM_LAYERS)
-        for param in sub.parameters(recurse=False):
-            if id(param) in seen or not param.requires_grad:
+    for path, sub in root.named_modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad or (wanted and id(param) not in wanted):
                 continue
             seen.add(id(param))
-            (no_decay if is_norm or param.ndim <= 1 else decay).append(param)
+            where = f"{path}.{name}" if path else name
+            (no_decay if _is_no_decay(sub, name, param, where) else decay).append(param)
     return [
-        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
-        {"params": no_decay, "weight_decay": float(norm_weight_decay), "name": "no_decay"},
+        {"params": decay, "weight_decay": float(weight_decay), "name": f"{prefix}decay"},
+        {"params": no_decay, "weight_decay": float(norm_weight_decay), "name": f"{prefix}no_decay"},
     ]
 
 
@@ -98,27 +169,21 @@ def effective_batch_size(per_device: int, world_size: int = 1, accumulate_grad_b
         >>> effective_batch_size(64, world_size=2, accumulate_grad_batches=4)
         512
     """
-    for name, value in (
-        ("per_device", per_device),
-        ("world_size", world_size),
-        ("accumulate_grad_batches", accumulate_grad_batches),
-    ):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    check_int("per_device", per_device, 1, owner="effective_batch_size")
+    check_int("world_size", world_size, 1, owner="effective_batch_size")
+    check_int("accumulate_grad_batches", accumulate_grad_batches, 1, owner="effective_batch_size")
     return per_device * world_size * accumulate_grad_batches
 
 
-def lr_scale(effective_batch: int, reference_batch_size: int = 256, rule: str = "linear") -> float:
-    """The LR multiplier of a scaling rule: ``effective / reference`` (linear), its square root, or 1.
+def lr_scale(effective_batch: int, lr_base_size: int = 256, rule: str = "linear") -> float:
+    """The LR multiplier of a scaling rule: ``effective / lr_base_size`` (linear) or its square root.
 
     Examples:
-        >>> lr_scale(1024), lr_scale(1024, rule="sqrt"), lr_scale(1024, rule="none")
-        (4.0, 2.0, 1.0)
+        >>> lr_scale(1024), lr_scale(1024, rule="sqrt")
+        (4.0, 2.0)
     """
-    check_choice("scale_lr", rule, SCALE_RULES)
-    if rule == "none":
-        return 1.0
-    ratio = effective_batch / reference_batch_size
+    check_choice("lr_base_scale", rule, SCALE_RULES, owner="lr_scale")
+    ratio = effective_batch / lr_base_size
     return ratio if rule == "linear" else math.sqrt(ratio)
 
 
@@ -151,10 +216,10 @@ def per_device_batch_size(loaders: Any) -> int | None:
 
 @dataclass(frozen=True)
 class ResolvedSchedule:
-    """An ``SGDWarmup`` made concrete for one run: base LR after scaling and every length in steps.
+    """An ``SGDWarmup`` made concrete for one run: the peak LR and every length in steps.
 
     Examples:
-        >>> cfg = SGDWarmup(lr=0.1, warmup_epochs=2, scale_lr="linear")
+        >>> cfg = SGDWarmup(lr_base=0.1, warmup_epochs=2)
         >>> r = cfg.resolve(total_steps=100, steps_per_epoch=10, batch_size=512)
         >>> r.lr, r.warmup_steps, r.total_steps
         (0.2, 20, 100)
@@ -167,6 +232,7 @@ class ResolvedSchedule:
     total_steps: int
     step_size: float
     milestones: list[int]
+    steps_per_epoch: int | None = None
 
     def scheduler_kwargs(self, config: SGDWarmup) -> dict[str, Any]:
         """Keyword arguments of ``WarmupLR`` for this run."""
@@ -181,6 +247,7 @@ class ResolvedSchedule:
             "gamma": config.gamma,
             "step_size": self.step_size,
             "milestones": self.milestones,
+            "resume_schedule": config.resume_schedule,
         }
 
 
@@ -192,10 +259,22 @@ class SGDWarmup:
     data and ``SGDWarmup(**asdict(cfg))`` rebuilds it. ``build(module)`` reads the rest (steps, batch,
     devices) from the module's Trainer when ``configure_optimizers`` runs.
 
+    The peak LR follows the convention of timm's training script (pytorch-image-models ``train.py``: ``--lr``,
+    ``--lr-base``, ``--lr-base-size``, ``--lr-base-scale``): ``lr`` is the LR itself when given; when it is not,
+    ``lr_base`` (the LR for ``lr_base_size`` samples per step) is scaled to the effective batch, per-device batch x
+    devices x nodes x ``accumulate_grad_batches``, linearly (``lr_base x effective / lr_base_size``, Goyal et al.'s
+    rule) or by the square root. timm's defaults are ``lr_base=0.1`` (Goyal et al.'s ImageNet value) and
+    ``lr_base_size=256``, with the square root for Ada*/LAMB optimizers and linear otherwise (here: SGD, linear).
+    Our ``lr_base`` default, 0.4, is tuned for the packaged digits job (0.1 at its batch of 64).
+
     Args:
-        lr: peak LR at ``reference_batch_size`` (with ``scale_lr="none"``: the peak LR as is).
+        lr: the peak LR, used as given (``None``: scale ``lr_base``).
+        lr_base: the peak LR for ``lr_base_size`` samples per optimizer step, used when ``lr`` is ``None``.
+        lr_base_size: the effective batch ``lr_base`` is meant for.
+        lr_base_scale: ``"linear"`` (``lr_base x effective / lr_base_size``) or ``"sqrt"`` (its square root, as
+            timm uses for adaptive optimizers).
         momentum: SGD momentum in [0, 1).
-        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        nesterov: Nesterov momentum; applies only when ``momentum > 0`` (with ``momentum=0`` plain SGD runs).
         weight_decay: L2 weight decay of conv/linear weights.
         norm_weight_decay: weight decay of normalization weights/biases and of every bias or other 1-D
             parameter.
@@ -206,24 +285,27 @@ class SGDWarmup:
         warmup_start_factor: the first step runs at this fraction of the peak LR, in (0, 1].
         decay: shape after warmup: ``"cosine"``, ``"linear"``, ``"poly"``, ``"step"``, ``"multistep"``,
             ``"exponential"`` or ``"constant"``.
-        min_lr: LR reached at the last step, in the units of ``lr`` (scaled with it), at most ``lr``.
+        min_lr: the LR reached at the last step (absolute, never scaled), at most the peak LR.
         power: exponent of the ``"poly"`` decay.
         gamma: factor in (0, 1] of the ``"step"``, ``"multistep"`` and ``"exponential"`` decays.
         step_size: epochs between two multiplications by ``gamma`` (``"step"``, counted from the end of
             warmup), or the epochs over which the LR falls by ``gamma`` (``"exponential"``).
         milestones: ``"multistep"``: epochs (counted from the start of training, after warmup) at which the LR
             is multiplied by ``gamma``.
-        scale_lr: ``"none"``, ``"linear"`` (``lr x effective batch / reference_batch_size``) or ``"sqrt"``.
-        reference_batch_size: the batch size ``lr`` is meant for.
         batch_size: per-device batch size used for scaling (default: read from the train dataloader).
         total_steps: optimizer steps of the whole run (default: ``trainer.estimated_stepping_batches``).
+        resume_schedule: when a checkpoint's schedule differs from this run's plan (e.g. ``max_epochs`` was raised
+            to extend a finished run): ``"checkpoint"`` keeps the checkpoint's and warns, ``"replan"`` uses this
+            run's plan from the restored step on.
+        name: the scheduler's name in Lightning's ``LearningRateMonitor`` (default ``"lr-SGD"``, or
+            ``"lr-SGD-<submodule>"`` when ``build`` is given a submodule or its parameters).
 
     Raises:
         ValueError: for an invalid field (the message names it, its value and what is allowed).
         TypeError: for a field of the wrong type.
 
     Examples:
-        >>> cfg = SGDWarmup(lr=0.4, warmup_steps=5, total_steps=50, scale_lr="none")
+        >>> cfg = SGDWarmup(lr=0.4, warmup_steps=5, total_steps=50)
         >>> out = cfg.build(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
         >>> round(out["optimizer"].param_groups[0]["lr"], 6), out["lr_scheduler"]["interval"]
         (0.04, 'step')
@@ -232,7 +314,10 @@ class SGDWarmup:
         True
     """
 
-    lr: float = 0.4
+    lr: float | None = None
+    lr_base: float = 0.4
+    lr_base_size: int = 256
+    lr_base_scale: ScaleRule = "linear"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -247,65 +332,48 @@ class SGDWarmup:
     gamma: float = 0.1
     step_size: float = 1.0
     milestones: list[int] | None = None
-    scale_lr: ScaleRule = "linear"
-    reference_batch_size: int = 256
     batch_size: int | None = None
     total_steps: int | None = None
+    resume_schedule: ResumeSchedule = "checkpoint"
+    name: str | None = None
 
     def __post_init__(self) -> None:
-        if not is_number(self.lr) or self.lr <= 0:
-            raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}.")
-        if not is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"`momentum` must be a number in [0, 1), got {self.momentum!r}.")
-        if not isinstance(self.nesterov, bool):
-            raise TypeError(f"`nesterov` must be a bool, got {self.nesterov!r}.")
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("`nesterov=True` needs `momentum` > 0, got momentum=0.")
-        for name in ("weight_decay", "norm_weight_decay"):
-            value = getattr(self, name)
-            if not is_number(value) or value < 0:
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+        owner = "SGDWarmup"
+        check_number("lr", self.lr, 0.0, min_open=True, allow_none=True, owner=owner)
+        check_number("lr_base", self.lr_base, 0.0, min_open=True, owner=owner)
+        check_int("lr_base_size", self.lr_base_size, 1, owner=owner)
+        check_choice("lr_base_scale", self.lr_base_scale, SCALE_RULES, owner=owner)
+        check_number("momentum", self.momentum, 0.0, 1.0, max_open=True, owner=owner)
+        check_bool("nesterov", self.nesterov, owner=owner)
+        check_number("weight_decay", self.weight_decay, 0.0, owner=owner)
+        check_number("norm_weight_decay", self.norm_weight_decay, 0.0, owner=owner)
         if self.warmup_epochs is not None and self.warmup_steps is not None:
             raise ValueError(
-                f"Give `warmup_epochs` or `warmup_steps`, not both; got warmup_epochs={self.warmup_epochs!r} "
-                f"and warmup_steps={self.warmup_steps!r}."
+                f"{owner}: give `warmup_epochs` or `warmup_steps`, not both; got warmup_epochs="
+                f"{self.warmup_epochs!r} and warmup_steps={self.warmup_steps!r}."
             )
-        if self.warmup_epochs is not None and (not is_number(self.warmup_epochs) or self.warmup_epochs < 0):
-            raise ValueError(f"`warmup_epochs` must be None or a number >= 0, got {self.warmup_epochs!r}.")
-        if self.warmup_steps is not None and (not is_int(self.warmup_steps) or self.warmup_steps < 0):
-            raise ValueError(f"`warmup_steps` must be None or an integer >= 0, got {self.warmup_steps!r}.")
-        check_choice("warmup", self.warmup, WARMUP_SHAPES)
-        check_warmup_start_factor(self.warmup_start_factor)
-        check_choice("decay", self.decay, DECAY_SHAPES)
-        if not is_number(self.min_lr) or not 0.0 <= self.min_lr <= self.lr:
-            raise ValueError(f"`min_lr` must be a number in [0, lr={self.lr}], got {self.min_lr!r}.")
-        if not is_number(self.power) or self.power <= 0:
-            raise ValueError(f"`power` must be a number > 0, got {self.power!r}.")
-        check_gamma(self.gamma)
-        if not is_number(self.step_size) or self.step_size <= 0:
-            raise ValueError(f"`step_size` must be a number of epochs > 0, got {self.step_size!r}.")
-        if self.milestones is not None:
-            self.milestones = check_milestones(self.milestones)
-        if self.decay == "multistep" and not self.milestones:
-            raise ValueError(
-                f"`milestones` must be a non-empty list of epochs for decay='multistep', got {self.milestones!r}."
-            )
-        if self.milestones and self.milestones[0] <= self.warmup_length_epochs(default=0.0):
-            raise ValueError(
-                f"`milestones` must all come after warmup (> warmup_epochs={self.warmup_length_epochs()}), "
-                f"got {self.milestones!r}."
-            )
-        check_choice("scale_lr", self.scale_lr, SCALE_RULES)
-        if not is_int(self.reference_batch_size) or self.reference_batch_size < 1:
-            raise ValueError(f"`reference_batch_size` must be an integer >= 1, got {self.reference_batch_size!r}.")
-        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
-            raise ValueError(f"`batch_size` must be None or an integer >= 1, got {self.batch_size!r}.")
-        if self.total_steps is not None and (not is_int(self.total_steps) or self.total_steps < 1):
-            raise ValueError(f"`total_steps` must be None or an integer >= 1, got {self.total_steps!r}.")
-        if self.total_steps is not None and self.warmup_steps is not None and self.warmup_steps > self.total_steps:
-            raise ValueError(
-                f"`warmup_steps` must not exceed `total_steps` ({self.total_steps}), got {self.warmup_steps!r}."
-            )
+        check_number("warmup_epochs", self.warmup_epochs, 0.0, allow_none=True, owner=owner)
+        milestones = check_schedule(
+            owner,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+            warmup=self.warmup,
+            warmup_start_factor=self.warmup_start_factor,
+            decay=self.decay,
+            min_lr=self.min_lr,
+            power=self.power,
+            gamma=self.gamma,
+            step_size=self.step_size,
+            milestones=self.milestones,
+            warmup_end=self.warmup_length_epochs(default=0.0),
+        )
+        self.milestones = milestones if self.milestones is not None else None
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"{owner}: `min_lr` must be at most lr={self.lr}, got {self.min_lr!r}.")
+        check_int("batch_size", self.batch_size, 1, allow_none=True, owner=owner)
+        check_choice("resume_schedule", self.resume_schedule, RESUME_SCHEDULES, owner=owner)
+        if self.name is not None:
+            check_str("name", self.name, owner=owner)
 
     def warmup_length_epochs(self, default: float = DEFAULT_WARMUP_EPOCHS) -> float:
         """Warmup length in epochs when it is given in epochs (or by default); ``default`` otherwise.
@@ -324,6 +392,38 @@ class SGDWarmup:
         uses_step_size = self.decay in ("step", "exponential")
         return self.warmup_steps is None or uses_step_size or bool(self.milestones and self.decay == "multistep")
 
+    def _warmup_in_steps(self, total: int, steps_per_epoch: int, debug_run: bool = False) -> int:
+        if self.warmup_steps is not None:
+            warmup, where = int(self.warmup_steps), f"warmup_steps={self.warmup_steps}"
+        else:
+            epochs = self.warmup_length_epochs()
+            warmup = round(epochs * steps_per_epoch)
+            where = f"warmup_epochs={epochs} ({warmup} steps at {steps_per_epoch} steps per epoch)"
+        if warmup > total and debug_run:
+            return total
+        if warmup > total:
+            raise ValueError(
+                f"Warmup is longer than the run: {where} > total_steps={total}. Shorten the warmup or train longer."
+            )
+        return warmup
+
+    def peak_lr(self, effective_batch: int | None) -> float:
+        """The peak LR for an effective batch: ``lr`` when given, else ``lr_base`` scaled by ``lr_base_scale``.
+
+        Examples:
+            >>> SGDWarmup(lr_base=0.4).peak_lr(64), SGDWarmup(lr=0.3).peak_lr(None)
+            (0.1, 0.3)
+        """
+        if self.lr is not None:
+            return float(self.lr)
+        if effective_batch is None:
+            raise ValueError(
+                "SGDWarmup scales `lr_base` to the effective batch, but the per-device batch size is unknown (the "
+                "module has no Trainer or its train dataloader does not tell it): set SGDWarmup's `batch_size`, "
+                "or give the LR itself as `lr`."
+            )
+        return self.lr_base * lr_scale(effective_batch, self.lr_base_size, self.lr_base_scale)
+
     def resolve(
         self,
         *,
@@ -332,6 +432,7 @@ class SGDWarmup:
         batch_size: int | None = None,
         world_size: int = 1,
         accumulate_grad_batches: int = 1,
+        debug_run: bool = False,
     ) -> ResolvedSchedule:
         """Make this config concrete for one run (pure: no Trainer needed).
 
@@ -341,13 +442,15 @@ class SGDWarmup:
             batch_size: per-device batch size (the field ``batch_size`` wins when set).
             world_size: number of processes (devices x nodes).
             accumulate_grad_batches: batches per optimizer step.
+            debug_run: the Trainer runs with ``fast_dev_run``: a warmup longer than that short run is cut to it
+                instead of being an error, so a debug run works with the real run's config.
 
         Raises:
-            ValueError: when a needed length is unknown (the message says what to set) or warmup is longer
-                than the run.
+            ValueError: when a needed length is unknown (the message says what to set), warmup is longer
+                than the run (outside a debug run), or ``min_lr`` exceeds the peak LR.
 
         Examples:
-            >>> r = SGDWarmup(lr=0.1, scale_lr="linear", warmup_epochs=1).resolve(
+            >>> r = SGDWarmup(lr_base=0.1, warmup_epochs=1).resolve(
             ...     total_steps=200, steps_per_epoch=20, batch_size=64, world_size=2,
             ...     accumulate_grad_batches=4,
             ... )
@@ -368,80 +471,89 @@ class SGDWarmup:
                 "without epoch-valued fields, or give the Trainer a sized train dataloader."
             )
         spe = int(steps_per_epoch) if steps_per_epoch else 0
-        if self.warmup_steps is not None:
-            warmup = int(self.warmup_steps)
-            where = f"warmup_steps={warmup}"
-        else:
-            epochs = self.warmup_length_epochs()
-            warmup = round(epochs * spe)
-            where = f"warmup_epochs={epochs} ({warmup} steps at {spe} steps per epoch)"
-        if warmup > total:
-            raise ValueError(
-                f"Warmup is longer than the run: {where} > total_steps={total}. Shorten the warmup or train longer."
-            )
+        warmup = self._warmup_in_steps(int(total), spe, debug_run)
         bs = self.batch_size if self.batch_size is not None else batch_size
-        effective: int | None = None
-        if bs is not None:
-            effective = effective_batch_size(int(bs), world_size, accumulate_grad_batches)
-        if self.scale_lr != "none" and effective is None:
-            raise ValueError(
-                f"SGDWarmup(scale_lr={self.scale_lr!r}) needs the per-device batch size, but the module has "
-                "no Trainer or its train dataloader does not tell it: set SGDWarmup's `batch_size`, or use "
-                "scale_lr='none'."
-            )
-        scale = lr_scale(effective, self.reference_batch_size, self.scale_lr) if effective is not None else 1.0
-        milestones = [round(m * spe) for m in self.milestones or []] if self.decay == "multistep" else []
+        effective = None if bs is None else effective_batch_size(int(bs), world_size, accumulate_grad_batches)
+        lr = self.peak_lr(effective)
+        if self.min_lr > lr:
+            raise ValueError(f"SGDWarmup: `min_lr`={self.min_lr} exceeds the peak LR {lr:.6g} of this run.")
         return ResolvedSchedule(
-            lr=self.lr * scale,
-            min_lr=self.min_lr * scale,
+            lr=lr,
+            min_lr=float(self.min_lr),
             effective_batch_size=effective,
             warmup_steps=warmup,
             total_steps=int(total),
             step_size=self.step_size * spe if self.decay in ("step", "exponential") else 1.0,
-            milestones=milestones,
+            milestones=[round(m * spe) for m in self.milestones or []] if self.decay == "multistep" else [],
+            steps_per_epoch=spe or None,
         )
 
-    def build(self, module: nn.Module) -> dict[str, Any]:
-        """Build the optimizer and per-step scheduler for ``module`` (call it in ``configure_optimizers``).
+    def build(self, module: nn.Module, params: nn.Module | Iterable[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Build the optimizer and per-step scheduler (call it in ``configure_optimizers``).
 
         Reads ``module.trainer`` when the module is attached to one: total steps from
         ``trainer.estimated_stepping_batches``, steps per epoch, the train dataloader's batch size, the world
         size and ``accumulate_grad_batches``. A module without a Trainer needs ``total_steps``,
-        ``warmup_steps`` and (when scaling) ``batch_size``. Logs the effective LR once (rank zero).
+        ``warmup_steps`` and ``lr`` (or ``batch_size``). At the first optimizer step it logs the schedule that runs
+        (rank zero), after any checkpoint was restored.
+
+        With several optimizers, build one per part: ``[cfg.build(self, self.generator), cfg.build(self,
+        self.discriminator)]``; each scheduler gets its own ``LearningRateMonitor`` name. When the module uses
+        manual optimization (or is a plain ``nn.Module``), your code steps the scheduler; a warning says so when an
+        epoch's worth of optimizer steps (or, without a Trainer, the warmup's) passed without a scheduler step.
+
+        Args:
+            module: the LightningModule (its Trainer is read), or a plain ``nn.Module`` when every length is given.
+            params: what to optimize: ``None`` (all of ``module``), a submodule, or an iterable of ``module``'s
+                parameters (grouped by their owning layers, see :func:`param_groups`).
 
         Returns:
             ``{"optimizer": torch.optim.SGD, "lr_scheduler": {"scheduler": WarmupLR, "interval": "step",
-            "frequency": 1, "name": "lr-SGD"}}``.
+            "frequency": 1, "name": ...}}``.
 
         Raises:
-            ValueError: when the module has no trainable parameter, or a run length / batch size is unknown.
+            ValueError: when there is no trainable parameter, or a run length / batch size is unknown (the message
+                says why: e.g. a submodule passed as ``module`` has no Trainer).
         """
-        groups = param_groups(module, self.weight_decay, self.norm_weight_decay)
+        groups = param_groups(module, self.weight_decay, self.norm_weight_decay, params=params)
         if not any(group["params"] for group in groups):
             raise ValueError(
-                f"{type(module).__name__} has no trainable parameters (requires_grad=True); SGDWarmup has "
-                "nothing to optimize."
+                f"{type(module).__name__} has no trainable parameters (requires_grad=True) in what SGDWarmup was "
+                "given to optimize; SGDWarmup has nothing to optimize."
             )
-        resolved = self.resolve(**_trainer_facts(_trainer_of(module)))
+        resolved = self._resolve_for(module)
         optimizer = torch.optim.SGD(
             groups,
             lr=resolved.lr,
             momentum=self.momentum,
-            nesterov=self.nesterov,
+            nesterov=self.nesterov and self.momentum > 0,
             weight_decay=self.weight_decay,
         )
         scheduler = WarmupLR(optimizer, **resolved.scheduler_kwargs(self))
-        batch = resolved.effective_batch_size
-        rank_zero_info(
-            f"SGDWarmup: peak LR {resolved.lr:.6g} (lr={self.lr:g}, scale_lr={self.scale_lr!r}, "
-            f"effective batch {batch if batch is not None else 'unknown'}, reference "
-            f"{self.reference_batch_size}); warmup {resolved.warmup_steps} steps ({self.warmup}), "
-            f"{self.decay} decay to {resolved.min_lr:.6g} at step {resolved.total_steps}."
-        )
+        name = self.name if self.name is not None else _scheduler_name(module, params)
+        _announce_at_first_step(optimizer, scheduler, self._describe_source(resolved))
+        if getattr(module, "automatic_optimization", False) is not True:
+            _warn_if_never_stepped(optimizer, scheduler, resolved.steps_per_epoch or max(resolved.warmup_steps, 1))
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr-SGD"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": name},
         }
+
+    def _resolve_for(self, module: nn.Module) -> ResolvedSchedule:
+        trainer = _trainer_of(module)
+        try:
+            return self.resolve(**_trainer_facts(trainer))
+        except ValueError as err:
+            if trainer is not None:
+                raise
+            raise ValueError(f"{_no_trainer_cause(module)} {err}") from err
+
+    def _describe_source(self, resolved: ResolvedSchedule) -> str:
+        batch = resolved.effective_batch_size
+        where = f"effective batch {batch if batch is not None else 'unknown'}"
+        if self.lr is not None:
+            return f"lr={self.lr:g} as given, {where}"
+        return f"lr_base={self.lr_base:g} x {batch}/{self.lr_base_size} ({self.lr_base_scale}), {where}"
 
     def lr_curve(
         self,
@@ -454,7 +566,7 @@ class SGDWarmup:
         """The peak-group LR of every optimizer step ``0 .. total_steps - 1`` (for plots and checks).
 
         Examples:
-            >>> cfg = SGDWarmup(lr=1.0, warmup_steps=2, decay="linear", scale_lr="none")
+            >>> cfg = SGDWarmup(lr=1.0, warmup_steps=2, decay="linear")
             >>> [round(v, 3) for v in cfg.lr_curve(5)]
             [0.1, 0.55, 1.0, 0.667, 0.333]
         """
@@ -470,12 +582,93 @@ class SGDWarmup:
         return [scheduler.factor(t) * resolved.lr for t in range(resolved.total_steps)]
 
 
+def _module_path(module: nn.Module, params: nn.Module | Iterable[torch.Tensor]) -> str:
+    """The dotted path in ``module`` of a submodule, or the common module path of some of its parameters."""
+    if isinstance(params, nn.Module):
+        return next((path for path, sub in module.named_modules() if sub is params), "")
+    names = {id(p): path for path, p in module.named_parameters(remove_duplicate=False)}
+    paths = [names[id(p)].split(".")[:-1] for p in params if id(p) in names]
+    common: list[str] = []
+    for parts in zip(*paths, strict=False) if paths else ():
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def _scheduler_name(module: nn.Module, params: nn.Module | Iterable[torch.Tensor] | None) -> str:
+    """``"lr-SGD"``, or ``"lr-SGD-<path>"`` for a part of ``module`` (unique per part in ``LearningRateMonitor``)."""
+    path = _module_path(module, params) if params is not None else ""
+    return f"lr-SGD-{path}" if path else "lr-SGD"
+
+
+def _announce_at_first_step(optimizer: torch.optim.Optimizer, scheduler: WarmupLR, source: str) -> None:
+    """Log the schedule that actually runs (after any checkpoint was restored) once, before the first step."""
+    ref = weakref.ref(scheduler)
+
+    def announce(*_: Any) -> None:
+        handle.remove()
+        sched = ref()
+        if sched is None:
+            return
+        restored = "" if sched.peak_lr == optimizer.defaults["lr"] else " (the checkpoint's)"
+        resumed = f"; resumed at step {sched.last_epoch}" if sched.last_epoch > 0 else ""
+        rank_zero_info(
+            f"SGDWarmup: peak LR {sched.peak_lr:.6g}{restored} ({source}); {describe_plan(sched.plan())}{resumed}."
+        )
+
+    handle = optimizer.register_step_pre_hook(announce)
+
+
+def _warn_if_never_stepped(optimizer: torch.optim.Optimizer, scheduler: WarmupLR, steps: int) -> None:
+    """Warn once when ``steps`` optimizer steps passed while ``scheduler`` never advanced (manual optimization)."""
+    ref = weakref.ref(scheduler)
+    start = scheduler.last_epoch
+    count = 0
+
+    def check(*_: Any) -> None:
+        nonlocal count
+        count += 1
+        sched = ref()
+        if sched is None or sched.last_epoch != start:
+            handle.remove()
+        elif count > steps:
+            handle.remove()
+            rank_zero_warn(
+                f"SGDWarmup: the WarmupLR scheduler was not stepped during the first {steps} optimizer steps (an "
+                f"epoch), so the LR is still {optimizer.param_groups[0]['lr']:.6g}, the first warmup step's. With "
+                "manual optimization Lightning does not step schedulers: call `sch.step()` after each "
+                "`opt.step()`, with `sch` from `self.lr_schedulers()` (docs: usage.md, 'Several optimizers and "
+                "manual optimization').",
+                category=UserWarning,
+            )
+
+    handle = optimizer.register_step_post_hook(check)
+
+
 def _trainer_of(module: nn.Module) -> Any:
     """The Trainer ``module`` is attached to, or ``None`` (plain or detached module)."""
     try:
         return getattr(module, "trainer", None)
     except RuntimeError:  # a LightningModule not attached to a Trainer
         return None
+
+
+def _no_trainer_cause(module: nn.Module) -> str:
+    """Why ``module`` has no Trainer to read the run's length and batch from, and what to do."""
+    name = type(module).__name__
+    if hasattr(type(module), "trainer") and hasattr(module, "configure_optimizers"):
+        return (
+            f"SGDWarmup.build: the LightningModule {name} is not attached to a Trainer (build runs in "
+            "configure_optimizers, which the Trainer calls), so the run's length and batch size are unknown; "
+            "outside a Trainer give `total_steps`, `warmup_steps` and `lr` (or `batch_size`)."
+        )
+    return (
+        f"SGDWarmup.build: {name} is a plain torch.nn.Module, which has no Trainer to read the run's length and "
+        "batch size from. In configure_optimizers pass the LightningModule first and the part to optimize second: "
+        "`SGDWarmup(...).build(self, self.generator)`. A plain module needs `total_steps`, `warmup_steps` and `lr` "
+        "(or `batch_size`)."
+    )
 
 
 def _trainer_facts(trainer: Any) -> dict[str, Any]:
@@ -494,11 +687,13 @@ def _trainer_facts(trainer: Any) -> dict[str, Any]:
         "batch_size": per_device_batch_size(trainer.train_dataloader),
         "world_size": int(trainer.world_size),
         "accumulate_grad_batches": accumulate,
+        "debug_run": bool(getattr(trainer, "fast_dev_run", False)),
     }
 
 
 __all__ = [
     "DEFAULT_WARMUP_EPOCHS",
+    "LAZY_WEIGHT_LAYERS",
     "NORM_LAYERS",
     "SCALE_RULES",
     "ResolvedSchedule",

@@ -1,0 +1,417 @@
+"""Collects the target BatchNorm layers' per-batch statistics during ``recalibrate_bn`` and merges them exactly.
+
+Every target layer runs with ``momentum = 1.0``, so after a forward its ``running_mean``/``running_var`` hold that
+batch's mean and unbiased variance, computed by BatchNorm's own kernel. For the duration, the layers' running
+buffers (and ``num_batches_tracked``) are views into one flat tensor, so one copy per forward reads every layer
+at once ("fast" forwards). What a copy cannot know is each layer's element count, which depends only on the
+input's shape: the first forward of each new batch shape runs with forward hooks that measure it, and records
+which layer the forward reaches last, where later forwards of that shape stop. Hooks also serve the cases a copy
+cannot: a layer called several times in one forward, SyncBatchNorm (whose counts are global), and mode
+``"sequential"``. ``num_batches_tracked`` tells after each fast forward which layers ran (a layer skipped by the
+forward contributes nothing), so a forward that differs from its shape's first is never merged wrongly.
+Records are merged in float64 (Chan's formula) every `FLUSH_EVERY` forwards. Pure torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_bnsgd.bn.distributed import all_reduce_sum, syncs_across_processes
+from lightning_bnsgd.bn.moments import Moments, accumulation_dtype, merge_moments, moments_from_batch_stats
+
+#: Forwards whose records stay on the device before they are merged.
+FLUSH_EVERY = 64
+
+
+class StopForward(BaseException):
+    """Ends a forward early from a forward hook (a BaseException: ``except Exception`` won't catch it)."""
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    """What the first forward of a batch shape taught: element counts per layer and where to stop.
+
+    Attributes:
+        counts: per target layer, values per channel in one forward (0 where the forward did not reach it).
+        stop: index of the last target layer the forward reaches (the forward ends after it), or ``None``.
+        fast: whether later forwards of this shape can be read with one copy (no layer ran twice).
+    """
+
+    counts: Tensor
+    stop: int | None
+    fast: bool
+
+
+def batch_signature(batch: Any) -> tuple[Any, ...]:
+    """The shapes (and dtypes) of every tensor in ``batch``: forwards of equal signature see equal layer shapes.
+
+    Examples:
+        >>> batch_signature((torch.zeros(2, 3), {"m": torch.ones(2)}))
+        ((torch.Size([2, 3]), torch.float32), (torch.Size([2]), torch.float32))
+    """
+    found: list[tuple[torch.Size, torch.dtype]] = []
+    apply_to_collection(batch, Tensor, lambda t: found.append((t.shape, t.dtype)))
+    return tuple(found)
+
+
+class FlatBuffers:
+    """The target layers' running buffers as views into one flat tensor, for the duration of a ``with`` block.
+
+    The layers' own buffer tensors are put back on exit (so they keep their identity for optimizers, DDP, user
+    references) and are never written before `commit`: leaving the block without a commit restores them as
+    they were, whatever happened inside.
+    """
+
+    def __init__(self, layers: list[_BatchNorm]) -> None:
+        self.layers = layers
+        self.sizes = [layer.num_features for layer in layers]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(layers))]
+        kinds = [(m.running_mean.device, m.running_mean.dtype) for m in layers]  # type: ignore[union-attr]
+        self.device = kinds[0][0]
+        #: All layers' ``[running_mean; running_var]`` side by side, ``(2, C_total)``; ``None`` when the layers
+        #: live on several devices or dtypes (then each layer gets a ``(2, C)`` tensor of its own).
+        self.stats: Tensor | None = None
+        if len(set(kinds)) == 1:
+            self.stats = torch.zeros(2, sum(self.sizes), dtype=kinds[0][1], device=self.device)
+            self._views = [self.stats[:, o : o + c] for o, c in zip(self.offsets, self.sizes, strict=True)]
+        else:
+            self._views = [torch.zeros(2, c, dtype=k[1], device=k[0]) for c, k in zip(self.sizes, kinds, strict=True)]
+        self.tracked = torch.zeros(len(layers), dtype=torch.long, device=self.device)
+        self.reset()
+        # what each layer's buffers are for the duration (one tensor object each, so identity can be checked)
+        self._installed = [(v[0], v[1], self.tracked[i]) for i, v in enumerate(self._views)]
+        self._originals: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+    def reset(self) -> None:
+        """Reset every layer's statistics in the flat buffers (mean 0, variance 1), like ``reset_running_stats``."""
+        for view in [self.stats] if self.stats is not None else self._views:
+            view[0].zero_()
+            view[1].fill_(1.0)
+        self.tracked.zero_()
+
+    def view(self, index: int) -> Tensor:
+        """Layer ``index``'s ``[running_mean; running_var]`` as a ``(2, C)`` view."""
+        return self._views[index]
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[FlatBuffers]:
+        """Swap the views in for the block; the original buffers come back on exit."""
+        # Writing ``_buffers`` directly is what ``Module.__setattr__`` does for a registered buffer, at a tenth
+        # of the cost (it matters for models with hundreds of BatchNorm layers).
+        self._originals = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in self.layers]  # type: ignore[misc]
+        try:
+            for layer, (mean, var, count) in zip(self.layers, self._installed, strict=True):
+                layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
+                if layer.num_batches_tracked is not None:
+                    layer._buffers["num_batches_tracked"] = count
+            yield self
+        finally:
+            for layer, (mean, var, tracked) in zip(self.layers, self._originals, strict=True):
+                layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
+                if tracked is not None:
+                    layer._buffers["num_batches_tracked"] = tracked
+
+    def intact(self) -> bool:
+        """Whether every layer still uses its view (a module that replaced its buffer would not be read)."""
+        return all(
+            layer._buffers.get("running_mean") is mean and layer._buffers.get("running_var") is var
+            for layer, (mean, var, _) in zip(self.layers, self._installed, strict=True)
+        )
+
+    def original(self, index: int) -> tuple[Tensor, Tensor]:
+        """Layer ``index``'s own ``running_mean`` and ``running_var`` (unchanged until `commit`)."""
+        mean, var, _ = self._originals[index]
+        return mean, var
+
+    def commit(self, index: int, mean: Tensor, var: Tensor) -> None:
+        """Write final statistics into layer ``index``'s original buffers."""
+        original_mean, original_var, _ = self._originals[index]
+        original_mean.copy_(mean)
+        original_var.copy_(var)
+
+
+class StatsCollector:
+    """Per-forward records of the target layers' batch statistics and their exact merge (see the module doc).
+
+    Args:
+        layers: the target layers.
+        buffers: their flat buffers (installed by the caller).
+        reset_after_read: reset a layer's statistics after each read, so that a batch with NaN/Inf cannot
+            poison the next one through ``0 * NaN`` (needed when such batches are skipped).
+    """
+
+    def __init__(self, layers: list[_BatchNorm], buffers: FlatBuffers, reset_after_read: bool) -> None:
+        self.layers = layers
+        self.buffers = buffers
+        self.reset_after_read = reset_after_read
+        self.synced = [syncs_across_processes(layer) for layer in layers]
+        self.dtype = accumulation_dtype(buffers.device)
+        self.forward_index = 0
+        self._window_start = 0
+        self._plans: dict[tuple[Any, ...], ShapePlan] = {}
+        self._calls: list[tuple[int, int, Tensor, Tensor]] = []  # (forward, layer, count, stats (2, C))
+        flat = buffers.stats if buffers.stats is not None else buffers.tracked
+        self._slots = flat.new_empty((FLUSH_EVERY, *flat.shape)) if buffers.stats is not None else None
+        self._slot_tracked = buffers.tracked.new_empty((FLUSH_EVERY, len(layers)))
+        self._slot_info: list[tuple[int, Tensor]] = []  # (forward, counts)
+        self._sizes = torch.tensor(buffers.sizes, device=buffers.device)
+        self._flat_parts: list[Moments] = []  # per flush of fast forwards: per-channel summaries of all layers
+        self._parts: list[list[Moments]] = [[] for _ in layers]  # per layer: summaries of its hooked calls
+        self._bad: list[Tensor] = []
+        self._stop_hooks: dict[int, Any] = {}
+        # the layer whose forward hook ends the forward (hooked forwards), or whose stop hook does (fast forwards)
+        self._stop_after: int | None = None
+        # mode "sequential": the layers already estimated, while a layer pass is open (else None)
+        self._estimated: set[int] | None = None
+
+    # -------------------------------------------------------------------------------- sequential passes
+
+    def open_layer_pass(self, estimated: set[int]) -> None:
+        """Mode "sequential": the next pass estimates the first layer its forwards reach that is not in
+        ``estimated`` (it alone runs in train mode, and each forward ends right after it)."""
+        self._estimated = estimated
+        self._stop_after = None
+
+    def close_layer_pass(self) -> int | None:
+        """End the layer pass: the estimated layer goes back to eval mode; returns its index (``None``: the
+        forwards reached no layer left to estimate)."""
+        index = self._stop_after
+        if index is not None:
+            self.layers[index].training = False
+        self._estimated = None
+        self._stop_after = None
+        return index
+
+    def _claim(self, index: int) -> None:
+        if self._estimated is not None and self._stop_after is None and index not in self._estimated:
+            self._stop_after = index
+            self.layers[index].training = True
+
+    # ------------------------------------------------------------------------------------------- forwards
+
+    def forward(self, run: Callable[[], Any], batch: Any, learn: bool) -> None:
+        """One forward of ``batch`` (``run()`` does it); ``learn``: fast forwards after a shape's first one."""
+        plan = self._plans.get(batch_signature(batch)) if learn else None
+        if plan is not None and plan.fast and self._slots is not None and not any(self.synced):
+            self._fast_forward(run, plan)
+        else:
+            if self.buffers.stats is not None:
+                self.buffers.tracked.zero_()
+            pending = len(self._calls)
+            calls = self._hooked_forward(run)
+            if learn:
+                plan = self._plans[batch_signature(batch)] = self._plan_from(calls)
+                if plan.fast and self._slots is not None and not any(self.synced) and not self.reset_after_read:
+                    del self._calls[pending:]  # read this forward like the fast ones: one copy
+                    self._save_slot(plan)
+        self.forward_index += 1
+        if self.forward_index - self._window_start >= FLUSH_EVERY:
+            self.flush()
+
+    def _fast_forward(self, run: Callable[[], Any], plan: ShapePlan) -> None:
+        self.buffers.tracked.zero_()
+        self._stop_after = plan.stop
+        if plan.stop is not None and plan.stop not in self._stop_hooks:
+            self._stop_hooks[plan.stop] = self.layers[plan.stop].register_forward_hook(self._stop_hook(plan.stop))
+        try:
+            with contextlib.suppress(StopForward):
+                run()
+        finally:
+            self._stop_after = None
+        self._save_slot(plan)
+
+    def _save_slot(self, plan: ShapePlan) -> None:
+        assert self._slots is not None and self.buffers.stats is not None
+        slot = len(self._slot_info)
+        self._slots[slot].copy_(self.buffers.stats)
+        self._slot_tracked[slot].copy_(self.buffers.tracked)
+        self._slot_info.append((self.forward_index, plan.counts))
+        if self.reset_after_read:
+            self._reset(None)
+
+    def _stop_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._stop_after == index:
+                raise StopForward
+
+        return hook
+
+    def _hooked_forward(self, run: Callable[[], Any]) -> list[tuple[int, int]]:
+        calls: list[tuple[int, int]] = []
+        handles = []
+        for i, layer in enumerate(self.layers):
+            if self._estimated is not None:
+                handles.append(layer.register_forward_pre_hook(self._pre_hook(i)))
+            handles.append(layer.register_forward_hook(self._record_hook(i, calls)))
+        try:
+            with contextlib.suppress(StopForward):
+                run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return calls
+
+    def _pre_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._claim(index)
+
+        return hook
+
+    def _record_hook(self, index: int, calls: list[tuple[int, int]]) -> Callable[..., None]:
+        layer = self.layers[index]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not module.training:
+                return
+            count = args[0].numel() // layer.num_features
+            calls.append((index, count))
+            total = torch.tensor(float(count), dtype=self.dtype, device=self.buffers.view(index).device)
+            if self.synced[index]:  # the kernel already merged all processes: count their elements too
+                total = all_reduce_sum(total, getattr(layer, "process_group", None))
+            stats = torch.stack((layer.running_mean, layer.running_var))  # type: ignore[arg-type]
+            self._calls.append((self.forward_index, index, total, stats))
+            if self.reset_after_read or count == 0:  # an empty batch leaves NaN behind
+                self._reset(index)
+            if self._stop_after == index:
+                raise StopForward
+
+        return hook
+
+    def _reset(self, index: int | None) -> None:
+        if index is None:
+            self.buffers.reset()
+        else:  # the layer's current buffers (a module may have replaced the view: read and reset what it uses)
+            layer = self.layers[index]
+            layer.running_mean.zero_()  # type: ignore[union-attr]
+            layer.running_var.fill_(1.0)  # type: ignore[union-attr]
+
+    def _plan_from(self, calls: list[tuple[int, int]]) -> ShapePlan:
+        values = [0] * len(self.layers)
+        seen = [index for index, _ in calls]
+        for index, count in calls:
+            values[index] = count
+        counts = torch.tensor(values, dtype=self.dtype, device=self.buffers.device)
+        fast = len(seen) == len(set(seen)) and self.buffers.intact()
+        return ShapePlan(counts=counts, stop=seen[-1] if seen else None, fast=fast)
+
+    def close(self) -> None:
+        """Remove the stop hooks."""
+        for handle in self._stop_hooks.values():
+            handle.remove()
+        self._stop_hooks.clear()
+
+    # ---------------------------------------------------------------------------------------------- merging
+
+    def flush(self) -> None:
+        """Merge the records of the forwards since the last flush; forwards with NaN/Inf statistics are left out."""
+        start, end = self._window_start, self.forward_index
+        self._window_start = end
+        if end == start:
+            return
+        bad = torch.zeros(end - start, dtype=torch.long, device=self.buffers.device)
+        fast = self._fast_records(start, bad)
+        calls = self._call_records(start, bad)
+        self._bad.append(bad > 0)
+        if fast is not None:
+            forwards, counts, stats = fast
+            counts = counts * (bad[forwards] == 0).unsqueeze(-1)
+            self._flat_parts.append(_merge(counts.repeat_interleave(self._sizes, dim=1), stats))
+        for i, (forwards, counts, stats) in calls.items():
+            self._parts[i].append(_merge(counts * (bad[forwards] == 0).to(counts.device), stats))
+
+    def _fast_records(self, start: int, bad: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Forwards, counts ``(R, L)`` and statistics ``(R, 2, C)`` of the fast forwards; counts bad ones in ``bad``."""
+        n = len(self._slot_info)
+        if n == 0:
+            return None
+        if not self.buffers.intact():
+            raise RuntimeError(
+                "recalibrate_bn: a BatchNorm layer replaced its running_mean/running_var buffer during the forward "
+                "(instead of updating it in place); its statistics cannot be read. The model's statistics were "
+                "left unchanged."
+            )
+        runs = self._slot_tracked[:n]
+        counts = torch.stack([c for _, c in self._slot_info])
+        forwards = torch.tensor([f - start for f, _ in self._slot_info], dtype=torch.long, device=bad.device)
+        self._slot_info.clear()
+        if bool(((runs > 1) | ((runs == 1) & (counts == 0))).any()):
+            raise RuntimeError(
+                "recalibrate_bn: a BatchNorm layer ran in a forward where the first forward of the same batch "
+                "shape did not run it (or ran more than once where it ran once there); its element count is "
+                "unknown. The model's statistics were left unchanged."
+            )
+        counts = counts * (runs == 1)
+        assert self._slots is not None
+        stats = self._slots[:n].to(self.dtype)
+        per_channel = counts.repeat_interleave(self._sizes, dim=1).unsqueeze(1) > 0
+        nonfinite = (~torch.isfinite(stats) & per_channel).flatten(1).any(dim=1)
+        bad.index_add_(0, forwards, nonfinite.long())
+        return forwards, counts, stats
+
+    def _call_records(self, start: int, bad: Tensor) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+        """Per layer: forwards (relative), counts and statistics of the hooked calls; marks bad forwards."""
+        by_layer: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+        for forward, index, count, stats in self._calls:
+            by_layer.setdefault(index, []).append((forward - start, count, stats))
+        self._calls.clear()
+        out = {}
+        for index, records in by_layer.items():
+            forwards = torch.tensor([r[0] for r in records], dtype=torch.long, device=bad.device)
+            counts = torch.stack([r[1] for r in records]).to(self.dtype)
+            stats = torch.stack([r[2] for r in records]).to(self.dtype)
+            nonfinite = (~torch.isfinite(stats)).flatten(1).any(dim=1) & (counts > 0)
+            bad.index_add_(0, forwards, nonfinite.long().to(bad.device))
+            out[index] = (forwards, counts, stats)
+        return out
+
+    def results(self, indices: list[int]) -> list[Moments]:
+        """This process's merged summaries of the given layers (zeros for a layer that saw nothing)."""
+        flat = None
+        if self._flat_parts:
+            flat = merge_moments(*(torch.stack(list(p)) for p in zip(*self._flat_parts, strict=True)))
+        out = []
+        for index in indices:
+            parts = list(self._parts[index])
+            if flat is not None:
+                start, size = self.buffers.offsets[index], self.buffers.sizes[index]
+                parts.append((flat[0][start], flat[1][start : start + size], flat[2][start : start + size]))
+            if not parts:
+                zeros = torch.zeros(self.buffers.sizes[index], dtype=self.dtype, device=self.buffers.view(index).device)
+                parts.append((zeros.new_zeros(()), zeros, zeros.clone()))
+            out.append(
+                parts[0] if len(parts) == 1 else merge_moments(*(torch.stack(p) for p in zip(*parts, strict=True)))
+            )
+        return out
+
+    def bad_forwards(self) -> Tensor:
+        """Indices (on this process) of the forwards with non-finite statistics, since the last `clear_bad`."""
+        if not self._bad:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([b.cpu() for b in self._bad]).nonzero().flatten()
+
+    def clear_bad(self) -> None:
+        """Forget the bad forwards found so far (mode "sequential" checks them pass by pass)."""
+        self._bad.clear()
+
+
+def _merge(counts: Tensor, stats: Tensor) -> Moments:
+    """Exact merge of ``R`` records: counts ``(R,)`` or ``(R, C)``, statistics ``(R, 2, C)`` (mean; unbiased var).
+
+    Records with count 0 may hold anything (NaN included): they are zeroed first.
+    """
+    keep = (counts if counts.dim() == 2 else counts.unsqueeze(-1)) > 0
+    mean = torch.where(keep, stats[:, 0], torch.zeros_like(stats[:, 0]))
+    var = torch.where(keep, stats[:, 1], torch.zeros_like(stats[:, 1]))
+    n, mean, m2 = moments_from_batch_stats(counts, mean, var)
+    return merge_moments(n, mean, m2)
+
+
+__all__ = ["FLUSH_EVERY", "FlatBuffers", "ShapePlan", "StatsCollector", "StopForward", "batch_signature"]

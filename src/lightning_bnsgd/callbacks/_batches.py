@@ -1,0 +1,177 @@
+"""Where ``BNRecalibration`` gets its batches: the loader, the transfer hooks, the debug limits, the RNG it must not
+disturb."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from lightning_utilities.core.overrides import is_overridden
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_bnsgd._compat import namespace_of
+
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def loader_length(loader: Iterable[Any]) -> int | None:
+    """``len(loader)``, or ``None`` for a loader without a length.
+
+    Examples:
+        >>> loader_length([1, 2, 3]), loader_length(iter([1]))
+        (3, None)
+    """
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
+
+
+def without_persistent_workers(loader: DataLoader) -> DataLoader:
+    """A DataLoader over the same data whose iterator cannot reset the one the training loop is using."""
+    if loader.num_workers == 0 or not loader.persistent_workers:
+        return loader
+    common: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "worker_init_fn": loader.worker_init_fn,
+        "timeout": loader.timeout,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": False,
+    }
+    if isinstance(loader.dataset, IterableDataset):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **common)
+    if loader.batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
+    return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, **common)
+
+
+def loader_generators(loader: object) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that iterating ``loader`` advances (its own, its sampler's, its batch
+    sampler's sampler's).
+
+    Examples:
+        >>> g = torch.Generator()
+        >>> loader_generators(DataLoader(range(4), shuffle=True, generator=g)) == [g]
+        True
+    """
+    found: list[torch.Generator] = []
+    for owner in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+@contextlib.contextmanager
+def preserved_rng(generators: Iterable[torch.Generator] = ()) -> Iterator[None]:
+    """Run the block, then put back every random state it may have drawn from: Python's, NumPy's global one (if
+    NumPy is imported), torch's CPU and CUDA/MPS generators, and the given ``generators``.
+
+    Iterating a DataLoader draws its shuffling and worker seeds from these, so without this a callback that reads
+    the training data would change every later shuffle of the training run.
+
+    Examples:
+        >>> torch.manual_seed(0) and None
+        >>> with preserved_rng():
+        ...     _ = torch.rand(3)
+        >>> after = torch.rand(1)
+        >>> torch.manual_seed(0) and None
+        >>> bool(after == torch.rand(1))
+        True
+    """
+    generators = list(generators)
+    saved = [g.get_state() for g in generators]
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    mps_state = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        for generator, state in zip(generators, saved, strict=True):
+            generator.set_state(state)
+        random.setstate(python_state)
+        if numpy is not None and numpy_state is not None:
+            numpy.random.set_state(numpy_state)
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
+
+
+class TransferredBatches:
+    """Re-iterable view of a loader that stops after ``limit`` batches (``None``: no limit) and passes each batch
+    through ``move`` (the Lightning batch-transfer hooks)."""
+
+    def __init__(self, loader: Iterable[Any], move: Callable[[Any], Any], limit: int | None = None) -> None:
+        self.loader = loader
+        self.move = move
+        self.limit = limit
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.loader):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield self.move(batch)
+
+    def __len__(self) -> int:
+        length = loader_length(self.loader)
+        if length is None:
+            raise TypeError("the underlying loader has no length")
+        return length if self.limit is None else min(length, self.limit)
+
+
+def transfer_batch(batch: Any, trainer: Any, pl_module: Any) -> Any:
+    """Move ``batch`` as Lightning's training loop does: each batch-transfer hook from the DataModule when it
+    overrides it (checked against the DataModule's own Lightning namespace), else from the LightningModule."""
+    datamodule = getattr(trainer, "datamodule", None)
+    base = None
+    if datamodule is not None:
+        with contextlib.suppress(TypeError):
+            base = namespace_of(datamodule).LightningDataModule
+    for hook in _TRANSFER_HOOKS:
+        owner: Any = pl_module
+        if base is not None and isinstance(datamodule, base) and is_overridden(hook, datamodule, base):
+            owner = datamodule
+        if hook == "transfer_batch_to_device":
+            batch = owner.transfer_batch_to_device(batch, pl_module.device, 0)
+        else:
+            batch = getattr(owner, hook)(batch, 0)
+    return batch
+
+
+def default_forward_accepts(batch: Any) -> bool:
+    """Whether the default recalibration forward can feed ``batch``: a tensor, or a non-empty tuple/list whose first
+    item is passed to the model.
+
+    Examples:
+        >>> default_forward_accepts((torch.zeros(2), 1)), default_forward_accepts({"x": torch.zeros(2)})
+        (True, False)
+    """
+    return isinstance(batch, Tensor) or (isinstance(batch, (tuple, list)) and len(batch) > 0)
+
+
+def debug_batch_limit(trainer: Any, from_trainer_loader: bool) -> int | None:
+    """How many batches a recalibration may read under the Trainer's debug limits: ``fast_dev_run`` for any loader,
+    ``limit_train_batches`` (through ``trainer.num_training_batches``) for the trainer's own train loader."""
+    fast = getattr(trainer, "fast_dev_run", False)
+    if fast:
+        return 1 if fast is True else int(fast)
+    if from_trainer_loader:
+        limit = getattr(trainer, "num_training_batches", None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None

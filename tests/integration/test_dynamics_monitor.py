@@ -1,0 +1,313 @@
+"""``WeightDynamicsMonitor`` in Trainer runs: values against an independent computation, the interval in training
+batches (two optimizers, gradient accumulation), warnings, state, no effect on the trajectory, the packaged CLI."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from tests.user_project.project import MemoryLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnsgd._compat import Callback, LightningModule, loggers
+from lightning_bnsgd.bn.dynamics import angular_update, equilibrium_angular_update
+from lightning_bnsgd.callbacks.dynamics_monitor import WeightDynamicsMonitor
+from lightning_bnsgd.cli import cli_main, packaged_config
+
+INVARIANT = ("net.0", "net.4")  # Conv-ReLU-BN (weight and bias together) and Conv(bias=False)-BN
+
+
+def small_net(batch_norm: bool = True, dropout: float = 0.0) -> nn.Sequential:
+    norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        norm(4),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1, bias=False),
+        norm(8),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+class Tiny(LightningModule):
+    """Random 8x8 images in 3 classes, SGD with momentum and weight decay on every parameter."""
+
+    def __init__(self, lr: float = 0.1, weight_decay: float = 5e-4, nesterov: bool = True, **net: Any) -> None:
+        super().__init__()
+        self.net = small_net(**net)
+        self.lr, self.weight_decay, self.nesterov = lr, weight_decay, nesterov
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=0.9, nesterov=self.nesterov, weight_decay=self.weight_decay
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+        return DataLoader(data, batch_size=8, shuffle=True, generator=g)
+
+
+class Truth(Callback):
+    """Independent record of every optimizer step: weights before and after, the LR, gradient norms."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.rows: list[dict[str, Any]] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        modules = dict(pl_module.named_modules())
+        self.before = {n: _vector(modules[n]) for n in self.names}
+        self.grads = {n: float(modules[n].weight.grad.norm()) for n in self.names}
+        self.group = dict(optimizer.param_groups[0])
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        modules = dict(pl_module.named_modules())
+        after = {n: _vector(modules[n]) for n in self.names}
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "angle": {n: float(angular_update(self.before[n], after[n])) for n in self.names},
+                "norm": {n: float(after[n].norm()) for n in self.names},
+                "grad": self.grads,
+                "lr": self.group["lr"],
+            }
+        )
+
+
+def _vector(module: nn.Module) -> Tensor:
+    parts = [module.weight.detach().flatten()]
+    if module.bias is not None:
+        parts.append(module.bias.detach().flatten())
+    return torch.cat(parts).clone()
+
+
+def test_logged_values_match_an_independent_computation(make_trainer):
+    logger, truth = MemoryLogger(), Truth(INVARIANT)
+    monitor = WeightDynamicsMonitor(log_every_n_steps=3)
+    trainer = make_trainer(max_epochs=2, logger=logger, callbacks=[monitor, truth])
+    trainer.fit(Tiny())
+    assert monitor.report is not None
+    assert monitor.report.names == list(INVARIANT)
+    assert monitor.report.groups[0].params == ("net.0.weight", "net.0.bias")
+    assert monitor.report.groups[1].params == ("net.4.weight",)
+    assert list(monitor.report.rejected) == ["net.10"]
+    assert monitor.layer_names == ["net.0", "net.4", "net.10"]
+    logged = logger.logged("dynamics/")
+    assert [s for s, _ in logged] == [3, 6, 9, 12, 15]  # every 3rd of 16 batches
+    by_step = {r["step"]: r for r in truth.rows}
+    for step, metrics in logged:
+        row = by_step[step]
+        for name in INVARIANT:
+            assert metrics[f"dynamics/{name}/angular_update"] == pytest.approx(row["angle"][name], rel=1e-6)
+            assert metrics[f"dynamics/{name}/weight_norm"] == pytest.approx(row["norm"][name], rel=1e-6)
+            assert metrics[f"dynamics/{name}/effective_lr"] == pytest.approx(row["lr"] / row["norm"][name] ** 2)
+            assert metrics[f"dynamics/{name}/grad_norm"] == pytest.approx(row["grad"][name], rel=1e-5)
+            predicted = equilibrium_angular_update(row["lr"], 5e-4, 0.9, nesterov=True)
+            assert metrics[f"dynamics/{name}/angular_update_eq"] == pytest.approx(predicted)
+            assert metrics[f"dynamics/{name}/angular_update_ratio"] == pytest.approx(row["angle"][name] / predicted)
+        assert "dynamics/net.10/grad_norm" in metrics
+        assert "dynamics/net.10/angular_update" not in metrics
+        ratio = metrics["dynamics/net.0/grad_norm"] / metrics["dynamics/net.10/grad_norm"]
+        assert metrics["dynamics/summary/grad_norm_ratio"] == pytest.approx(ratio)
+
+
+def test_default_interval_is_the_trainers_and_csv_logger_gets_it(make_trainer, tmp_path):
+    monitor = WeightDynamicsMonitor()
+    trainer = make_trainer(max_epochs=1, log_every_n_steps=4, logger=loggers.CSVLogger(tmp_path), callbacks=[monitor])
+    trainer.fit(Tiny())
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "dynamics/net.4/angular_update" in text.splitlines()[0]
+    assert monitor.state_dict()["batches"] == 8
+
+
+class TwoOptimizers(Tiny):
+    """Manual optimization with one optimizer per conv layer (and the head in the second): global_step advances
+    twice per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        first, second = self.optimizers()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        first.step()
+        second.step()
+
+    def configure_optimizers(self) -> Any:
+        head = [p for n, p in self.named_parameters() if not n.startswith("net.0.")]
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4),
+            torch.optim.SGD(head, lr=0.05, momentum=0.5, weight_decay=1e-3),
+        ]
+
+
+def test_interval_counts_training_batches_with_two_optimizers(make_trainer):
+    logger = MemoryLogger()
+    trainer = make_trainer(max_epochs=1, logger=logger, callbacks=[WeightDynamicsMonitor(log_every_n_steps=3)])
+    trainer.fit(TwoOptimizers())
+    logged = logger.logged("dynamics/")
+    assert [s for s, _ in logged] == [6, 12]  # batches 3 and 6 of 8; global_step is twice the batch count
+    metrics = logged[0][1]
+    assert metrics["dynamics/net.0/angular_update_eq"] == pytest.approx(equilibrium_angular_update(0.1, 5e-4, 0.9))
+    assert metrics["dynamics/net.4/angular_update_eq"] == pytest.approx(equilibrium_angular_update(0.05, 1e-3, 0.5))
+
+
+def test_with_gradient_accumulation_the_next_stepping_batch_is_monitored(make_trainer):
+    logger = MemoryLogger()
+    monitor = WeightDynamicsMonitor(log_every_n_steps=3)
+    trainer = make_trainer(max_epochs=1, logger=logger, accumulate_grad_batches=2, callbacks=[monitor])
+    trainer.fit(Tiny())
+    # batches 3 and 6 are due; batch 3 does not step, so batch 4 (optimizer step 2) is monitored, then batch 6 (3)
+    assert [s for s, _ in logger.logged("dynamics/")] == [2, 3]
+    assert all(m["dynamics/net.4/angular_update"] > 0 for _, m in logger.logged("dynamics/"))
+
+
+def _fit_warnings(make_trainer: Any, model: LightningModule, monitor: WeightDynamicsMonitor, **kwargs: Any) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[monitor], **{"logger": MemoryLogger(), **kwargs}).fit(model)
+    return "\n".join(str(w.message) for w in caught if "WeightDynamicsMonitor" in str(w.message))
+
+
+def test_warns_when_without_weight_decay_the_norm_grows_and_the_effective_lr_decays(make_trainer):
+    monitor = WeightDynamicsMonitor(log_every_n_steps=1, max_norm_growth=1.5)
+    text = _fit_warnings(make_trainer, Tiny(lr=1.0, weight_decay=0.0, nesterov=False), monitor, max_epochs=3)
+    assert "no weight decay" in text
+    assert text.count("no weight decay") == len(monitor.state_dict()["warned"])  # once per layer
+
+
+def test_warns_when_lr_times_weight_decay_makes_the_weight_rotate_by_noise(make_trainer):
+    monitor = WeightDynamicsMonitor(log_every_n_steps=1, patience=3)
+    text = _fit_warnings(make_trainer, Tiny(lr=1.0, weight_decay=1.0, nesterov=False), monitor, max_epochs=1)
+    assert "'net.0' rotates" in text and "lr x weight_decay is too high" in text
+
+
+def test_warns_when_the_lr_is_too_high_for_the_norm(make_trainer):
+    monitor = WeightDynamicsMonitor(log_every_n_steps=1, patience=2, max_angular_update=0.1)
+    text = _fit_warnings(make_trainer, Tiny(lr=0.5, weight_decay=1e-4), monitor, max_epochs=1)
+    assert "'net.0' rotates" in text and "is small for this LR" in text
+    assert text.count("rotates") == len(monitor.state_dict()["warned"])
+
+
+def test_no_warning_on_a_healthy_run(make_trainer):
+    assert _fit_warnings(make_trainer, Tiny(), WeightDynamicsMonitor(log_every_n_steps=1), max_epochs=2) == ""
+
+
+def test_model_without_batchnorm_warns_and_still_logs_the_gradient_flow(make_trainer):
+    logger = MemoryLogger()
+    monitor = WeightDynamicsMonitor(log_every_n_steps=2)
+    with pytest.warns(UserWarning, match="found no scale-invariant weight"):
+        make_trainer(max_epochs=1, logger=logger, callbacks=[monitor]).fit(Tiny(batch_norm=False))
+    metrics = logger.logged("dynamics/")[0][1]
+    assert set(metrics) == {
+        "dynamics/net.0/grad_norm",
+        "dynamics/net.4/grad_norm",
+        "dynamics/net.10/grad_norm",
+        "dynamics/summary/grad_norm_ratio",
+    }
+
+
+def test_include_exclude_and_no_grad_flow(make_trainer):
+    logger = MemoryLogger()
+    monitor = WeightDynamicsMonitor(log_every_n_steps=2, exclude="net.0", log_grad_flow=False)
+    make_trainer(max_epochs=1, logger=logger, callbacks=[monitor]).fit(Tiny())
+    keys = set(logger.logged("dynamics/")[0][1])
+    assert {k.split("/")[1] for k in keys} == {"net.4"}
+
+
+def test_no_logger_warns(make_trainer):
+    with pytest.warns(UserWarning, match="no logger"):
+        make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[WeightDynamicsMonitor()]).fit(Tiny())
+
+
+def test_trajectory_is_unchanged_by_the_monitor(make_trainer):
+    def fit(callbacks: list[Any]) -> dict[str, Tensor]:
+        torch.manual_seed(0)
+        model = Tiny(dropout=0.5)
+        make_trainer(max_epochs=2, logger=MemoryLogger(), callbacks=callbacks).fit(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain = fit([])
+    monitored = fit([WeightDynamicsMonitor(log_every_n_steps=1)])
+    for key, value in plain.items():
+        assert torch.equal(value, monitored[key]), key
+
+
+def test_state_dict_round_trip():
+    monitor = WeightDynamicsMonitor()
+    monitor.load_state_dict(
+        {"warned": [["net.0", "no_decay"]], "batches": 7, "streaks": {"net.4": 2}, "first_inv_norm2": {"net.0": 0.5}}
+    )
+    state = monitor.state_dict()
+    assert state == {
+        "warned": [["net.0", "no_decay"]],
+        "batches": 7,
+        "streaks": {"net.4": 2},
+        "first_inv_norm2": {"net.0": 0.5},
+    }
+    WeightDynamicsMonitor().load_state_dict({})  # old checkpoints: defaults
+
+
+def test_resumed_run_keeps_the_batch_count(make_trainer, tmp_path):
+    logger = MemoryLogger()
+    trainer = make_trainer(
+        max_epochs=1, logger=logger, callbacks=[WeightDynamicsMonitor(log_every_n_steps=3)], enable_checkpointing=True
+    )
+    trainer.fit(Tiny())
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    logger2, monitor2 = MemoryLogger(), WeightDynamicsMonitor(log_every_n_steps=3)
+    make_trainer(max_epochs=2, logger=logger2, callbacks=[monitor2]).fit(Tiny(), ckpt_path=str(ckpt))
+    # batches 9, 12 and 15 of the whole run (global steps 9, 12, 15), as without the interruption
+    assert [s for s, _ in logger2.logged("dynamics/")] == [9, 12, 15]
+    assert monitor2.state_dict()["batches"] == 16
+
+
+def test_packaged_digits_config_with_the_monitor(tmp_path):
+    config = yaml.safe_load(packaged_config().read_text())  # the packaged job has the monitor, every 25 batches
+    (entry,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("WeightDynamicsMonitor")]
+    entry["init_args"]["log_every_n_steps"] = 3
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(path),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=6",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=cpu",
+        ]
+    )
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, WeightDynamicsMonitor))
+    assert monitor.report is not None
+    assert monitor.report.names == ["net.features.0.conv", "net.features.1.conv"]
+    header = next((tmp_path / "digits").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "dynamics/net.features.1.conv/angular_update_ratio" in header
+    assert monitor.state_dict()["batches"] == 6

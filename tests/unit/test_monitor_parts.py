@@ -1,0 +1,68 @@
+"""Unit tests of ``BNStatsMonitor``'s parts: layer-name patterns and the layout of a monitored step's tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_bnsgd.bn.inspect import ANOMALIES, BUFFER_STATS, GAP_STATS
+from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout
+from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+
+
+def test_name_patterns_glob_and_regex() -> None:
+    names = ["net.features.0.norm", "net.features.1.norm", "head.bn"]
+    assert select_layer_names(names, compile_name_patterns("*.0.*", "include")) == [names[0]]
+    assert select_layer_names(names, compile_name_patterns(r"re:features\.\d", "include")) == names[:2]
+    exclude = compile_name_patterns(["head.*", "re:1"], "exclude")
+    assert select_layer_names(names, (), exclude) == [names[0]]
+    assert select_layer_names(names) == names
+    with pytest.raises(ValueError, match=r"^BNStatsMonitor: `exclude`.*invalid regular expression.*re:\("):
+        compile_name_patterns(["re:("], "exclude")
+    with pytest.raises(ValueError, match="`include`"):
+        compile_name_patterns([""], "include")
+    with pytest.raises(TypeError, match="`include`"):
+        compile_name_patterns(3, "include")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`include` patterns"):
+        compile_name_patterns(["ok", 4], "include")  # type: ignore[list-item]
+
+
+def _parts(layers: int, offset: float) -> dict[str, torch.Tensor]:
+    def block(columns: int, start: float) -> torch.Tensor:
+        return torch.arange(layers * columns, dtype=torch.float32).view(layers, columns) + start
+
+    return {
+        "summary": block(len(BUFFER_STATS), offset),
+        "gaps": block(len(GAP_STATS), offset + 1000),
+        "flags": block(len(ANOMALIES), offset + 2000),
+        "frozen_changed": torch.arange(layers, dtype=torch.float32) + offset + 3000,
+    }
+
+
+@pytest.mark.parametrize("has_rank", [False, True])
+def test_step_layout_round_trip(has_rank: bool) -> None:
+    parts = _parts(3, 0.0)
+    rank = torch.arange(3 * len(RANK_STATS), dtype=torch.float32).view(3, -1) + 4000 if has_rank else None
+    hist = [torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0, 7.0], dtype=torch.float64)]
+    layout = StepLayout(3, has_rank, (("a", "weight", 2), ("b", "running_var", 3)))
+    flat = layout.pack(parts["summary"], parts["gaps"], rank, parts["flags"], parts["frozen_changed"], hist)
+    assert flat.dtype == torch.float32 and flat.numel() == sum(layout.sizes())
+    values = layout.unpack(flat)
+    assert values.summary == parts["summary"].tolist()
+    assert values.gaps == parts["gaps"].tolist()
+    assert values.flags == parts["flags"].tolist()
+    assert values.frozen_changed == parts["frozen_changed"].tolist()
+    assert values.rank_diff == (rank.tolist() if rank is not None else None)
+    assert [(layer, name, t.tolist()) for layer, name, t in values.histograms] == [
+        ("a", "weight", [1.0, 2.0]),
+        ("b", "running_var", [5.0, 6.0, 7.0]),
+    ]
+
+
+def test_step_layout_rejects_parts_that_do_not_match() -> None:
+    parts = _parts(2, 0.0)
+    layout = StepLayout(2, has_rank=False)
+    with pytest.raises(ValueError, match="do not match"):
+        layout.pack(parts["summary"], parts["gaps"], torch.zeros(2, 2), parts["flags"], parts["frozen_changed"])
+    with pytest.raises(ValueError, match="sizes"):
+        layout.pack(parts["summary"], parts["gaps"][:1], None, parts["flags"], parts["frozen_changed"])
