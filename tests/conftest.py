@@ -86,6 +86,7 @@ def make_trainer(quiet_trainer_kwargs):
     return factory
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what it deselects
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA: skipped (with the reason) where none is present. Tests marked
     ``both_namespaces`` fail (never skip) where only one Lightning namespace is installed: deselect them there with
