@@ -2,20 +2,20 @@
 
 Every target layer runs with ``momentum = 1.0``, so after a forward its ``running_mean``/``running_var`` hold that
 batch's mean and unbiased variance, computed by BatchNorm's own kernel. For the duration, the layers' running
-buffers (and ``num_batches_tracked``) are views into one flat tensor, so one copy per forward reads every layer
-at once ("fast" forwards). What a copy cannot know is each layer's element count, which depends only on the
-input's shape: the first forward of each new batch shape runs with forward hooks that measure it, and records
-which layer the forward reaches last, where later forwards of that shape stop. Hooks also serve the cases a copy
-cannot: a layer called several times in one forward, SyncBatchNorm (whose counts are global), and mode
-``"sequential"``. ``num_batches_tracked`` tells after each fast forward which layers ran (a layer skipped by the
-forward contributes nothing), so a forward that differs from its shape's first is never merged wrongly.
-Records are merged in float64 (Chan's formula) every `FLUSH_EVERY` forwards. Pure torch, no Lightning.
+buffers are views into one flat tensor (`FlatBuffers`), so one copy per forward reads every layer at once ("fast"
+forwards). What a copy cannot know is each layer's element count, which depends only on the input's shape: the
+first forward of each new batch shape runs with forward hooks that measure it, and records which layers it
+reached and the last one, where later forwards of that shape stop. Hooks also serve the cases a copy cannot: a
+layer called several times in one forward, SyncBatchNorm (whose counts are global), and mode ``"sequential"``.
+After each fast forward, the variances left at `NOT_RUN` tell which layers did not run (a layer skipped by the
+forward contributes nothing), so a forward that runs a layer its shape's first forward did not reach is an
+error, never a wrong count. Records are merged in float64 every `FLUSH_EVERY` forwards. Pure torch, no Lightning.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,9 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_bnsgd.bn.buffers import NOT_RUN, FlatBuffers
 from lightning_bnsgd.bn.distributed import all_reduce_sum, syncs_across_processes
-from lightning_bnsgd.bn.moments import Moments, accumulation_dtype, merge_moments, moments_from_batch_stats
+from lightning_bnsgd.bn.moments import Moments, accumulation_dtype, merge_batch_stats, merge_moments
 
 #: Forwards whose records stay on the device before they are merged.
 FLUSH_EVERY = 64
@@ -41,11 +42,13 @@ class ShapePlan:
 
     Attributes:
         counts: per target layer, values per channel in one forward (0 where the forward did not reach it).
+        reached: per target layer, whether the forward called it (with no value, a layer may be reached).
         stop: index of the last target layer the forward reaches (the forward ends after it), or ``None``.
         fast: whether later forwards of this shape can be read with one copy (no layer ran twice).
     """
 
     counts: Tensor
+    reached: Tensor
     stop: int | None
     fast: bool
 
@@ -60,82 +63,6 @@ def batch_signature(batch: Any) -> tuple[Any, ...]:
     found: list[tuple[torch.Size, torch.dtype]] = []
     apply_to_collection(batch, Tensor, lambda t: found.append((t.shape, t.dtype)))
     return tuple(found)
-
-
-class FlatBuffers:
-    """The target layers' running buffers as views into one flat tensor, for the duration of a ``with`` block.
-
-    The layers' own buffer tensors are put back on exit (so they keep their identity for optimizers, DDP, user
-    references) and are never written before `commit`: leaving the block without a commit restores them as
-    they were, whatever happened inside.
-    """
-
-    def __init__(self, layers: list[_BatchNorm]) -> None:
-        self.layers = layers
-        self.sizes = [layer.num_features for layer in layers]
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(layers))]
-        kinds = [(m.running_mean.device, m.running_mean.dtype) for m in layers]  # type: ignore[union-attr]
-        self.device = kinds[0][0]
-        #: All layers' ``[running_mean; running_var]`` side by side, ``(2, C_total)``; ``None`` when the layers
-        #: live on several devices or dtypes (then each layer gets a ``(2, C)`` tensor of its own).
-        self.stats: Tensor | None = None
-        if len(set(kinds)) == 1:
-            self.stats = torch.zeros(2, sum(self.sizes), dtype=kinds[0][1], device=self.device)
-            self._views = [self.stats[:, o : o + c] for o, c in zip(self.offsets, self.sizes, strict=True)]
-        else:
-            self._views = [torch.zeros(2, c, dtype=k[1], device=k[0]) for c, k in zip(self.sizes, kinds, strict=True)]
-        self.tracked = torch.zeros(len(layers), dtype=torch.long, device=self.device)
-        self.reset()
-        # what each layer's buffers are for the duration (one tensor object each, so identity can be checked)
-        self._installed = [(v[0], v[1], self.tracked[i]) for i, v in enumerate(self._views)]
-        self._originals: list[tuple[Tensor, Tensor, Tensor | None]] = []
-
-    def reset(self) -> None:
-        """Reset every layer's statistics in the flat buffers (mean 0, variance 1), like ``reset_running_stats``."""
-        for view in [self.stats] if self.stats is not None else self._views:
-            view[0].zero_()
-            view[1].fill_(1.0)
-        self.tracked.zero_()
-
-    def view(self, index: int) -> Tensor:
-        """Layer ``index``'s ``[running_mean; running_var]`` as a ``(2, C)`` view."""
-        return self._views[index]
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[FlatBuffers]:
-        """Swap the views in for the block; the original buffers come back on exit."""
-        # Writing ``_buffers`` directly is what ``Module.__setattr__`` does for a registered buffer, at a tenth
-        # of the cost (it matters for models with hundreds of BatchNorm layers).
-        self._originals = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in self.layers]  # type: ignore[misc]
-        try:
-            for layer, (mean, var, count) in zip(self.layers, self._installed, strict=True):
-                layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
-                if layer.num_batches_tracked is not None:
-                    layer._buffers["num_batches_tracked"] = count
-            yield self
-        finally:
-            for layer, (mean, var, tracked) in zip(self.layers, self._originals, strict=True):
-                layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
-                if tracked is not None:
-                    layer._buffers["num_batches_tracked"] = tracked
-
-    def intact(self) -> bool:
-        """Whether every layer still uses its view (a module that replaced its buffer would not be read)."""
-        return all(
-            layer._buffers.get("running_mean") is mean and layer._buffers.get("running_var") is var
-            for layer, (mean, var, _) in zip(self.layers, self._installed, strict=True)
-        )
-
-    def original(self, index: int) -> tuple[Tensor, Tensor]:
-        """Layer ``index``'s own ``running_mean`` and ``running_var`` (unchanged until `commit`)."""
-        mean, var, _ = self._originals[index]
-        return mean, var
-
-    def commit(self, index: int, mean: Tensor, var: Tensor) -> None:
-        """Write final statistics into layer ``index``'s original buffers."""
-        original_mean, original_var, _ = self._originals[index]
-        original_mean.copy_(mean)
-        original_var.copy_(var)
 
 
 class StatsCollector:
@@ -161,8 +88,11 @@ class StatsCollector:
         flat = buffers.stats if buffers.stats is not None else buffers.tracked
         self._slots = flat.new_empty((FLUSH_EVERY, *flat.shape)) if buffers.stats is not None else None
         self._slot_tracked = buffers.tracked.new_empty((FLUSH_EVERY, len(layers)))
-        self._slot_info: list[tuple[int, Tensor]] = []  # (forward, counts)
+        self._slot_info: list[tuple[int, ShapePlan]] = []  # (forward, its shape's plan)
+        self._counts_any = any(buffers.counted)
         self._sizes = torch.tensor(buffers.sizes, device=buffers.device)
+        self._first_channels = torch.tensor(buffers.offsets, device=buffers.device)
+        self._counted = torch.tensor(buffers.counted, device=buffers.device)
         self._flat_parts: list[Moments] = []  # per flush of fast forwards: per-channel summaries of all layers
         self._parts: list[list[Moments]] = [[] for _ in layers]  # per layer: summaries of its hooked calls
         self._bad: list[Tensor] = []
@@ -203,8 +133,8 @@ class StatsCollector:
         if plan is not None and plan.fast and self._slots is not None and not any(self.synced):
             self._fast_forward(run, plan)
         else:
-            if self.buffers.stats is not None:
-                self.buffers.tracked.zero_()
+            if learn and self.buffers.stats is not None:
+                self.buffers.arm()
             pending = len(self._calls)
             calls = self._hooked_forward(run)
             if learn:
@@ -217,7 +147,7 @@ class StatsCollector:
             self.flush()
 
     def _fast_forward(self, run: Callable[[], Any], plan: ShapePlan) -> None:
-        self.buffers.tracked.zero_()
+        self.buffers.arm()
         self._stop_after = plan.stop
         if plan.stop is not None and plan.stop not in self._stop_hooks:
             self._stop_hooks[plan.stop] = self.layers[plan.stop].register_forward_hook(self._stop_hook(plan.stop))
@@ -232,10 +162,9 @@ class StatsCollector:
         assert self._slots is not None and self.buffers.stats is not None
         slot = len(self._slot_info)
         self._slots[slot].copy_(self.buffers.stats)
-        self._slot_tracked[slot].copy_(self.buffers.tracked)
-        self._slot_info.append((self.forward_index, plan.counts))
-        if self.reset_after_read:
-            self._reset(None)
+        if self._counts_any:
+            self._slot_tracked[slot].copy_(self.buffers.tracked)
+        self._slot_info.append((self.forward_index, plan))
 
     def _stop_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -285,13 +214,11 @@ class StatsCollector:
 
         return hook
 
-    def _reset(self, index: int | None) -> None:
-        if index is None:
-            self.buffers.reset()
-        else:  # the layer's current buffers (a module may have replaced the view: read and reset what it uses)
-            layer = self.layers[index]
-            layer.running_mean.zero_()  # type: ignore[union-attr]
-            layer.running_var.fill_(1.0)  # type: ignore[union-attr]
+    def _reset(self, index: int) -> None:
+        # the layer's current buffers (a module may have replaced the view: read and reset what it uses)
+        layer = self.layers[index]
+        layer.running_mean.zero_()  # type: ignore[union-attr]
+        layer.running_var.fill_(1.0)  # type: ignore[union-attr]
 
     def _plan_from(self, calls: list[tuple[int, int]]) -> ShapePlan:
         values = [0] * len(self.layers)
@@ -299,8 +226,10 @@ class StatsCollector:
         for index, count in calls:
             values[index] = count
         counts = torch.tensor(values, dtype=self.dtype, device=self.buffers.device)
+        reached = torch.zeros(len(self.layers), dtype=torch.bool, device=self.buffers.device)
+        reached[sorted(set(seen))] = True
         fast = len(seen) == len(set(seen)) and self.buffers.intact()
-        return ShapePlan(counts=counts, stop=seen[-1] if seen else None, fast=fast)
+        return ShapePlan(counts=counts, reached=reached, stop=seen[-1] if seen else None, fast=fast)
 
     def close(self) -> None:
         """Remove the stop hooks."""
@@ -338,19 +267,22 @@ class StatsCollector:
                 "(instead of updating it in place); its statistics cannot be read. The model's statistics were "
                 "left unchanged."
             )
-        runs = self._slot_tracked[:n]
-        counts = torch.stack([c for _, c in self._slot_info])
+        assert self._slots is not None
+        raw = self._slots[:n]
+        ran = (raw[:, 1, self._first_channels] != NOT_RUN).long()  # a NaN variance ran too
+        runs = torch.where(self._counted, self._slot_tracked[:n], ran) if self._counts_any else ran
+        counts = torch.stack([plan.counts for _, plan in self._slot_info])
+        reached = torch.stack([plan.reached for _, plan in self._slot_info])
         forwards = torch.tensor([f - start for f, _ in self._slot_info], dtype=torch.long, device=bad.device)
         self._slot_info.clear()
-        if bool(((runs > 1) | ((runs == 1) & (counts == 0))).any()):
+        if bool(((runs > 1) | ((runs > 0) & ~reached)).any()):
             raise RuntimeError(
                 "recalibrate_bn: a BatchNorm layer ran in a forward where the first forward of the same batch "
                 "shape did not run it (or ran more than once where it ran once there); its element count is "
                 "unknown. The model's statistics were left unchanged."
             )
         counts = counts * (runs == 1)
-        assert self._slots is not None
-        stats = self._slots[:n].to(self.dtype)
+        stats = raw.to(self.dtype)
         per_channel = counts.repeat_interleave(self._sizes, dim=1).unsqueeze(1) > 0
         nonfinite = (~torch.isfinite(stats) & per_channel).flatten(1).any(dim=1)
         bad.index_add_(0, forwards, nonfinite.long())
@@ -405,13 +337,9 @@ class StatsCollector:
 def _merge(counts: Tensor, stats: Tensor) -> Moments:
     """Exact merge of ``R`` records: counts ``(R,)`` or ``(R, C)``, statistics ``(R, 2, C)`` (mean; unbiased var).
 
-    Records with count 0 may hold anything (NaN included): they are zeroed first.
+    Records with count 0 may hold anything (NaN included).
     """
-    keep = (counts if counts.dim() == 2 else counts.unsqueeze(-1)) > 0
-    mean = torch.where(keep, stats[:, 0], torch.zeros_like(stats[:, 0]))
-    var = torch.where(keep, stats[:, 1], torch.zeros_like(stats[:, 1]))
-    n, mean, m2 = moments_from_batch_stats(counts, mean, var)
-    return merge_moments(n, mean, m2)
+    return merge_batch_stats(counts, stats[:, 0], stats[:, 1])
 
 
-__all__ = ["FLUSH_EVERY", "FlatBuffers", "ShapePlan", "StatsCollector", "StopForward", "batch_signature"]
+__all__ = ["FLUSH_EVERY", "ShapePlan", "StatsCollector", "StopForward", "batch_signature"]

@@ -125,6 +125,44 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
     return count[0], mean[0], m2[0]
 
 
+def merge_batch_stats(count: Tensor, mean: Tensor, var: Tensor) -> Moments:
+    """Merge ``R`` batch summaries (count, mean, unbiased variance) along dim 0 into the union's ``(count, mean, M2)``.
+
+    In float64 it takes two passes over the records: the count-weighted mean first, then
+    ``M2 = sum((n - 1) * var) + sum(n * (mean_r - mean)**2)``, whose second term is centred, so nothing cancels.
+    In float32 (devices without float64) it uses the balanced tree of Chan merges (`merge_moments`).
+
+    Args:
+        count: shape ``(R,)``, or ``(R, C)`` for one count per channel. Records with count 0 may hold anything
+            (NaN included) and add nothing.
+        mean: shape ``(R, C)``.
+        var: shape ``(R, C)``, unbiased (as BatchNorm stores it; a record of one value adds no spread).
+
+    Returns:
+        ``(count, mean, M2)``, shapes ``()`` (``(C,)`` for per-channel counts), ``(C,)``, ``(C,)``.
+
+    Examples:
+        >>> x = torch.randn(30, 2, dtype=torch.float64)
+        >>> parts = [x[:1], x[1:12], x[12:]]
+        >>> n, m, m2 = merge_batch_stats(
+        ...     torch.tensor([1.0, 11.0, 18.0], dtype=torch.float64),
+        ...     torch.stack([p.mean(0) for p in parts]),
+        ...     torch.stack([p.var(0) if len(p) > 1 else torch.full((2,), float("nan")) for p in parts]),
+        ... )
+        >>> float(n), bool(torch.allclose(m, x.mean(0))), bool(torch.allclose(m2 / (n - 1), x.var(0)))
+        (30.0, True, True)
+    """
+    n = _per_channel(count, mean)
+    mean = torch.where(n > 0, mean, torch.zeros_like(mean))
+    if mean.dtype != torch.float64:
+        return merge_moments(*moments_from_batch_stats(count, mean, torch.where(n > 0, var, torch.zeros_like(var))))
+    within = torch.where(n > 1, var * (n - 1), torch.zeros_like(var))
+    total = count.sum(0)
+    centre = (n * mean).sum(0) / _per_channel(total, mean[0]).clamp_min(1)
+    spread = mean - centre
+    return total, centre, within.sum(0) + (n * spread * spread).sum(0)
+
+
 def variance_from_moments(count: Tensor, m2: Tensor, unbiased: bool = True) -> Tensor:
     """Per-channel variance from ``(count, M2)``, clamped at >= 0 (zeros where ``count`` is too small).
 

@@ -3,7 +3,7 @@
 How it works (mode ``"train"``): every target BatchNorm layer gets ``momentum = 1.0`` for the duration, so
 after each forward its ``running_mean``/``running_var`` hold exactly that batch's mean and unbiased variance,
 computed by BatchNorm's own kernel. One copy per forward reads them for all layers at once (`collector`), and
-the copies are merged in float64 with Chan's formula, which adds the between-batch variance back. The result
+the records are merged in float64 with Chan's formula, which adds the between-batch variance back. The result
 equals what the layer would store after one forward of all its inputs concatenated, whatever the batch sizes,
 their order or the split of the data over processes (`passes`). Each forward ends after the last target layer.
 Mode ``"sequential"`` estimates the layers one at a time in forward order, each while all earlier layers already
@@ -27,7 +27,8 @@ from torch.nn.parameter import UninitializedBuffer
 
 from lightning_bnsgd._validation import check_callable, check_choice, check_int
 from lightning_bnsgd.bn.batches import ForwardFn, batch_size_of, default_forward, take_samples
-from lightning_bnsgd.bn.collector import FlatBuffers, StatsCollector
+from lightning_bnsgd.bn.buffers import FlatBuffers
+from lightning_bnsgd.bn.collector import StatsCollector
 from lightning_bnsgd.bn.distributed import broadcast_from_zero, gather_ints, world_size
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.moments import Moments, all_gather_moments, variance_from_moments
@@ -206,13 +207,13 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
     The layers' own buffers are swapped out for the duration (`FlatBuffers`), so they are never touched before
     the final commit: any exception, ``KeyboardInterrupt`` included, leaves them exactly as they were.
     """
-    flags = {module: module.training for module in model.modules()}
+    flags = [(module, module.training) for module in model.modules()]
     momenta = [layer.momentum for layer in layers]
     buffers = FlatBuffers(layers)
     try:
         with torch.no_grad(), buffers.installed():
             if dropout == "eval":
-                for module in flags:
+                for module, _ in flags:
                     if not isinstance(module, _BatchNorm):
                         _set_attribute(module, "training", False)
             for layer in layers:
@@ -221,7 +222,7 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             _set_attribute(layer, "momentum", momentum)
-        for module, flag in flags.items():
+        for module, flag in flags:
             _set_attribute(module, "training", flag)
 
 
@@ -319,22 +320,22 @@ def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, repor
             "model's statistics were left unchanged."
         )
     sizes = [buffers.sizes[i] for i in reached]
-    device = outcome.moments[reached[0]][1].device
-    if any(outcome.moments[i][1].device != device for i in reached):  # layers on several devices
+    parts = [outcome.moments[i] for i in reached]
+    device = parts[0][1].device
+    if any(part[1].device != device for part in parts):  # layers on several devices
         device = torch.device("cpu")
+        parts = [(n.to(device), m.to(device), s.to(device)) for n, m, s in parts]
     size_t = torch.tensor(sizes, device=device)
     layer_of = torch.repeat_interleave(torch.arange(len(reached), device=device), size_t)
-    count = torch.stack([outcome.moments[i][0].reshape(()).to(device) for i in reached])[layer_of]
-    mean = torch.cat([outcome.moments[i][1].to(device) for i in reached])
-    var = variance_from_moments(count, torch.cat([outcome.moments[i][2].to(device) for i in reached]))
-    olds = [buffers.original(i) for i in reached]
-    old_mean = torch.cat([old[0].to(device, torch.float64) for old in olds])
-    old_var = torch.cat([old[1].to(device, torch.float64) for old in olds])
+    count = torch.stack([part[0].reshape(()) for part in parts])[layer_of]
+    mean = torch.cat([part[1] for part in parts])
+    var = variance_from_moments(count, torch.cat([part[2] for part in parts]))
+    old_mean, old_var = buffers.originals_flat(reached, device)
     per_channel = _channel_shift(old_mean, old_var, mean, var)
     sums = per_channel.new_zeros(2, len(reached)).index_add_(1, layer_of, per_channel)
     shifts = (sums / size_t.to(sums.dtype)).T.cpu().tolist()
-    for i, layer_mean, layer_var, shift in zip(reached, mean.split(sizes), var.split(sizes), shifts, strict=True):
-        buffers.commit(i, layer_mean, layer_var)
+    buffers.commit(reached, mean, var)
+    for i, shift in zip(reached, shifts, strict=True):
         report.layers.append(names[i])
         report.shift[names[i]] = LayerShift(mean=shift[0], var=shift[1])
 
