@@ -15,7 +15,7 @@ from lightning_bnsgd.data import DigitsDataModule
 from lightning_bnsgd.models import BNConvNet, ConvNetClassifier
 from lightning_bnsgd.optim import SGDWarmup, WarmupLR, param_groups
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = [
     "BNAnomalyError",

@@ -169,3 +169,79 @@ def test_buffers_keep_their_identity() -> None:
     recalibrate_bn(model, [torch.randn(8, 3) for _ in range(3)])
     assert [id(b) for b in model.buffers()] == ids
     assert int(model[1].num_batches_tracked) == 0
+
+
+def test_stock_layers_run_without_their_counter_and_get_it_back() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4))
+    for layer in (model[1], model[3]):
+        layer.num_batches_tracked.fill_(5)
+    counters = [model[1].num_batches_tracked, model[3].num_batches_tracked]
+    seen: list[object] = []
+    model[3].register_forward_pre_hook(lambda m, a: seen.extend([model[1].num_batches_tracked, m.num_batches_tracked]))
+    x = torch.randn(40, 3)
+    recalibrate_bn(model, torch.split(x, 8))
+    assert len(seen) == 10 and all(counter is None for counter in seen)  # torch's BatchNorm skips a None counter
+    assert [model[1].num_batches_tracked, model[3].num_batches_tracked] == counters
+    assert all(int(counter) == 5 for counter in counters)
+    with torch.no_grad():
+        _close(model[1].running_var, model[0](x).var(0))
+
+
+class _Counting(nn.BatchNorm1d):
+    """A subclass with a forward of its own that counts without checking for ``None`` (as user code may)."""
+
+    def __init__(self, features: int, twice_from: int = 0) -> None:
+        super().__init__(features)
+        self.calls = 0
+        self.twice_from = twice_from
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked.add_(1)
+        return nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self._norm(x)
+        if self.twice_from and self.calls >= self.twice_from:  # data-dependent: later forwards run it twice
+            out = self._norm(out * 2.0 + 1.0)
+        return out
+
+
+def test_a_subclass_with_its_own_forward_keeps_counting_and_is_exact() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), _Counting(4))
+    x = torch.randn(36, 3) * 2.0 + 1.0
+    recalibrate_bn(model, torch.split(x, 6))
+    with torch.no_grad():
+        h = model[0](x)
+    _close(model[1].running_mean, h.mean(0))
+    _close(model[1].running_var, h.var(0))
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_a_subclass_run_twice_by_a_later_forward_is_an_error() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), _Counting(4, twice_from=3))
+    before = model[1].running_var.clone()
+    with pytest.raises(RuntimeError, match="element count"):
+        recalibrate_bn(model, [torch.randn(6, 3) for _ in range(5)])
+    assert torch.equal(model[1].running_var, before)
+
+
+def test_a_layer_reached_with_no_values_adds_nothing() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2)
+            self.empty = nn.BatchNorm1d(2)  # always gets an empty selection: BatchNorm leaves its buffers alone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.empty(x[x[:, 0] > 1e9])
+            return self.bn(x)
+
+    model = Branch()
+    x = torch.randn(30, 2)
+    report = recalibrate_bn(model, torch.split(x, 6))
+    assert report.layers == ["bn"] and report.skipped == {"empty": "not reached by the forward"}
+    _close(model.bn.running_var, x.var(0))
+    assert torch.equal(model.empty.running_var, torch.ones(2))

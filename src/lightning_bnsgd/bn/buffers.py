@@ -6,9 +6,9 @@ means 0 and variances -1, a value no real variance takes, so after the forward a
 -1 did not run (this also clears a NaN a layer may have left, which ``0 * NaN`` would carry into the next batch).
 
 Torch's own BatchNorm forward skips ``num_batches_tracked`` when it is ``None``, and that update costs about a
-third of a small layer's forward, so those layers run without it for the duration. Layers with a forward of
-their own (a subclass, SyncBatchNorm) keep counting, in views of one flat tensor as well, which also tells when
-such a layer ran twice in one forward.
+quarter of a small BatchNorm layer's forward, so those layers run without it for the duration. Layers with a
+forward of their own (a subclass, SyncBatchNorm) keep counting, in views of one flat tensor as well, which also
+tells when such a layer ran twice in one forward.
 
 The layers' own buffer tensors are put back on exit (they keep their identity for optimizers, DDP and user
 references) and are never written before `commit`: leaving the block without a commit restores them as they
@@ -37,9 +37,12 @@ def copy_all(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
         >>> a.tolist(), b.tolist()
         ([1.0, 1.0], [2.0, 2.0, 2.0])
     """
+    if len(targets) != len(sources):
+        raise ValueError(f"copy_all: {len(targets)} targets but {len(sources)} sources.")
     foreach = getattr(torch, "_foreach_copy_", None)
     if foreach is not None and all(
-        t.dtype == s.dtype and t.device == s.device and t.shape == s.shape for t, s in zip(targets, sources)
+        t.dtype == s.dtype and t.device == s.device and t.shape == s.shape
+        for t, s in zip(targets, sources, strict=True)
     ):
         foreach(list(targets), list(sources))
         return

@@ -71,8 +71,9 @@ class StatsCollector:
     Args:
         layers: the target layers.
         buffers: their flat buffers (installed by the caller).
-        reset_after_read: reset a layer's statistics after each read, so that a batch with NaN/Inf cannot
-            poison the next one through ``0 * NaN`` (needed when such batches are skipped).
+        reset_after_read: reset a layer's statistics after each read through a hook, so that a batch with
+            NaN/Inf cannot poison the next one through ``0 * NaN`` (needed when such batches are skipped; fast
+            forwards start from armed buffers anyway).
     """
 
     def __init__(self, layers: list[_BatchNorm], buffers: FlatBuffers, reset_after_read: bool) -> None:
