@@ -16,14 +16,19 @@ BatchNorm layer (``recalibrate_bn`` ends each forward there).
 
 Error: the first BatchNorm layer's statistics against the exact ones on class-sorted data (``--errors``).
 
-Run ``python benchmarks/recalibration.py`` (``--quick`` for a shorter run). Times are never asserted in tests.
+Run ``python benchmarks/recalibration.py`` (``--quick`` for a shorter run; ``--processes 3`` runs each row in three
+fresh processes and pools their repeats, since where the allocator puts the activations, which differs from process
+to process, moves the speed of small convolutions by a few percent). Times are never asserted in tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -181,8 +186,9 @@ METHODS: dict[str, Method] = {
 }
 
 
-def time_ratios(model: nn.Module, batches: list[torch.Tensor], repeats: int) -> dict[str, float]:
-    """Median over interleaved repeats of each method's time over the plain forwards' time of the same repeat."""
+def time_ratios(model: nn.Module, batches: list[torch.Tensor], repeats: int) -> dict[str, list[float]]:
+    """Per interleaved repeat, each method's time over the plain forwards' time of the same repeat (``plain_ms``:
+    the plain forwards' times in milliseconds)."""
     times: dict[str, list[float]] = {k: [] for k in METHODS}
     for fn in METHODS.values():  # warm-up (also learns recalibrate_bn's per-shape plan once, as any run does)
         fn(model, batches[:2])
@@ -192,9 +198,26 @@ def time_ratios(model: nn.Module, batches: list[torch.Tensor], repeats: int) -> 
             start = time.perf_counter()
             METHODS[name](model, batches)
             times[name].append(time.perf_counter() - start)
-    ratios = {k: statistics.median(t / p for t, p in zip(v, times["plain"], strict=True)) for k, v in times.items()}
-    ratios["plain_ms"] = statistics.median(times["plain"]) * 1e3
+    ratios = {k: [t / p for t, p in zip(v, times["plain"], strict=True)] for k, v in times.items()}
+    ratios["plain_ms"] = [t * 1e3 for t in times["plain"]]
     return ratios
+
+
+def row_in_fresh_processes(index: int, args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
+    """Row ``index`` run in ``args.processes`` fresh processes: the pooled per-repeat ratios, and per process the
+    median ratio of ``recalibrate_bn`` (where the allocator puts the activations differs from process to process,
+    and with it the speed of small convolutions by a few percent)."""
+    pooled: dict[str, list[float]] = {}
+    medians = []
+    for _ in range(args.processes):
+        command = [sys.executable, __file__, "--row", str(index), "--repeats", str(args.repeats)]
+        command += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        ratios = json.loads(result.stdout.strip().splitlines()[-1])
+        for k, v in ratios.items():
+            pooled.setdefault(k, []).extend(v)
+        medians.append(statistics.median(ratios["recalibrate_bn"]))
+    return pooled, medians
 
 
 def cases(quick: bool) -> list[tuple[str, nn.Module, int, int, int]]:
@@ -240,21 +263,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
     parser.add_argument("--errors", action="store_true", help="also tabulate the first layer's error (sorted data)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="run each row in this many fresh processes and pool the repeats"
+    )
+    parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # one row, raw ratios as JSON
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (5 if args.quick else 9)
-    print(f"torch {torch.__version__}, cpu, {args.threads} thread(s), {repeats} interleaved repeats")
-    print("time / plain no-grad train-mode forwards over the same batches (median of per-repeat ratios)\n")
-    print("| model | plain (ms) | `recalibrate_bn` | fvcore-style | update_bn-style |")
-    print("|---|---|---|---|---|")
+    args.repeats = args.repeats or (5 if args.quick else 9)
     rows = cases(args.quick)
-    for name, model, k, batch, size in rows:
-        batches = list(torch.split(make_data(k * batch, size, sort=False), batch))
-        r = time_ratios(model, batches, repeats)
+    if args.row is not None:
+        name, model, k, batch, size = rows[args.row]
         print(
-            f"| {name} | {r['plain_ms']:.1f} | {r['recalibrate_bn']:.3f} | {r['fvcore-style']:.3f} "
-            f"| {r['update_bn-style']:.3f} |",
+            json.dumps(
+                time_ratios(model, list(torch.split(make_data(k * batch, size, sort=False), batch)), args.repeats)
+            )
+        )
+        return
+    where = f", each row in {args.processes} fresh processes" if args.processes > 1 else ""
+    print(f"torch {torch.__version__}, cpu, {args.threads} thread(s), {args.repeats} interleaved repeats{where}")
+    print("time / plain no-grad train-mode forwards over the same batches (median of per-repeat ratios)\n")
+    spread = " | `recalibrate_bn` per process |" if args.processes > 1 else " |"
+    print(f"| model | plain (ms) | `recalibrate_bn` | fvcore-style | update_bn-style{spread}")
+    print("|---|---|---|---|---|" + ("---|" if args.processes > 1 else ""))
+    for index, (name, model, k, batch, size) in enumerate(rows):
+        if args.processes > 1:
+            r, medians = row_in_fresh_processes(index, args)
+        else:
+            r, medians = (
+                time_ratios(model, list(torch.split(make_data(k * batch, size, sort=False), batch)), args.repeats),
+                [],
+            )
+        m = {key: statistics.median(values) for key, values in r.items()}
+        extra = f" {min(medians):.3f} to {max(medians):.3f} |" if medians else ""
+        print(
+            f"| {name} | {m['plain_ms']:.1f} | {m['recalibrate_bn']:.3f} | {m['fvcore-style']:.3f} "
+            f"| {m['update_bn-style']:.3f} |{extra}",
             flush=True,
         )
     if args.errors:
