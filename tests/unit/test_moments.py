@@ -12,6 +12,7 @@ from lightning_bnsgd.bn.moments import (
     accumulation_dtype,
     all_gather_moments,
     chan_merge,
+    merge_batch_stats,
     merge_moments,
     moments_from_batch_stats,
     variance_from_moments,
@@ -45,6 +46,32 @@ def test_merge_of_any_split_equals_whole(n: int, cuts: list[int], seed: int) -> 
     assert float(count) == n
     torch.testing.assert_close(mean, x.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(variance_from_moments(count, m2), x.var(0), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(min_value=2, max_value=120),
+    cuts=st.lists(st.integers(min_value=1, max_value=119), max_size=12),
+    seed=st.integers(min_value=0, max_value=10_000),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_batch_stats_merge_of_any_split_equals_whole(n: int, cuts: list[int], seed: int, dtype: torch.dtype) -> None:
+    """Records as BatchNorm leaves them (mean, unbiased variance; NaN for a lone value), empty records holding
+    NaN, per-record and per-channel counts: the two-pass float64 merge and the float32 tree both give the union."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64) * 3 + 5
+    x = x[x[:, 0].argsort()]
+    parts = _split(x, [c for c in cuts if c < n])
+    nan = torch.full((3,), float("nan"), dtype=torch.float64)
+    counts = torch.tensor([float(len(p)) for p in parts] + [0.0], dtype=torch.float64)
+    means = torch.stack([p.mean(0) for p in parts] + [nan])
+    variances = torch.stack([p.var(0) if len(p) > 1 else nan for p in parts] + [nan])
+    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    for count_arg in (counts, counts.unsqueeze(1).expand(-1, 3)):
+        count, mean, m2 = merge_batch_stats(count_arg.to(dtype), means.to(dtype), variances.to(dtype))
+        assert torch.all(count == n)
+        torch.testing.assert_close(mean.double(), x.mean(0), **tolerance)
+        torch.testing.assert_close(variance_from_moments(count, m2).double(), x.var(0), **tolerance)
 
 
 def test_chan_merge_handles_empty_sides() -> None:
