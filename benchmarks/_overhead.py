@@ -27,6 +27,27 @@ ARMS = ("off", "default", "every step")
 MakeMonitor = Callable[..., Any]
 
 
+def timed_hooks(monitor: type, hooks: tuple[str, ...]) -> type:
+    """A subclass of ``monitor`` whose callback ``hooks`` add their wall time to ``self.seconds``."""
+
+    def timed(name: str) -> Callable[..., Any]:
+        def hook(self: Any, *args: Any) -> None:
+            start = time.perf_counter()
+            getattr(super(subclass, self), name)(*args)
+            self.seconds += time.perf_counter() - start
+
+        return hook
+
+    def __init__(self: Any, log_every_n_steps: int | None = None) -> None:
+        monitor.__init__(self, log_every_n_steps=log_every_n_steps)
+        self.seconds = 0.0
+
+    namespace: dict[str, Any] = {name: timed(name) for name in hooks}
+    namespace["__init__"] = __init__
+    subclass = type(f"Timed{monitor.__name__}", (monitor,), namespace)
+    return subclass
+
+
 def deep_net(depth: int = 12, width: int = 16, num_classes: int = 10) -> nn.Module:
     """``depth`` Conv-BN-ReLU blocks (padding same) on 1x8x8 inputs, then 2x2 pooling and a linear head."""
     layers: list[nn.Module] = []

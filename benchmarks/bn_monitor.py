@@ -31,28 +31,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from _overhead import main
+from _overhead import main, timed_hooks
 from torch import nn
 
 from lightning_bnsgd.callbacks.bn_monitor import BNStatsMonitor
 
 
-class TimedMonitor(BNStatsMonitor):
+class TimedMonitor(timed_hooks(BNStatsMonitor, ("on_train_batch_start", "on_train_batch_end"))):  # type: ignore[misc]
     """``BNStatsMonitor`` that also adds up the wall time spent in its own hooks (callback and forward hooks)."""
-
-    def __init__(self, log_every_n_steps: int | None = None) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps)
-        self.seconds = 0.0
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        start = time.perf_counter()
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.seconds += time.perf_counter() - start
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        start = time.perf_counter()
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.seconds += time.perf_counter() - start
 
     def _make_hook(self, layer: Any, keep_running: bool) -> Any:
         hook = super()._make_hook(layer, keep_running)

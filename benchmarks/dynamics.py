@@ -27,35 +27,14 @@ The script prints the ratios; it asserts nothing.
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
-from _overhead import main
+from _overhead import main, timed_hooks
 
 from lightning_bnsgd.callbacks.dynamics_monitor import WeightDynamicsMonitor
 
-
-class TimedMonitor(WeightDynamicsMonitor):
-    """``WeightDynamicsMonitor`` that also adds up the wall time spent in its own hooks."""
-
-    def __init__(self, log_every_n_steps: int | None = None) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps)
-        self.seconds = 0.0
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        start = time.perf_counter()
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.seconds += time.perf_counter() - start
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        start = time.perf_counter()
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.seconds += time.perf_counter() - start
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        start = time.perf_counter()
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.seconds += time.perf_counter() - start
+#: ``WeightDynamicsMonitor`` that also adds up the wall time spent in its own hooks.
+TimedMonitor = timed_hooks(
+    WeightDynamicsMonitor, ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ def counts_itself(layer: _BatchNorm) -> bool:
     return layer.num_batches_tracked is not None and type(layer).forward is not _BatchNorm.forward
 
 
+def _reset_stats(channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[running_mean; running_var]`` of ``channels`` channels as ``reset_running_stats`` leaves them, ``(2, C)``."""
+    stats = torch.zeros(2, channels, dtype=dtype, device=device)
+    stats[1] = 1.0
+    return stats
+
+
 class FlatBuffers:
     """The target layers' running buffers as views into one flat tensor, for the duration of a ``with`` block.
 
@@ -87,27 +94,19 @@ class FlatBuffers:
         self.counted = [counts_itself(layer) for layer in layers]
         self.stats: Tensor | None = None
         self._armed: Tensor | None = None
-        if len(set(kinds)) == 1:
-            self.stats = torch.zeros(2, sum(self.sizes), dtype=kinds[0][1], device=self.device)
+        if len(set(kinds)) == 1:  # statistics as after ``reset_running_stats``: mean 0, variance 1
+            self.stats = _reset_stats(sum(self.sizes), *kinds[0])
             self._views = [self.stats[:, o : o + c] for o, c in zip(self.offsets, self.sizes, strict=True)]
             self._armed = torch.stack((torch.zeros_like(self.stats[0]), torch.full_like(self.stats[1], NOT_RUN)))
         else:
-            self._views = [torch.zeros(2, c, dtype=k[1], device=k[0]) for c, k in zip(self.sizes, kinds, strict=True)]
+            self._views = [_reset_stats(c, *k) for c, k in zip(self.sizes, kinds, strict=True)]
         self.tracked = torch.zeros(len(layers), dtype=torch.long, device=self.device)
-        self.reset()
         # what each layer's buffers are for the duration (one tensor object each, so identity can be checked)
         self._installed = [
             (v[0], v[1], self.tracked[i] if counted else None)
             for i, (v, counted) in enumerate(zip(self._views, self.counted, strict=True))
         ]
         self._originals: list[tuple[Tensor, Tensor, Tensor | None]] = []
-
-    def reset(self) -> None:
-        """Reset every layer's statistics in the flat buffers (mean 0, variance 1), like ``reset_running_stats``."""
-        for view in [self.stats] if self.stats is not None else self._views:
-            view[0].zero_()
-            view[1].fill_(1.0)
-        self.tracked.zero_()
 
     def arm(self) -> None:
         """Before a forward that is read at once: means 0, variances `NOT_RUN`, counts 0 (needs `stats`)."""
@@ -144,11 +143,6 @@ class FlatBuffers:
             layer._buffers.get("running_mean") is mean and layer._buffers.get("running_var") is var
             for layer, (mean, var, _) in zip(self.layers, self._installed, strict=True)
         )
-
-    def original(self, index: int) -> tuple[Tensor, Tensor]:
-        """Layer ``index``'s own ``running_mean`` and ``running_var`` (unchanged until `commit`)."""
-        mean, var, _ = self._originals[index]
-        return mean, var
 
     def originals_flat(self, indices: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """The given layers' own means and variances, each concatenated in float64 on ``device``."""

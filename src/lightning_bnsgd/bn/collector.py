@@ -81,13 +81,16 @@ class StatsCollector:
         self.buffers = buffers
         self.reset_after_read = reset_after_read
         self.synced = [syncs_across_processes(layer) for layer in layers]
+        #: Some layer synchronizes across processes in its forward (SyncBatchNorm): all processes forward together.
+        self.lockstep = any(self.synced)
         self.dtype = accumulation_dtype(buffers.device)
         self.forward_index = 0
         self._window_start = 0
         self._plans: dict[tuple[Any, ...], ShapePlan] = {}
         self._calls: list[tuple[int, int, Tensor, Tensor]] = []  # (forward, layer, count, stats (2, C))
-        flat = buffers.stats if buffers.stats is not None else buffers.tracked
-        self._slots = flat.new_empty((FLUSH_EVERY, *flat.shape)) if buffers.stats is not None else None
+        # fast forwards (one copy reads every layer) need one flat tensor and no SyncBatchNorm (global counts)
+        self._readable = buffers.stats is not None and not self.lockstep
+        self._slots = buffers.stats.new_empty((FLUSH_EVERY, *buffers.stats.shape)) if self._readable else None  # type: ignore[union-attr]
         self._slot_tracked = buffers.tracked.new_empty((FLUSH_EVERY, len(layers)))
         self._slot_info: list[tuple[int, ShapePlan]] = []  # (forward, its shape's plan)
         self._counts_any = any(buffers.counted)
@@ -130,8 +133,9 @@ class StatsCollector:
 
     def forward(self, run: Callable[[], Any], batch: Any, learn: bool) -> None:
         """One forward of ``batch`` (``run()`` does it); ``learn``: fast forwards after a shape's first one."""
-        plan = self._plans.get(batch_signature(batch)) if learn else None
-        if plan is not None and plan.fast and self._slots is not None and not any(self.synced):
+        signature = batch_signature(batch) if learn else ()
+        plan = self._plans.get(signature) if learn else None
+        if plan is not None and plan.fast and self._readable:
             self._fast_forward(run, plan)
         else:
             if learn and self.buffers.stats is not None:
@@ -139,8 +143,8 @@ class StatsCollector:
             pending = len(self._calls)
             calls = self._hooked_forward(run)
             if learn:
-                plan = self._plans[batch_signature(batch)] = self._plan_from(calls)
-                if plan.fast and self._slots is not None and not any(self.synced) and not self.reset_after_read:
+                plan = self._plans[signature] = self._plan_from(calls)
+                if plan.fast and self._readable and not self.reset_after_read:
                     del self._calls[pending:]  # read this forward like the fast ones: one copy
                     self._save_slot(plan)
         self.forward_index += 1
@@ -253,12 +257,14 @@ class StatsCollector:
         if fast is not None:
             forwards, counts, stats = fast
             counts = counts * (bad[forwards] == 0).unsqueeze(-1)
-            self._flat_parts.append(_merge(counts.repeat_interleave(self._sizes, dim=1), stats))
+            self._flat_parts.append(merge_batch_stats(counts, stats[:, 0], stats[:, 1]))
         for i, (forwards, counts, stats) in calls.items():
-            self._parts[i].append(_merge(counts * (bad[forwards] == 0).to(counts.device), stats))
+            counts = counts * (bad[forwards] == 0).to(counts.device)
+            self._parts[i].append(merge_batch_stats(counts, stats[:, 0], stats[:, 1]))
 
     def _fast_records(self, start: int, bad: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Forwards, counts ``(R, L)`` and statistics ``(R, 2, C)`` of the fast forwards; counts bad ones in ``bad``."""
+        """Forwards, per-channel counts ``(R, C)`` and statistics ``(R, 2, C)`` of the fast forwards (records with
+        count 0 may hold anything); counts bad ones in ``bad``."""
         n = len(self._slot_info)
         if n == 0:
             return None
@@ -282,10 +288,9 @@ class StatsCollector:
                 "shape did not run it (or ran more than once where it ran once there); its element count is "
                 "unknown. The model's statistics were left unchanged."
             )
-        counts = counts * (runs == 1)
+        counts = (counts * (runs == 1)).repeat_interleave(self._sizes, dim=1)
         stats = raw.to(self.dtype)
-        per_channel = counts.repeat_interleave(self._sizes, dim=1).unsqueeze(1) > 0
-        nonfinite = (~torch.isfinite(stats) & per_channel).flatten(1).any(dim=1)
+        nonfinite = (~torch.isfinite(stats) & (counts > 0).unsqueeze(1)).flatten(1).any(dim=1)
         bad.index_add_(0, forwards, nonfinite.long())
         return forwards, counts, stats
 
@@ -333,14 +338,6 @@ class StatsCollector:
     def clear_bad(self) -> None:
         """Forget the bad forwards found so far (mode "sequential" checks them pass by pass)."""
         self._bad.clear()
-
-
-def _merge(counts: Tensor, stats: Tensor) -> Moments:
-    """Exact merge of ``R`` records: counts ``(R,)`` or ``(R, C)``, statistics ``(R, 2, C)`` (mean; unbiased var).
-
-    Records with count 0 may hold anything (NaN included).
-    """
-    return merge_batch_stats(counts, stats[:, 0], stats[:, 1])
 
 
 __all__ = ["FLUSH_EVERY", "ShapePlan", "StatsCollector", "StopForward", "batch_signature"]

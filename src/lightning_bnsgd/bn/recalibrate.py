@@ -167,7 +167,7 @@ class _Run:
             collector.forward(lambda: self.forward_fn(self.model, batch), batch, learn)
 
         return PassRunner(
-            self.batches, self.device, self.num_batches, self.num_samples, forward, lockstep=any(collector.synced)
+            self.batches, self.device, self.num_batches, self.num_samples, forward, lockstep=collector.lockstep
         )
 
 
@@ -311,8 +311,8 @@ def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, repor
     """Commit the new statistics into the layers' own buffers and record each recalibrated layer's shift."""
     counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()  # one host read
     reached = [i for i, count in zip(outcome.order, counts, strict=True) if count > 0]
-    for i in outcome.order:
-        if i not in reached:
+    for i, count in zip(outcome.order, counts, strict=True):
+        if count <= 0:
             report.skipped.setdefault(names[i], "not reached by the forward")
     if not reached:
         raise ValueError(
