@@ -12,19 +12,21 @@ from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, sele
 
 def test_name_patterns_glob_and_regex() -> None:
     names = ["net.features.0.norm", "net.features.1.norm", "head.bn"]
-    assert select_layer_names(names, compile_name_patterns("*.0.*", "include")) == [names[0]]
-    assert select_layer_names(names, compile_name_patterns(r"re:features\.\d", "include")) == names[:2]
-    exclude = compile_name_patterns(["head.*", "re:1"], "exclude")
+    assert select_layer_names(names, compile_name_patterns("*.0.*", "include", "BNStatsMonitor")) == [names[0]]
+    assert (
+        select_layer_names(names, compile_name_patterns(r"re:features\.\d", "include", "BNStatsMonitor")) == names[:2]
+    )
+    exclude = compile_name_patterns(["head.*", "re:1"], "exclude", "BNStatsMonitor")
     assert select_layer_names(names, (), exclude) == [names[0]]
     assert select_layer_names(names) == names
     with pytest.raises(ValueError, match=r"^BNStatsMonitor: `exclude`.*invalid regular expression.*re:\("):
-        compile_name_patterns(["re:("], "exclude")
+        compile_name_patterns(["re:("], "exclude", "BNStatsMonitor")
     with pytest.raises(ValueError, match="`include`"):
-        compile_name_patterns([""], "include")
+        compile_name_patterns([""], "include", "BNStatsMonitor")
     with pytest.raises(TypeError, match="`include`"):
-        compile_name_patterns(3, "include")  # type: ignore[arg-type]
+        compile_name_patterns(3, "include", "BNStatsMonitor")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`include` patterns"):
-        compile_name_patterns(["ok", 4], "include")  # type: ignore[list-item]
+        compile_name_patterns(["ok", 4], "include", "BNStatsMonitor")  # type: ignore[list-item]
 
 
 def _parts(layers: int, offset: float) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,9 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedParameter
 
 from lightning_bnsgd._validation import check_choice, check_number
-from lightning_bnsgd.bn.recalibrate import default_forward
+from lightning_bnsgd.bn.batches import ForwardFn, default_forward
 
-ForwardFn = Callable[[nn.Module, Any], Any]
 ProbeMode = Literal["train", "as_is"]
 #: A random perturbation changing the output less than this (relative) means the output ignores the weight.
 _NO_EFFECT = 1e-6
@@ -270,16 +269,13 @@ def _check_layer(
     Per-channel factors are tried first (the common case, and it implies whole-tensor invariance), then ``factor``
     for the whole tensor; each time the weight alone, then with its bias.
     """
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    bias = getattr(module, "bias", None)
+    members = _members(module)
+    weight = members[0][1]
     noise = torch.randn(weight.shape, generator=gen).to(weight.device, weight.dtype)
     influence = probe.change(reference, [(weight, 1.0 + noise)])
     if influence <= _NO_EFFECT:
         return "the output does not depend on this weight (not used by the probe forward)"
-    options: list[list[tuple[str, Tensor]]] = [[("weight", weight)]]
-    if isinstance(bias, nn.Parameter) and bias.requires_grad:
-        options.append([("weight", weight), ("bias", bias)])
+    options = [members[:1], members] if len(members) > 1 else [members]
     channels = _channel_factors(weight, gen)
     worst = math.inf
     scales: list[tuple[Tensor, Tensor | float]]

@@ -338,7 +338,6 @@ def anomaly_flags(
     return flags.float()
 
 
-# Cross-rank reductions: ready to move to ``bn/distributed.py`` (nothing else here depends on them).
 def updates_running_stats(layer: _BatchNorm) -> bool:
     """Whether a forward of ``layer`` now would update its running statistics (train mode, tracking, buffers).
 

@@ -27,9 +27,7 @@ def _compile_one(pattern: object, argument: str, owner: str) -> NamePredicate:
     return lambda name: fnmatch.fnmatchcase(name, pattern)
 
 
-def compile_name_patterns(
-    patterns: str | Iterable[str] | None, argument: str, owner: str = "BNStatsMonitor"
-) -> list[NamePredicate]:
+def compile_name_patterns(patterns: str | Iterable[str] | None, argument: str, owner: str) -> list[NamePredicate]:
     """Turn layer-name patterns into predicates.
 
     A pattern is a glob (``fnmatch``, matching the whole name) unless it starts with ``"re:"``: then the rest is a
@@ -41,9 +39,10 @@ def compile_name_patterns(
             ``argument``).
 
     Examples:
-        >>> [p("net.features.0.norm") for p in compile_name_patterns(["*.0.*", r"re:\\.1\\."], "include")]
+        >>> predicates = compile_name_patterns(["*.0.*", r"re:\\.1\\."], "include", "BNStatsMonitor")
+        >>> [p("net.features.0.norm") for p in predicates]
         [True, False]
-        >>> compile_name_patterns([""], "exclude")
+        >>> compile_name_patterns([""], "exclude", "BNStatsMonitor")
         Traceback (most recent call last):
         ...
         ValueError: BNStatsMonitor: `exclude` patterns must be non-empty strings, got ''.
@@ -64,7 +63,8 @@ def select_layer_names(
 
     Examples:
         >>> names = ["a.norm", "b.norm", "b.bn"]
-        >>> select_layer_names(names, compile_name_patterns("b.*", "include"), compile_name_patterns("*bn", "exclude"))
+        >>> include = compile_name_patterns("b.*", "include", "X")
+        >>> select_layer_names(names, include, compile_name_patterns("*bn", "exclude", "X"))
         ['b.norm']
     """
     return [n for n in names if (not include or any(p(n) for p in include)) and not any(p(n) for p in exclude)]

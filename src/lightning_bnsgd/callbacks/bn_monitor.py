@@ -203,8 +203,8 @@ class BNStatsMonitor(Callback):
         self.log_every_n_steps: int | None = check_int(
             "log_every_n_steps", log_every_n_steps, allow_none=True, owner=_OWNER
         )
-        self._include = compile_name_patterns(include, "include")
-        self._exclude = compile_name_patterns(exclude, "exclude")
+        self._include = compile_name_patterns(include, "include", _OWNER)
+        self._exclude = compile_name_patterns(exclude, "exclude", _OWNER)
         self.include = include
         self.exclude = exclude
         self.stats: tuple[str, ...] = _check_stats(stats)

@@ -226,7 +226,7 @@ class WeightDynamicsMonitor(Callback):
         self.report, self.layer_names, self._groups, self._layers = None, [], [], []
         self._pending = False
         self._drop_recorder()
-        if trainer.is_global_zero and not trainer.loggers:
+        if not trainer.loggers:
             rank_zero_warn(f"{_OWNER}: the Trainer has no logger, so no weight dynamics will be logged.")
 
     @override
@@ -315,12 +315,12 @@ class WeightDynamicsMonitor(Callback):
         with torch.no_grad():
             for g in self._groups:
                 if g.before is None and id(g.params[0]) in owner:
-                    g.before = torch.cat([p.detach().flatten() for p in g.params]).clone()
+                    g.before = torch.cat([p.detach().flatten() for p in g.params])  # a new tensor
                     group = owner[id(g.params[0])]
                     g.hyper = {k: group[k] for k in _HYPER if k in group}
             for name, weight in self._layers:
                 if name not in self._grads and id(weight) in owner and weight.grad is not None:
-                    self._grads[name] = torch.linalg.vector_norm(weight.grad.detach().double())
+                    self._grads[name] = torch.linalg.vector_norm(weight.grad.detach(), dtype=torch.float64)
 
     def _safe_detect(self, pl_module: LightningModule) -> None:
         try:
@@ -350,9 +350,9 @@ class WeightDynamicsMonitor(Callback):
         parts: list[Tensor] = []
         with torch.no_grad():
             for g in tracked:
-                after = torch.cat([p.detach().flatten() for p in g.params])
+                after = torch.cat([p.detach().flatten() for p in g.params]).double()
                 assert g.before is not None
-                parts += [torch.linalg.vector_norm(after.double()), angular_update(g.before, after)]
+                parts += [torch.linalg.vector_norm(after), angular_update(g.before, after)]
             parts += [t for _, t in grads]
         if not parts:
             return
