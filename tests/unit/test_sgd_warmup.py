@@ -231,6 +231,13 @@ def test_build_a_part_with_its_own_scheduler_name() -> None:
     assert SGDWarmup(lr=0.1, warmup_steps=1, total_steps=5, name="lr-G").build(gan)["lr_scheduler"]["name"] == "lr-G"
 
 
+def test_build_a_part_from_a_parameter_generator() -> None:
+    gan = nn.ModuleDict({"generator": nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4)), "critic": nn.Linear(4, 1)})
+    out = SGDWarmup(lr=0.1, warmup_steps=1, total_steps=5).build(gan, gan["generator"].parameters())
+    assert out["lr_scheduler"]["name"] == "lr-SGD-generator"
+    assert [len(g["params"]) for g in out["optimizer"].param_groups] == [1, 3]
+
+
 def test_nesterov_applies_only_with_momentum() -> None:
     opt = SGDWarmup(lr=0.1, momentum=0.0, warmup_steps=0, total_steps=3).build(nn.Linear(2, 2))["optimizer"]
     assert [(g["momentum"], g["nesterov"]) for g in opt.param_groups] == [(0.0, False)] * 2

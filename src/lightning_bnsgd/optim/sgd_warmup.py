@@ -515,6 +515,8 @@ class SGDWarmup:
             ValueError: when there is no trainable parameter, or a run length / batch size is unknown (the message
                 says why: e.g. a submodule passed as ``module`` has no Trainer).
         """
+        if isinstance(params, Iterable) and not isinstance(params, (nn.Module, torch.Tensor)):
+            params = list(params)  # read twice below (groups, scheduler name): a generator would be used up
         groups = param_groups(module, self.weight_decay, self.norm_weight_decay, params=params)
         if not any(group["params"] for group in groups):
             raise ValueError(
