@@ -31,6 +31,7 @@ from lightning_bnsgd.bn.inspect import (
 )
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 if TYPE_CHECKING:
     from lightning_bnsgd._compat import LightningModule, Trainer
@@ -233,7 +234,7 @@ class BNStatsMonitor(Callback):
         self._restored_batches: int | None = None
         self._first_batch = True
         self._samples_checked = False
-        self._warned: set[tuple[str, str]] = set()
+        self._warned = WarnOnce()
         self._histogram_loggers: list[Any] = []
         self._world_size = 1
         self._is_zero = True
@@ -578,9 +579,8 @@ class BNStatsMonitor(Callback):
     def _warn_frozen_changes(self, changed: list[float], step: int) -> None:
         where = " on at least one rank" if self._world_size > 1 else ""
         for layer, flag in zip(self._layers, changed, strict=True):
-            if flag <= 0 or (layer.name, "frozen") in self._warned or layer.frozen is None:
+            if flag <= 0 or layer.frozen is None or not self._warned.first(layer.name, "frozen"):
                 continue
-            self._warned.add((layer.name, "frozen"))
             marks = layer.frozen.marks
             how = " and ".join(
                 text
@@ -622,22 +622,20 @@ class BNStatsMonitor(Callback):
         if problems and self.on_anomaly == "raise":
             raise BNAnomalyError(f"{_OWNER} found BatchNorm anomalies: " + "; ".join(p[2] for p in problems))
         for name, kind, message in problems:
-            if (name, kind) not in self._warned:
-                self._warned.add((name, kind))
-                rank_zero_warn(f"{_OWNER}: {message} (warned once per layer and kind).")
+            self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer and kind).")
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "warned": sorted([list(w) for w in self._warned]),
+            "warned": self._warned.state(),
             "log_every_n_steps": self.log_every_n_steps,
             "batches_stepped": self._batches_stepped,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = {(str(a), str(b)) for a, b in state_dict.get("warned", [])}
+        self._warned = WarnOnce.load(state_dict.get("warned", []))
         batches = state_dict.get("batches_stepped")
         self._restored_batches = int(batches) if batches is not None else None
 

@@ -27,6 +27,7 @@ from lightning_bnsgd.bn.dynamics import (
     weight_layers,
 )
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 _OWNER = "WeightDynamicsMonitor"
 #: Per scale-invariant layer: ``dynamics/<layer name>/<statistic>`` (``angular_update_eq`` and ``_ratio``: SGD only).
@@ -214,7 +215,7 @@ class WeightDynamicsMonitor(Callback):
         self._pending = False
         self._streaks: dict[str, int] = {}
         self._first_inv_norm2: dict[str, float] = {}
-        self._warned: set[tuple[str, str]] = set()
+        self._warned = WarnOnce()
 
     # ------------------------------------------------------------------ set-up and detection
     @override
@@ -426,15 +427,13 @@ class WeightDynamicsMonitor(Callback):
         )
 
     def _warn_once(self, name: str, kind: str, message: str) -> None:
-        if (name, kind) not in self._warned:
-            self._warned.add((name, kind))
-            rank_zero_warn(f"{_OWNER}: {message} (warned once per layer).")
+        self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer).")
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "warned": sorted([list(w) for w in self._warned]),
+            "warned": self._warned.state(),
             "batches": self._batches,
             "streaks": dict(self._streaks),
             "first_inv_norm2": dict(self._first_inv_norm2),
@@ -442,7 +441,7 @@ class WeightDynamicsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = {(str(a), str(b)) for a, b in state_dict.get("warned", [])}
+        self._warned = WarnOnce.load(state_dict.get("warned", []))
         self._batches = int(state_dict.get("batches", 0))
         self._streaks = {str(k): int(v) for k, v in state_dict.get("streaks", {}).items()}
         self._first_inv_norm2 = {str(k): float(v) for k, v in state_dict.get("first_inv_norm2", {}).items()}
