@@ -161,6 +161,27 @@ def namespace_of(obj: object) -> ModuleType:
     return importlib.import_module(name)
 
 
+def logging_step(trainer: object) -> int:
+    """The step at which Lightning's own logger connector writes metrics right now: what a metric that the
+    LightningModule logs with ``self.log`` in this training batch (or in this validation run) is logged at.
+
+    During a training batch it is the number of batches that ended with an optimizer step *before* this one (0 for
+    the first), so it is one less than ``trainer.global_step`` once the batch has stepped. The plugin's callbacks
+    log at this step so that their metrics line up with the module's for the same batch. Lightning keeps the count
+    in a private attribute of its fit loop (the only such read, kept here); ``trainer.global_step`` is the fallback
+    where it is missing.
+
+    Examples:
+        >>> logging_step(Trainer(logger=False, enable_progress_bar=False))
+        0
+    """
+    fit_loop = getattr(trainer, "fit_loop", None)
+    count = getattr(getattr(fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+    if isinstance(count, int):
+        return count
+    return int(getattr(trainer, "global_step", 0))
+
+
 __all__ = [
     "BACKEND",
     "ENV_VAR",
@@ -173,6 +194,7 @@ __all__ = [
     "SaveConfigCallback",
     "Trainer",
     "loggers",
+    "logging_step",
     "namespace_name",
     "namespace_of",
     "pl",
