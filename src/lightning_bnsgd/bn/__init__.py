@@ -10,10 +10,13 @@ from lightning_bnsgd.bn.dynamics import (
     sgd_group_equilibrium,
     weight_layers,
 )
+from lightning_bnsgd.bn.fold import FoldDecision, FoldReport, fold_batchnorm
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.recalibrate import LayerShift, RecalibrationReport, recalibrate_bn, statistics_shift
 
 __all__ = [
+    "FoldDecision",
+    "FoldReport",
     "LayerShift",
     "RecalibrationReport",
     "ScaleInvarianceReport",
@@ -23,6 +26,7 @@ __all__ = [
     "effective_lr",
     "equilibrium_angular_update",
     "find_scale_invariant",
+    "fold_batchnorm",
     "recalibrate_bn",
     "sgd_group_equilibrium",
     "statistics_shift",
