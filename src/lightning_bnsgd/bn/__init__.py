@@ -10,11 +10,13 @@ from lightning_bnsgd.bn.dynamics import (
     sgd_group_equilibrium,
     weight_layers,
 )
+from lightning_bnsgd.bn.export import ExportResult, export_folded
 from lightning_bnsgd.bn.fold import FoldDecision, FoldReport, fold_batchnorm
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.recalibrate import LayerShift, RecalibrationReport, recalibrate_bn, statistics_shift
 
 __all__ = [
+    "ExportResult",
     "FoldDecision",
     "FoldReport",
     "LayerShift",
@@ -25,6 +27,7 @@ __all__ = [
     "batchnorm_layers",
     "effective_lr",
     "equilibrium_angular_update",
+    "export_folded",
     "find_scale_invariant",
     "fold_batchnorm",
     "recalibrate_bn",
