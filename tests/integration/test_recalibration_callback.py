@@ -221,3 +221,23 @@ def test_bad_arguments_and_bad_loaders(small_trainer: Any, tmp_path: Path) -> No
     recal = BNRecalibration(dataloader=endless, num_samples=40, before_validation=False)
     small_trainer([recal], limit_train_batches=1).fit(_model(), datamodule=_data())
     assert recal.last_report is not None and recal.last_report.num_samples == 40
+
+
+def _csv_rows(logger: Any) -> list[dict[str, str]]:
+    import csv
+
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_are_logged_at_the_step_of_the_modules_own_validation_metrics(small_trainer: Any, tmp_path: Path) -> None:
+    # the recalibration before validation and the module's `self.log("val/acc")` of that validation run describe the
+    # same weights: Lightning writes the latter at its logging step, so must the callback (not at global_step)
+    logger = loggers.CSVLogger(str(tmp_path), name="csv")
+    recal = BNRecalibration(num_samples=128, at_train_end=False)
+    small_trainer([recal], max_epochs=2, logger=logger, log_every_n_steps=1).fit(_model(), datamodule=_data())
+    rows = _csv_rows(logger)
+    recal_steps = [int(r["step"]) for r in rows if r.get("bn_recalibration/samples")]
+    val_steps = [int(r["step"]) for r in rows if r.get("val/acc")]
+    assert len(recal_steps) == len(val_steps) == 2
+    assert recal_steps == val_steps == [3, 7]  # 4 steps per epoch: the fourth batch of each epoch is step 3, 7

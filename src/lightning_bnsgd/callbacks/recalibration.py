@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, LightningModule, Trainer, namespace_of
+from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step, namespace_of
 from lightning_bnsgd._validation import check_bool, check_int, check_str
 from lightning_bnsgd.bn.recalibrate import (
     DropoutMode,
@@ -85,7 +85,8 @@ class BNRecalibration(Callback):
     one, or ``module(batch[0])`` (``module(batch)`` for a tensor batch).
 
     Logs ``<log_prefix>/samples``, ``<log_prefix>/mean_shift`` and ``<log_prefix>/var_shift`` (the largest
-    shift over the layers, see ``LayerShift``) to every logger, from rank zero.
+    shift over the layers, see ``LayerShift``) to every logger, from rank zero, at the step Lightning logs the
+    module's own ``self.log`` metrics of that moment (before validation: the step of that validation's metrics).
 
     Args:
         num_samples: samples per recalibration, counted over all processes (``None``: the whole dataloader).
@@ -342,7 +343,7 @@ class BNRecalibration(Callback):
         }
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=logging_step(trainer))
         if self.verbose:
             rank_zero_info(
                 f"{_OWNER}: {len(report.layers)} layer(s) from {report.num_samples} samples "
