@@ -241,3 +241,20 @@ def test_metrics_are_logged_at_the_step_of_the_modules_own_validation_metrics(sm
     val_steps = [int(r["step"]) for r in rows if r.get("val/acc")]
     assert len(recal_steps) == len(val_steps) == 2
     assert recal_steps == val_steps == [3, 7]  # 4 steps per epoch: the fourth batch of each epoch is step 3, 7
+
+
+def test_configurations_that_can_never_act_are_refused(small_trainer: Any) -> None:
+    with pytest.raises(ValueError, match=r"BNRecalibration: `before_validation=False` and `at_train_end=False`"):
+        BNRecalibration(before_validation=False, at_train_end=False)
+    never = BNRecalibration(every_n_epochs=3, at_train_end=False)
+    trainer = small_trainer([never], max_epochs=2)
+    with pytest.raises(ValueError, match=r"BNRecalibration: `every_n_epochs=3` is larger than .*`max_epochs=2`"):
+        trainer.fit(_model(), datamodule=_data())
+    assert trainer.global_step == 0  # refused at setup, before any step
+    with pytest.raises(ValueError, match=r"BNRecalibration: the Trainer runs no validation"):
+        small_trainer([BNRecalibration(at_train_end=False)], limit_val_batches=0).fit(_model(), datamodule=_data())
+    # the same intervals act when train end may recalibrate, or when the run is long enough
+    small_trainer([BNRecalibration(every_n_epochs=3, num_samples=64)], max_epochs=2).fit(_model(), datamodule=_data())
+    acting = BNRecalibration(every_n_epochs=2, at_train_end=False, num_samples=64)
+    small_trainer([acting], max_epochs=2).fit(_model(), datamodule=_data())
+    assert acting.recalibrations == 1

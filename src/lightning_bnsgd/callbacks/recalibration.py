@@ -134,6 +134,11 @@ class BNRecalibration(Callback):
         check_bool("before_validation", before_validation, owner=_OWNER)
         check_bool("at_train_end", at_train_end, owner=_OWNER)
         check_bool("verbose", verbose, owner=_OWNER)
+        if not before_validation and not at_train_end:
+            raise ValueError(
+                f"{_OWNER}: `before_validation=False` and `at_train_end=False` leave it no moment to recalibrate: it "
+                "would never act. Set one of them to True, or remove the callback."
+            )
         if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
             raise TypeError(
                 f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, "
@@ -179,6 +184,7 @@ class BNRecalibration(Callback):
             return
         self._batch_checked = False
         self._calibrated_version = None
+        self._check_it_can_act(trainer)
         averaging = _averaging_callbacks(trainer)
         callbacks = list(trainer.callbacks)
         mine = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
@@ -187,6 +193,23 @@ class BNRecalibration(Callback):
             raise ValueError(
                 f"{_OWNER} must come after {', '.join(late)} in `callbacks=[...]` so that it "
                 "recalibrates the averaged weights (hooks run in list order); move it after them."
+            )
+
+    def _check_it_can_act(self, trainer: Trainer) -> None:
+        """Refuse a fit in which it would never recalibrate (only before validation, and no validation comes)."""
+        if self.at_train_end:
+            return
+        max_epochs = trainer.max_epochs
+        if isinstance(max_epochs, int) and 0 <= max_epochs < self.every_n_epochs:
+            raise ValueError(
+                f"{_OWNER}: `every_n_epochs={self.every_n_epochs}` is larger than the Trainer's "
+                f"`max_epochs={max_epochs}` and `at_train_end=False`: it would never recalibrate in this fit. Lower "
+                "`every_n_epochs`, or set `at_train_end=True`."
+            )
+        if trainer.limit_val_batches == 0:
+            raise ValueError(
+                f"{_OWNER}: the Trainer runs no validation (`limit_val_batches=0`) and `at_train_end=False`: it "
+                "would never recalibrate in this fit. Set `at_train_end=True`."
             )
 
     @override
