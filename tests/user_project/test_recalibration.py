@@ -3,6 +3,7 @@ batches it cannot feed, respects the debug limits, and handles tiny batches."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,19 @@ def test_errors_during_a_recalibration_name_the_callback(tmp_path: Path) -> None
     recal = BNRecalibration(dataloader=empty_images, forward_fn=recalibration_forward, num_samples=None)
     with pytest.raises(ValueError, match=r"^BNRecalibration: no sample reached"):
         quiet_trainer(tmp_path, callbacks=[recal], limit_val_batches=1).fit(UserModel(), datamodule=UserDataModule())
+
+
+def test_outside_fit_it_says_once_that_it_does_nothing(tmp_path: Path) -> None:
+    model, dm = UserModel(), UserDataModule()
+    recal = BNRecalibration(forward_fn=recalibration_forward)
+    trainer = quiet_trainer(tmp_path, callbacks=[recal], limit_val_batches=1, limit_test_batches=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"BNRecalibration recalibrates only during `fit`: in `Trainer.validate`"):
+        trainer.validate(model, datamodule=dm, verbose=False)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        trainer.validate(model, datamodule=dm, verbose=False)
+    assert not [w for w in later if "BNRecalibration" in str(w.message)]  # once per callback, not per call
+    assert recal.recalibrations == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

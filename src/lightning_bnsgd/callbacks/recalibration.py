@@ -165,6 +165,7 @@ class BNRecalibration(Callback):
         self._train_flags: dict[str, bool] | None = None
         self._batch_checked = False
         self._calibrated_version: tuple[int, ...] | None = None
+        self._said_fit_only = False
 
     @property
     @override
@@ -181,6 +182,13 @@ class BNRecalibration(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
+            if not self._said_fit_only:
+                self._said_fit_only = True
+                rank_zero_warn(
+                    f"{_OWNER} recalibrates only during `fit`: in `Trainer.{getattr(stage, 'value', stage)}` it does nothing, and the model's "
+                    "BatchNorm statistics are used as they are (to recalibrate a loaded model, call "
+                    "`lightning_bnsgd.recalibrate_bn` before it)."
+                )
             return
         self._batch_checked = False
         self._calibrated_version = None
