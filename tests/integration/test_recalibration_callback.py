@@ -230,7 +230,9 @@ def _csv_rows(logger: Any) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_metrics_are_logged_at_the_step_of_the_modules_own_validation_metrics(small_trainer: Any, tmp_path: Path) -> None:
+def test_metrics_are_logged_at_the_step_of_the_modules_own_validation_metrics(
+    small_trainer: Any, tmp_path: Path
+) -> None:
     # the recalibration before validation and the module's `self.log("val/acc")` of that validation run describe the
     # same weights: Lightning writes the latter at its logging step, so must the callback (not at global_step)
     logger = loggers.CSVLogger(str(tmp_path), name="csv")
@@ -258,3 +260,35 @@ def test_configurations_that_can_never_act_are_refused(small_trainer: Any) -> No
     acting = BNRecalibration(every_n_epochs=2, at_train_end=False, num_samples=64)
     small_trainer([acting], max_epochs=2).fit(_model(), datamodule=_data())
     assert acting.recalibrations == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        ({"recalibrations": -7, "last_run": None}, ValueError, r"`recalibrations` must be an integer >= 0, got -7"),
+        ({"recalibrations": "3", "last_run": None}, TypeError, r"`recalibrations` must be an integer >= 0, got '3'"),
+        ({"recalibrations": 1, "last_run": 5}, TypeError, r"`last_run` must be None or a pair"),
+        ({"recalibrations": 1, "last_run": (0, -100)}, ValueError, r"`last_run\[1\] \(global_step\)`.*got -100"),
+        ({"batches_stepped": 4}, ValueError, r"none of the keys .*not a BNRecalibration state"),
+        ([1, 2], TypeError, r"must be a dict"),
+    ],
+)
+def test_corrupted_or_foreign_state_is_refused_naming_the_key(state: Any, error: type, match: str) -> None:
+    recal = BNRecalibration()
+    with pytest.raises(error, match=r"^BNRecalibration checkpoint state.*" + match):
+        recal.load_state_dict(state)
+    assert (recal.recalibrations, recal.last_run) == (0, None)  # nothing half-loaded
+
+
+def test_state_with_a_missing_key_falls_back_with_a_warning(small_trainer: Any, tmp_path: Path) -> None:
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = BNRecalibration(num_samples=64)
+    small_trainer([first, ckpt], enable_checkpointing=True).fit(_model(), datamodule=_data())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["callbacks"][first.state_key]["last_run"]  # as written by an older version
+    torch.save(checkpoint, path)
+    resumed = BNRecalibration(num_samples=64)
+    with pytest.warns(UserWarning, match=r"BNRecalibration checkpoint state: missing keys \['last_run'\]"):
+        small_trainer([resumed], max_epochs=2).fit(_model(), datamodule=_data(), ckpt_path=str(path))
+    assert resumed.recalibrations == 2 and resumed.last_run == (1, 8)

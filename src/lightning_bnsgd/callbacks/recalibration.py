@@ -61,6 +61,49 @@ def _renamed(err: Exception) -> Exception:
     return type(err)(f"{_OWNER}: {message[len(prefix) :]}")
 
 
+_STATE_OWNER = f"{_OWNER} checkpoint state"
+_STATE_KEYS = ("recalibrations", "last_run")
+
+
+def _checked_state(state: object) -> tuple[int, tuple[int, int] | None]:
+    """``(recalibrations, last_run)`` from a checkpoint's callback state, checked: a wrong type or value (a
+    corrupted or foreign state) is an error naming the key; a missing key falls back to a fresh run's value with a
+    warning.
+
+    Examples:
+        >>> _checked_state({"recalibrations": 2, "last_run": [1, 8]})
+        (2, (1, 8))
+        >>> _checked_state({"recalibrations": -7, "last_run": None})
+        Traceback (most recent call last):
+        ...
+        ValueError: BNRecalibration checkpoint state: `recalibrations` must be an integer >= 0, got -7.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{_STATE_OWNER} must be a dict with keys {list(_STATE_KEYS)}, got {type(state).__name__}.")
+    if not any(key in state for key in _STATE_KEYS):
+        raise ValueError(
+            f"{_STATE_OWNER} has none of the keys {list(_STATE_KEYS)} (it has {sorted(map(str, state))}): it is "
+            "not a BNRecalibration state."
+        )
+    missing = [key for key in _STATE_KEYS if key not in state]
+    unknown = sorted(str(key) for key in state if key not in _STATE_KEYS)
+    parts = [f"missing keys {missing} (a fresh run's values are used)"] if missing else []
+    parts += [f"unknown keys {unknown} (ignored)"] if unknown else []
+    if parts:
+        rank_zero_warn(
+            f"{_STATE_OWNER}: {' and '.join(parts)}; the checkpoint was written by another version or edited."
+        )
+    count = check_int("recalibrations", state.get("recalibrations", 0), minimum=0, owner=_STATE_OWNER)
+    last = state.get("last_run")
+    if last is None:
+        return count, None
+    if not isinstance(last, (tuple, list)) or len(last) != 2:
+        raise TypeError(f"{_STATE_OWNER}: `last_run` must be None or a pair (epoch, global_step), got {last!r}.")
+    epoch = check_int("last_run[0] (epoch)", last[0], minimum=0, owner=_STATE_OWNER)
+    step = check_int("last_run[1] (global_step)", last[1], minimum=0, owner=_STATE_OWNER)
+    return count, (epoch, step)
+
+
 def _weights_version(module: nn.Module) -> tuple[int, ...]:
     """A fingerprint that changes whenever a parameter is modified in place (optimizer steps, weight averaging)."""
     return tuple(p._version for p in module.parameters())
@@ -273,9 +316,7 @@ class BNRecalibration(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.recalibrations = int(state_dict.get("recalibrations", self.recalibrations))
-        last = state_dict.get("last_run", self.last_run)
-        self.last_run = (int(last[0]), int(last[1])) if last is not None else None
+        self.recalibrations, self.last_run = _checked_state(state_dict)
 
     # ------------------------------------------------------------------------------------------------- work
 
