@@ -227,8 +227,9 @@ class BNRecalibration(Callback):
         if stage != "fit":
             if not self._said_fit_only:
                 self._said_fit_only = True
+                name = getattr(stage, "value", stage)
                 rank_zero_warn(
-                    f"{_OWNER} recalibrates only during `fit`: in `Trainer.{getattr(stage, 'value', stage)}` it does nothing, and the model's "
+                    f"{_OWNER} recalibrates only during `fit`: in `Trainer.{name}` it does nothing, and the model's "
                     "BatchNorm statistics are used as they are (to recalibrate a loaded model, call "
                     "`lightning_bnsgd.recalibrate_bn` before it)."
                 )
