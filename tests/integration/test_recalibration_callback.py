@@ -144,8 +144,9 @@ def test_protocol_transfer_hooks_and_custom_loader(small_trainer: Any, tmp_path:
     model = WithProtocol()
     recal = BNRecalibration(num_samples=None, dataloader=lambda: loader, before_validation=False)
     small_trainer([recal], limit_train_batches=2).fit(model, datamodule=_data())
-    assert model.recal_calls == 3 and recal.recalibrations == 1
-    assert model.transfers == 2 + 2 + 3  # two training, two validation and three recalibration batches
+    # the first training batch runs one trial forward of the loader's first batch; the recalibration three
+    assert model.recal_calls == 1 + 3 and recal.recalibrations == 1
+    assert model.transfers == 2 + 2 + 1 + 3  # two training, two validation, the trial's and three recalibration batches
     with torch.no_grad():
         h = torch.relu(model.net.features[0].conv(x)).double()
     torch.testing.assert_close(_first_norm(model).running_var.double(), h.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
@@ -292,3 +293,58 @@ def test_state_with_a_missing_key_falls_back_with_a_warning(small_trainer: Any, 
     with pytest.warns(UserWarning, match=r"BNRecalibration checkpoint state: missing keys \['last_run'\]"):
         small_trainer([resumed], max_epochs=2).fit(_model(), datamodule=_data(), ckpt_path=str(path))
     assert resumed.recalibrations == 2 and resumed.last_run == (1, 8)
+
+
+def _loader_of(batches: list[Any]) -> DataLoader:
+    return DataLoader(batches, batch_size=None)
+
+
+def _digits(n: int = 64, channels: int = 1, dtype: torch.dtype = torch.float32) -> list[Any]:
+    x = torch.randn(n, channels, 8, 8).to(dtype)
+    return [(x[i : i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, n, 16)]
+
+
+# name -> (BNRecalibration's keyword arguments, expected error, message pattern)
+_EARLY: dict[str, tuple[dict[str, Any], type, str]] = {
+    "empty_loader": ({"dataloader": _loader_of([])}, ValueError, r"the dataloader is empty"),
+    "callable_returns_a_number": ({"dataloader": lambda: 5}, TypeError, r"`dataloader\(\)` must return an iterable"),
+    "no_tensor_with_a_budget": (
+        {"dataloader": _loader_of([{"name": ["a", "b"]}] * 3), "forward_fn": lambda module, batch: None},
+        TypeError,
+        r"`num_samples=4096` needs batches with a tensor .* has none\. Set `num_samples=None`",
+    ),
+    "int64_images": ({"dataloader": _loader_of(_digits(dtype=torch.int64))}, RuntimeError, r"trial forward .*Long"),
+    "three_channels": ({"dataloader": _loader_of(_digits(channels=3))}, RuntimeError, r"trial forward .*channels"),
+}
+
+
+@pytest.mark.parametrize("name", list(_EARLY))
+def test_a_dataloader_recalibration_cannot_use_fails_before_the_first_step(small_trainer: Any, name: str) -> None:
+    kwargs, error, match = _EARLY[name]
+    trainer = small_trainer([BNRecalibration(**kwargs)], max_epochs=2)
+    with pytest.raises(error, match=r"^BNRecalibration:? .*" + match) as info:
+        trainer.fit(_model(), datamodule=_data())
+    assert trainer.global_step == 0  # at setup or at the first training batch, not at the first validation
+    assert "num_batches" not in str(info.value)  # an argument BNRecalibration does not have
+
+
+def test_a_forward_fn_of_the_wrong_arity_is_refused_by_the_constructor() -> None:
+    with pytest.raises(TypeError, match=r"^BNRecalibration: `forward_fn` is called as `forward_fn\(module, batch\)`"):
+        BNRecalibration(forward_fn=lambda batch: None)
+    BNRecalibration(forward_fn=lambda module, batch, *rest: None)  # any signature that takes two is fine
+
+
+def test_a_later_batch_without_a_tensor_names_the_callbacks_argument(small_trainer: Any) -> None:
+    batches = [*_digits(32), {"name": ["a", "b"]}]  # the first batches are fine: the problem shows only mid-pass
+
+    def forward(module: Any, batch: Any) -> None:
+        if isinstance(batch, (tuple, list)):
+            module(batch[0])
+
+    recal = BNRecalibration(dataloader=_loader_of(batches), forward_fn=forward)
+    with pytest.raises(TypeError, match=r"^BNRecalibration: `num_samples=4096` needs batches with a tensor") as info:
+        small_trainer([recal]).fit(_model(), datamodule=_data())
+    assert "num_batches" not in str(info.value)
+    recal = BNRecalibration(dataloader=_loader_of(batches), forward_fn=forward, num_samples=None)
+    small_trainer([recal]).fit(_model(), datamodule=_data())  # without a budget nothing needs counting
+    assert recal.recalibrations == 1

@@ -47,13 +47,15 @@ class UncountableBatches(TypeError):
         batch_type: the type name of the batch without a size (``None`` when it was another process's).
     """
 
+    #: What to do about it, for ``recalibrate_bn``'s arguments (a caller with other arguments replaces it).
+    HINT = "Pass `num_batches` instead of `num_samples` (or `num_samples=None` for all the data)."
+
     def __init__(self, batch_type: str | None) -> None:
         self.batch_type = batch_type
         got = f"got a batch of type {batch_type}" if batch_type is not None else "got a batch"
         super().__init__(
             f"{_OWNER}: a sample budget (`num_samples`) needs batches with a tensor whose leading dimension is the "
-            f"batch size; {got} without one. Pass `num_batches` instead of `num_samples` (or `num_samples=None` "
-            "for all the data)."
+            f"batch size; {got} without one. {self.HINT}"
         )
 
 

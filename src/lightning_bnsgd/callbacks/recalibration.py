@@ -12,6 +12,9 @@ from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step, namespace_of
 from lightning_bnsgd._validation import check_bool, check_int, check_str
+from lightning_bnsgd.bn.batches import batch_size_of, default_forward
+from lightning_bnsgd.bn.distributed import agree_on_failure
+from lightning_bnsgd.bn.passes import UncountableBatches
 from lightning_bnsgd.bn.recalibrate import (
     DropoutMode,
     ForwardFn,
@@ -25,12 +28,16 @@ from lightning_bnsgd.callbacks._batches import (
     TransferredBatches,
     debug_batch_limit,
     default_forward_accepts,
+    first_batch,
     loader_generators,
     loader_length,
     preserved_rng,
+    takes_two_positional,
     transfer_batch,
+    trial_forward,
     without_persistent_workers,
 )
+from lightning_bnsgd.callbacks._own_forwards import own_forwards
 
 #: The method a LightningModule may define to run one recalibration forward: ``bn_recalibration_step(batch)``.
 STEP_METHOD = "bn_recalibration_step"
@@ -52,13 +59,37 @@ def _in_swa_bn_update_epoch(trainer: Trainer) -> bool:
     return bool(getattr(trainer.fit_loop, "_skip_backward", False))
 
 
-def _renamed(err: Exception) -> Exception:
-    """``err`` with its message naming the class the user wrote instead of the function it calls."""
-    prefix = "recalibrate_bn: "
-    message = str(err)
-    if not message.startswith(prefix):
-        return err
-    return type(err)(f"{_OWNER}: {message[len(prefix) :]}")
+_NO_SIZE_HINT = "Set `num_samples=None` to use every batch, or give batches that hold such a tensor."
+
+
+def _uncountable(num_samples: int | None, batch_type: str | None) -> TypeError:
+    got = f"a batch of type {batch_type}" if batch_type is not None else "a batch"
+    return TypeError(
+        f"{_OWNER}: `num_samples={num_samples}` needs batches with a tensor whose leading dimension is the batch "
+        f"size, but {got} has none. {_NO_SIZE_HINT}"
+    )
+
+
+def _renamed(err: Exception, num_samples: int | None) -> Exception:
+    """``err`` with its message naming the class the user wrote (and its arguments) instead of the function it
+    calls; ``err`` itself when there is nothing to rename. Notes (the rank that raised it) are kept."""
+    if isinstance(err, UncountableBatches):
+        renamed: Exception = _uncountable(num_samples, err.batch_type)
+    else:
+        message = str(err).replace(UncountableBatches.HINT, _NO_SIZE_HINT)
+        for prefix in ("recalibrate_bn: ", "recalibrate_bn "):
+            if message.startswith(prefix):
+                message = f"{_OWNER}{': ' if prefix.endswith(': ') else ' '}{message[len(prefix) :]}"
+                break
+        if message == str(err):
+            return err
+        try:
+            renamed = type(err)(message)
+        except Exception:  # an exception class whose constructor takes other arguments
+            return err
+    for note in getattr(err, "__notes__", []):
+        renamed.add_note(note)
+    return renamed
 
 
 _STATE_OWNER = f"{_OWNER} checkpoint state"
@@ -188,6 +219,12 @@ class BNRecalibration(Callback):
                 f"got {dataloader!r}."
             )
         check_str("log_prefix", log_prefix, owner=_OWNER)
+        if forward_fn is not None and not takes_two_positional(forward_fn):
+            raise TypeError(
+                f"{_OWNER}: `forward_fn` is called as `forward_fn(module, batch)` (two positional arguments), but "
+                f"{forward_fn!r} cannot take them. For a forward of the batch alone, define "
+                f"`{STEP_METHOD}(self, batch)` on your LightningModule instead."
+            )
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.before_validation = before_validation
@@ -237,6 +274,8 @@ class BNRecalibration(Callback):
         self._batch_checked = False
         self._calibrated_version = None
         self._check_it_can_act(trainer)
+        if self.dataloader is not None:
+            self._agreed_source(trainer)  # its type and length, known now on every rank
         averaging = _averaging_callbacks(trainer)
         callbacks = list(trainer.callbacks)
         mine = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
@@ -282,18 +321,47 @@ class BNRecalibration(Callback):
             self._train_flags = {name: module.training for name, module in pl_module.named_modules()}
         if not self._batch_checked:
             self._batch_checked = True
-            self._check_batch_type(batch, pl_module)
+            error = None
+            try:
+                self._check_first_batch(trainer, pl_module, batch)
+            except Exception as err:
+                error = err
+            agree_on_failure([], error, _OWNER)  # every rank raises if one did
 
-    def _check_batch_type(self, batch: Any, pl_module: LightningModule) -> None:
-        """Fail at the first training batch, not after an epoch, when the default forward cannot take the batches."""
-        if self.dataloader is not None or self._forward_fn(pl_module) is not None or default_forward_accepts(batch):
-            return
-        raise TypeError(
-            f"{_OWNER} cannot feed a training batch of type {type(batch).__name__} to the model: its default "
-            "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
-            "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
-            f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
-        )
+    def _check_first_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Fail at the first training batch, not after an epoch, when recalibration could not run its batches: the
+        default forward cannot take them, a sample budget cannot count them, or (for batches from ``dataloader``,
+        which training has not fed to the model) a trial forward of the first one fails."""
+        forward_fn = self._forward_fn(pl_module)
+        origin = "a training batch"
+        if self.dataloader is not None:
+            loader = self._source(trainer)
+            batch = first_batch(loader)
+            if batch is None:
+                return  # nothing on this rank: the others' batches are used (all empty is refused at setup)
+            with preserved_rng(loader_generators(loader)):
+                batch = transfer_batch(batch, trainer, pl_module)
+            origin = "the first batch of `dataloader`"
+        if forward_fn is None and not default_forward_accepts(batch):
+            raise TypeError(
+                f"{_OWNER} cannot feed {origin} (of type {type(batch).__name__}) to the model: its default "
+                "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
+                "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
+                f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
+            )
+        if self.num_samples is not None and batch_size_of(batch) is None:
+            raise _uncountable(self.num_samples, type(batch).__name__)
+        if self.dataloader is None:
+            return  # the training step feeds these batches to the model itself
+        forward = forward_fn if forward_fn is not None else default_forward
+        try:
+            trial_forward(pl_module, batch, forward, self.dropout, trainer.precision_plugin.forward_context)
+        except Exception as err:
+            kind = next((k for k in (TypeError, ValueError) if isinstance(err, k)), RuntimeError)
+            raise kind(
+                f"{_OWNER}: a trial forward of {origin} (of type {type(batch).__name__}) failed at the first "
+                f"training batch, so every recalibration would fail: {type(err).__name__}: {err}"
+            ) from err
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -327,21 +395,13 @@ class BNRecalibration(Callback):
         The random states it draws from (a DataLoader iterator draws shuffling and worker seeds) are restored
         afterwards, so the training run goes on exactly as it would have without it.
         """
-        loader = self._source(trainer)
-        length = loader_length(loader)
-        if length == 0:
-            raise ValueError(f"{_OWNER}: the dataloader is empty; there is nothing to recalibrate from.")
-        if length is None and self.num_samples is None:
-            raise ValueError(
-                f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
-                "None; set `num_samples` to bound the recalibration."
-            )
+        loader = self._agreed_source(trainer)
         limit = debug_batch_limit(trainer, from_trainer_loader=self.dataloader is None)
         batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
         current = {module: module.training for module in pl_module.modules()}
         self._apply_train_flags(pl_module)
         try:
-            with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context():
+            with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context(), own_forwards():
                 report = recalibrate_bn(
                     pl_module,
                     batches,
@@ -351,8 +411,8 @@ class BNRecalibration(Callback):
                     dropout=self.dropout,
                     nonfinite=self.nonfinite,
                 )
-        except (ValueError, TypeError, RuntimeError) as err:
-            renamed = _renamed(err)
+        except Exception as err:
+            renamed = _renamed(err, self.num_samples)
             if renamed is err:
                 raise
             raise renamed from err
@@ -365,6 +425,28 @@ class BNRecalibration(Callback):
         self._calibrated_version = _weights_version(pl_module)
         self._log(trainer, report)
         return report
+
+    def _agreed_source(self, trainer: Trainer) -> Iterable[Any]:
+        """The batches to recalibrate from, checked on every rank together: an error on one rank is raised on every
+        rank (naming it), and data that is empty on every rank is refused (one rank's empty shard is fine)."""
+        loader: Iterable[Any] = ()
+        error, empty = None, False
+        try:
+            loader = self._source(trainer)
+            length = loader_length(loader)
+            if length is None and self.num_samples is None:
+                raise ValueError(
+                    f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
+                    "None; set `num_samples` to bound the recalibration."
+                )
+            empty = length == 0
+        except Exception as err:
+            error = err
+        rows = agree_on_failure([int(empty)], error, _OWNER)
+        if all(row[0] for row in rows):
+            where = " on every rank" if len(rows) > 1 else ""
+            raise ValueError(f"{_OWNER}: the dataloader is empty{where}; there is nothing to recalibrate from.")
+        return loader
 
     def _source(self, trainer: Trainer) -> Iterable[Any]:
         if self.dataloader is None:
