@@ -73,6 +73,11 @@ def _uncountable(num_samples: int | None, batch_type: str | None) -> TypeError:
 def _renamed(err: Exception, num_samples: int | None) -> Exception:
     """``err`` with its message naming the class the user wrote (and its arguments) instead of the function it
     calls; ``err`` itself when there is nothing to rename. Notes (the rank that raised it) are kept."""
+    notes = getattr(err, "__notes__", None)
+    if isinstance(notes, list):  # e.g. the rank that raised it, noted by recalibrate_bn
+        notes[:] = [
+            f"{_OWNER}: {n[len('recalibrate_bn: ') :]}" if n.startswith("recalibrate_bn: ") else n for n in notes
+        ]
     if isinstance(err, UncountableBatches):
         renamed: Exception = _uncountable(num_samples, err.batch_type)
     else:
