@@ -163,6 +163,13 @@ class BNRecalibration(Callback):
     preference, ``forward_fn(module, batch)``, the module's ``bn_recalibration_step(batch)`` if it defines
     one, or ``module(batch[0])`` (``module(batch)`` for a tensor batch).
 
+    What can be checked early is: the arguments in the constructor; ``dataloader`` at ``setup``; at the first
+    training batch, whether the batches can be fed and counted, and for ``dataloader`` a trial forward of its first
+    batch (no gradient, BatchNorm layers in eval mode: nothing changes). Under DDP each check, and every error
+    during a recalibration (the user's forward included), is agreed by all ranks: an error on one rank is raised on
+    every rank, naming that rank (``RankFailure`` on the others), so no rank waits in a collective. It acts only in
+    ``fit``; in ``validate``, ``test`` and ``predict`` it says so once and does nothing.
+
     Logs ``<log_prefix>/samples``, ``<log_prefix>/mean_shift`` and ``<log_prefix>/var_shift`` (the largest
     shift over the layers, see ``LayerShift``) to every logger, from rank zero, at the step Lightning logs the
     module's own ``self.log`` metrics of that moment (before validation: the step of that validation's metrics).
@@ -174,8 +181,8 @@ class BNRecalibration(Callback):
         before_validation: recalibrate in ``on_validation_epoch_start``.
         at_train_end: recalibrate in ``on_train_end`` (skipped when the weights have not changed since the last
             recalibration, e.g. right after the last validation already recalibrated them).
-        dataloader: a DataLoader, or a callable returning an iterable of batches (called at each use);
-            ``None``: the trainer's train dataloader.
+        dataloader: a DataLoader, or a callable returning an iterable of batches (called once at ``setup`` to
+            check it, at the first training batch and at each use); ``None``: the trainer's train dataloader.
         forward_fn: ``forward_fn(module, batch)`` runs one forward (the return value is ignored).
         mode: ``"train"`` (one pass, precise BN) or ``"sequential"`` (layer by layer, inference semantics).
         dropout: ``"eval"`` (dropout and other non-BN modules in eval mode) or ``"train"`` (training modes).
