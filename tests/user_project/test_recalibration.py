@@ -116,3 +116,11 @@ def test_outside_fit_it_says_once_that_it_does_nothing(tmp_path: Path) -> None:
     assert recal.recalibrations == 0
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+    fitted = BNRecalibration(forward_fn=recalibration_forward)
+    trainer = quiet_trainer(tmp_path, callbacks=[fitted], limit_val_batches=1, limit_test_batches=1)
+    fitted_model = UserModel()
+    trainer.fit(fitted_model, datamodule=dm)
+    with warnings.catch_warnings(record=True) as after_fit:
+        warnings.simplefilter("always")
+        trainer.validate(fitted_model, datamodule=dm, verbose=False)
+    assert not [w for w in after_fit if "BNRecalibration" in str(w.message)]  # fit's statistics are in the model

@@ -257,7 +257,7 @@ class BNRecalibration(Callback):
         self._train_flags: dict[str, bool] | None = None
         self._batch_checked = False
         self._calibrated_version: tuple[int, ...] | None = None
-        self._said_fit_only = False
+        self._quiet_outside_fit = False
 
     @property
     @override
@@ -274,8 +274,8 @@ class BNRecalibration(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
-            if not self._said_fit_only:
-                self._said_fit_only = True
+            if not self._quiet_outside_fit:
+                self._quiet_outside_fit = True
                 name = getattr(stage, "value", stage)
                 rank_zero_warn(
                     f"{_OWNER} recalibrates only during `fit`: in `Trainer.{name}` it does nothing, and the model's "
@@ -283,6 +283,7 @@ class BNRecalibration(Callback):
                     "`lightning_bnsgd.recalibrate_bn` before it)."
                 )
             return
+        self._quiet_outside_fit = True  # after a fit, its model carries the statistics this callback computed
         self._batch_checked = False
         self._calibrated_version = None
         self._check_it_can_act(trainer)
