@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_bnsgd._compat import Callback, Trainer, loggers, pl
+from lightning_bnsgd.bn.recalibrate import recalibrate_bn
 from lightning_bnsgd.callbacks.recalibration import BNRecalibration
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.classifier import ConvNetClassifier
@@ -348,3 +349,6 @@ def test_a_later_batch_without_a_tensor_names_the_callbacks_argument(small_train
     recal = BNRecalibration(dataloader=_loader_of(batches), forward_fn=forward, num_samples=None)
     small_trainer([recal]).fit(_model(), datamodule=_data())  # without a budget nothing needs counting
     assert recal.recalibrations == 1
+    # called directly, recalibrate_bn names its own way out: it has `num_batches`
+    with pytest.raises(TypeError, match=r"^recalibrate_bn: a sample budget .* Pass `num_batches` instead"):
+        recalibrate_bn(_model(), batches, num_samples=4096, forward_fn=forward)
