@@ -23,9 +23,17 @@ def _fit(tmp_path: Path, callbacks: list[Any], **trainer_kwargs: Any) -> UserMod
     return model
 
 
-def test_callbacks_leave_the_training_trajectory_bitwise_unchanged(tmp_path: Path) -> None:
+def _shuffled_train_loader() -> torch.utils.data.DataLoader:
+    dm = UserDataModule()
+    dm.setup("fit")
+    return dm.train_dataloader()  # shuffles with the global generator: reading it must not move the training run
+
+
+@pytest.mark.parametrize("own_loader", [False, True])  # True: also a trial forward at the first training batch
+def test_callbacks_leave_the_training_trajectory_bitwise_unchanged(tmp_path: Path, own_loader: bool) -> None:
     plain = _fit(tmp_path / "plain", [])
-    recal = BNRecalibration(num_samples=48, forward_fn=recalibration_forward)
+    loader = _shuffled_train_loader() if own_loader else None
+    recal = BNRecalibration(num_samples=48, forward_fn=recalibration_forward, dataloader=loader)
     monitor = BNStatsMonitor(log_every_n_steps=2)
     with_callbacks = _fit(tmp_path / "with", [recal, monitor])
     assert recal.recalibrations >= 3  # before each validation (and train end, if the weights changed since)
