@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_bnsgd._compat import Callback, Trainer, loggers, pl
+from lightning_bnsgd.bn.recalibrate import recalibrate_bn
 from lightning_bnsgd.callbacks.recalibration import BNRecalibration
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.classifier import ConvNetClassifier
@@ -144,8 +145,9 @@ def test_protocol_transfer_hooks_and_custom_loader(small_trainer: Any, tmp_path:
     model = WithProtocol()
     recal = BNRecalibration(num_samples=None, dataloader=lambda: loader, before_validation=False)
     small_trainer([recal], limit_train_batches=2).fit(model, datamodule=_data())
-    assert model.recal_calls == 3 and recal.recalibrations == 1
-    assert model.transfers == 2 + 2 + 3  # two training, two validation and three recalibration batches
+    # the first training batch runs one trial forward of the loader's first batch; the recalibration three
+    assert model.recal_calls == 1 + 3 and recal.recalibrations == 1
+    assert model.transfers == 2 + 2 + 1 + 3  # two training, two validation, the trial's and three recalibration batches
     with torch.no_grad():
         h = torch.relu(model.net.features[0].conv(x)).double()
     torch.testing.assert_close(_first_norm(model).running_var.double(), h.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
@@ -221,3 +223,132 @@ def test_bad_arguments_and_bad_loaders(small_trainer: Any, tmp_path: Path) -> No
     recal = BNRecalibration(dataloader=endless, num_samples=40, before_validation=False)
     small_trainer([recal], limit_train_batches=1).fit(_model(), datamodule=_data())
     assert recal.last_report is not None and recal.last_report.num_samples == 40
+
+
+def _csv_rows(logger: Any) -> list[dict[str, str]]:
+    import csv
+
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_are_logged_at_the_step_of_the_modules_own_validation_metrics(
+    small_trainer: Any, tmp_path: Path
+) -> None:
+    # the recalibration before validation and the module's `self.log("val/acc")` of that validation run describe the
+    # same weights: Lightning writes the latter at its logging step, so must the callback (not at global_step)
+    logger = loggers.CSVLogger(str(tmp_path), name="csv")
+    recal = BNRecalibration(num_samples=128, at_train_end=False)
+    small_trainer([recal], max_epochs=2, logger=logger, log_every_n_steps=1).fit(_model(), datamodule=_data())
+    rows = _csv_rows(logger)
+    recal_steps = [int(r["step"]) for r in rows if r.get("bn_recalibration/samples")]
+    val_steps = [int(r["step"]) for r in rows if r.get("val/acc")]
+    assert len(recal_steps) == len(val_steps) == 2
+    assert recal_steps == val_steps == [3, 7]  # 4 steps per epoch: the fourth batch of each epoch is step 3, 7
+
+
+def test_configurations_that_can_never_act_are_refused(small_trainer: Any) -> None:
+    with pytest.raises(ValueError, match=r"BNRecalibration: `before_validation=False` and `at_train_end=False`"):
+        BNRecalibration(before_validation=False, at_train_end=False)
+    never = BNRecalibration(every_n_epochs=3, at_train_end=False)
+    trainer = small_trainer([never], max_epochs=2)
+    with pytest.raises(ValueError, match=r"BNRecalibration: `every_n_epochs=3` is larger than .*`max_epochs=2`"):
+        trainer.fit(_model(), datamodule=_data())
+    assert trainer.global_step == 0  # refused at setup, before any step
+    with pytest.raises(ValueError, match=r"BNRecalibration: the Trainer runs no validation"):
+        small_trainer([BNRecalibration(at_train_end=False)], limit_val_batches=0).fit(_model(), datamodule=_data())
+    # the same intervals act when train end may recalibrate, or when the run is long enough
+    small_trainer([BNRecalibration(every_n_epochs=3, num_samples=64)], max_epochs=2).fit(_model(), datamodule=_data())
+    acting = BNRecalibration(every_n_epochs=2, at_train_end=False, num_samples=64)
+    small_trainer([acting], max_epochs=2).fit(_model(), datamodule=_data())
+    assert acting.recalibrations == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        ({"recalibrations": -7, "last_run": None}, ValueError, r"`recalibrations` must be an integer >= 0, got -7"),
+        ({"recalibrations": "3", "last_run": None}, TypeError, r"`recalibrations` must be an integer >= 0, got '3'"),
+        ({"recalibrations": 1, "last_run": 5}, TypeError, r"`last_run` must be None or a pair"),
+        ({"recalibrations": 1, "last_run": (0, -100)}, ValueError, r"`last_run\[1\] \(global_step\)`.*got -100"),
+        ({"batches_stepped": 4}, ValueError, r"none of the keys .*not a BNRecalibration state"),
+        ([1, 2], TypeError, r"must be a dict"),
+    ],
+)
+def test_corrupted_or_foreign_state_is_refused_naming_the_key(state: Any, error: type, match: str) -> None:
+    recal = BNRecalibration()
+    with pytest.raises(error, match=r"^BNRecalibration checkpoint state.*" + match):
+        recal.load_state_dict(state)
+    assert (recal.recalibrations, recal.last_run) == (0, None)  # nothing half-loaded
+
+
+def test_state_with_a_missing_key_falls_back_with_a_warning(small_trainer: Any, tmp_path: Path) -> None:
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = BNRecalibration(num_samples=64)
+    small_trainer([first, ckpt], enable_checkpointing=True).fit(_model(), datamodule=_data())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["callbacks"][first.state_key]["last_run"]  # as written by an older version
+    torch.save(checkpoint, path)
+    resumed = BNRecalibration(num_samples=64)
+    with pytest.warns(UserWarning, match=r"BNRecalibration checkpoint state: missing keys \['last_run'\]"):
+        small_trainer([resumed], max_epochs=2).fit(_model(), datamodule=_data(), ckpt_path=str(path))
+    assert resumed.recalibrations == 2 and resumed.last_run == (1, 8)
+
+
+def _loader_of(batches: list[Any]) -> DataLoader:
+    return DataLoader(batches, batch_size=None)
+
+
+def _digits(n: int = 64, channels: int = 1, dtype: torch.dtype = torch.float32) -> list[Any]:
+    x = torch.randn(n, channels, 8, 8).to(dtype)
+    return [(x[i : i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, n, 16)]
+
+
+# name -> (BNRecalibration's keyword arguments, expected error, message pattern)
+_EARLY: dict[str, tuple[dict[str, Any], type, str]] = {
+    "empty_loader": ({"dataloader": _loader_of([])}, ValueError, r"the dataloader is empty"),
+    "callable_returns_a_number": ({"dataloader": lambda: 5}, TypeError, r"`dataloader\(\)` must return an iterable"),
+    "no_tensor_with_a_budget": (
+        {"dataloader": _loader_of([{"name": ["a", "b"]}] * 3), "forward_fn": lambda module, batch: None},
+        TypeError,
+        r"`num_samples=4096` needs batches with a tensor .* has none\. Set `num_samples=None`",
+    ),
+    "int64_images": ({"dataloader": _loader_of(_digits(dtype=torch.int64))}, RuntimeError, r"trial forward .*Long"),
+    "three_channels": ({"dataloader": _loader_of(_digits(channels=3))}, RuntimeError, r"trial forward .*channels"),
+}
+
+
+@pytest.mark.parametrize("name", list(_EARLY))
+def test_a_dataloader_recalibration_cannot_use_fails_before_the_first_step(small_trainer: Any, name: str) -> None:
+    kwargs, error, match = _EARLY[name]
+    trainer = small_trainer([BNRecalibration(**kwargs)], max_epochs=2)
+    with pytest.raises(error, match=r"^BNRecalibration:? .*" + match) as info:
+        trainer.fit(_model(), datamodule=_data())
+    assert trainer.global_step == 0  # at setup or at the first training batch, not at the first validation
+    assert "num_batches" not in str(info.value)  # an argument BNRecalibration does not have
+
+
+def test_a_forward_fn_of_the_wrong_arity_is_refused_by_the_constructor() -> None:
+    with pytest.raises(TypeError, match=r"^BNRecalibration: `forward_fn` is called as `forward_fn\(module, batch\)`"):
+        BNRecalibration(forward_fn=lambda batch: None)
+    BNRecalibration(forward_fn=lambda module, batch, *rest: None)  # any signature that takes two is fine
+
+
+def test_a_later_batch_without_a_tensor_names_the_callbacks_argument(small_trainer: Any) -> None:
+    batches = [*_digits(32), {"name": ["a", "b"]}]  # the first batches are fine: the problem shows only mid-pass
+
+    def forward(module: Any, batch: Any) -> None:
+        if isinstance(batch, (tuple, list)):
+            module(batch[0])
+
+    recal = BNRecalibration(dataloader=_loader_of(batches), forward_fn=forward)
+    with pytest.raises(TypeError, match=r"^BNRecalibration: `num_samples=4096` needs batches with a tensor") as info:
+        small_trainer([recal]).fit(_model(), datamodule=_data())
+    assert "num_batches" not in str(info.value)
+    recal = BNRecalibration(dataloader=_loader_of(batches), forward_fn=forward, num_samples=None)
+    small_trainer([recal]).fit(_model(), datamodule=_data())  # without a budget nothing needs counting
+    assert recal.recalibrations == 1
+    # called directly, recalibrate_bn names its own way out: it has `num_batches`
+    with pytest.raises(TypeError, match=r"^recalibrate_bn: a sample budget .* Pass `num_batches` instead"):
+        recalibrate_bn(_model(), batches, num_samples=4096, forward_fn=forward)

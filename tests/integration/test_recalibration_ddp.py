@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,78 @@ SCENARIOS: dict[str, tuple[bool, str, str, int | None]] = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+class _Boom(RuntimeError):
+    pass
+
+
+class _FailingForward:
+    """The user's forward, raising at this process's ``fail_at``-th call (``None``: never)."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise _Boom(f"forward {self.calls} failed")
+        return model(batch)
+
+
+class _FailingData:
+    """A shard with a length whose ``fail_at``-th batch cannot be read (``None``: every batch can)."""
+
+    def __init__(self, batches: list[torch.Tensor], fail_at: int | None) -> None:
+        self.batches, self.fail_at = batches, fail_at
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.batches):
+            if i == self.fail_at:
+                raise _Boom(f"batch {i} cannot be read")
+            yield batch if i != 1 or self.fail_at != -1 else {"meta": "no tensor"}  # -1: batch 1 has no size
+
+
+#: name -> (mode, loader kind, num_samples, {rank: where it fails}); every other rank has no failure of its own
+FAILURES: dict[str, tuple[str, str, int | None, dict[int, int]]] = {
+    "forward_planned": ("train", "list", None, {1: 3}),
+    "forward_per_batch": ("train", "generator", 700, {1: 3}),
+    "forward_sequential": ("sequential", "list", None, {1: 16}),  # in the second pass (rank 1 has 14 forwards each)
+    "data_planned": ("train", "data", 900, {1: 4}),
+    "uncountable_planned": ("train", "data", 900, {1: -1}),  # rank 1's second batch has no tensor, with a budget
+    "both_ranks": ("train", "list", None, {0: 2, 1: 5}),
+}
+
+
+def _failure(rank: int, mode: str, kind: str, budget: int | None, fail: dict[int, int]) -> dict[str, Any]:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _rank_batches(rank)
+    where = fail.get(rank)
+    loader: Any = {"list": batches, "generator": _generator(batches), "data": _FailingData(batches, where)}[kind]
+    forward = _FailingForward(where if kind != "data" else None)
     try:
-        results = {}
+        recalibrate_bn(model, loader, mode=mode, num_samples=budget, forward_fn=forward)
+    except Exception as err:
+        error = {"type": type(err).__name__, "message": str(err), "notes": list(getattr(err, "__notes__", []))}
+    else:
+        error = {}
+    unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    return {"error": error, "unchanged": unchanged}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+    )
+    try:
+        results: dict[str, Any] = {}
         for name, (sync, mode, kind, budget) in SCENARIOS.items():
             batches = _rank_batches(rank)
             loader = batches if kind == "list" else _generator(batches)
             results[name] = _run(rank, sync, mode, loader, budget)
+        results["failures"] = {name: _failure(rank, *args) for name, args in FAILURES.items()}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -240,3 +305,32 @@ def test_ddp_spawn_trainer_identical_buffers(tmp_path: Path, make_trainer: Any) 
     assert b0.keys() == b1.keys() and len(b0) == 4
     for key in b0:
         assert torch.equal(b0[key], b1[key]), key
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", list(FAILURES))
+def test_an_error_on_one_rank_reaches_every_rank(ranks: list[dict[str, Any]], name: str) -> None:
+    # every rank raises, at once (the collectives time out after 30 s: a rank left waiting would fail with a timeout
+    # instead), the failing rank its own error noting its rank, the others one naming the failing rank and its error
+    failing = FAILURES[name][3]
+    for r in range(WORLD):
+        result = ranks[r]["failures"][name]
+        error = result["error"]
+        assert error, f"rank {r} did not raise"
+        assert result["unchanged"], f"rank {r}: statistics changed although the recalibration failed"
+        assert "timed out" not in error["message"].lower() and "connection" not in error["message"].lower()
+        expected = "UncountableBatches" if failing.get(r) == -1 else "_Boom"
+        if r in failing:
+            assert error["type"] == expected
+            assert any(f"raised on rank {r} of 2" in note for note in error["notes"]), error
+            if expected == "UncountableBatches":
+                assert error["message"].startswith("recalibrate_bn: a sample budget (`num_samples`)")
+                assert "Pass `num_batches` instead of `num_samples`" in error["message"]
+        else:
+            assert error["type"] == "RankFailure"
+            failed = ", ".join(f"rank {f}" for f in sorted(failing))
+            assert error["message"].startswith(f"recalibrate_bn: {failed} of 2 failed"), error
+            for f, where in failing.items():
+                kind = "UncountableBatches" if where == -1 else "_Boom"
+                assert f"rank {f} raised {kind}: " in error["message"], error

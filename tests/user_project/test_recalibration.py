@@ -3,6 +3,7 @@ batches it cannot feed, respects the debug limits, and handles tiny batches."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,17 @@ def _fit(tmp_path: Path, callbacks: list[Any], **trainer_kwargs: Any) -> UserMod
     return model
 
 
-def test_callbacks_leave_the_training_trajectory_bitwise_unchanged(tmp_path: Path) -> None:
+def _shuffled_train_loader() -> torch.utils.data.DataLoader:
+    dm = UserDataModule()
+    dm.setup("fit")
+    return dm.train_dataloader()  # shuffles with the global generator: reading it must not move the training run
+
+
+@pytest.mark.parametrize("own_loader", [False, True])  # True: also a trial forward at the first training batch
+def test_callbacks_leave_the_training_trajectory_bitwise_unchanged(tmp_path: Path, own_loader: bool) -> None:
     plain = _fit(tmp_path / "plain", [])
-    recal = BNRecalibration(num_samples=48, forward_fn=recalibration_forward)
+    loader = _shuffled_train_loader() if own_loader else None
+    recal = BNRecalibration(num_samples=48, forward_fn=recalibration_forward, dataloader=loader)
     monitor = BNStatsMonitor(log_every_n_steps=2)
     with_callbacks = _fit(tmp_path / "with", [recal, monitor])
     assert recal.recalibrations >= 3  # before each validation (and train end, if the weights changed since)
@@ -99,3 +108,27 @@ def test_errors_during_a_recalibration_name_the_callback(tmp_path: Path) -> None
     recal = BNRecalibration(dataloader=empty_images, forward_fn=recalibration_forward, num_samples=None)
     with pytest.raises(ValueError, match=r"^BNRecalibration: no sample reached"):
         quiet_trainer(tmp_path, callbacks=[recal], limit_val_batches=1).fit(UserModel(), datamodule=UserDataModule())
+
+
+def test_outside_fit_it_says_once_that_it_does_nothing(tmp_path: Path) -> None:
+    model, dm = UserModel(), UserDataModule()
+    recal = BNRecalibration(forward_fn=recalibration_forward)
+    trainer = quiet_trainer(tmp_path, callbacks=[recal], limit_val_batches=1, limit_test_batches=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"BNRecalibration recalibrates only during `fit`: in `Trainer.validate`"):
+        trainer.validate(model, datamodule=dm, verbose=False)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        trainer.validate(model, datamodule=dm, verbose=False)
+    assert not [w for w in later if "BNRecalibration" in str(w.message)]  # once per callback, not per call
+    assert recal.recalibrations == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    fitted = BNRecalibration(forward_fn=recalibration_forward)
+    trainer = quiet_trainer(tmp_path, callbacks=[fitted], limit_val_batches=1, limit_test_batches=1)
+    fitted_model = UserModel()
+    trainer.fit(fitted_model, datamodule=dm)
+    with warnings.catch_warnings(record=True) as after_fit:
+        warnings.simplefilter("always")
+        trainer.validate(fitted_model, datamodule=dm, verbose=False)
+    assert not [w for w in after_fit if "BNRecalibration" in str(w.message)]  # fit's statistics are in the model

@@ -72,6 +72,67 @@ def gather_ints(values: list[int], group: dist.ProcessGroup | None = None) -> li
     return [[int(v) for v in row] for row in table.tolist()]
 
 
+class RankFailure(RuntimeError):
+    """Raised on every rank that did not fail when another rank failed during a step all ranks take together
+    (`agree_on_failure`); the message names the failing rank(s) and their errors."""
+
+
+_AGREED = "_lightning_bnsgd_agreed"
+
+
+def mark_agreed(err: BaseException) -> BaseException:
+    """Mark ``err`` as raised on every rank alike (from values all ranks share), so that no rank reports it as its
+    own failure again; returns ``err``."""
+    setattr(err, _AGREED, True)
+    return err
+
+
+def is_agreed(err: BaseException) -> bool:
+    """Whether ``err`` was raised on every rank alike (`mark_agreed`, or by `agree_on_failure`)."""
+    return bool(getattr(err, _AGREED, False))
+
+
+def agree_on_failure(
+    values: list[int], error: Exception | None, owner: str, group: dist.ProcessGroup | None = None
+) -> list[list[int]]:
+    """`gather_ints` of ``values`` that also tells every rank whether any rank failed: each rank passes the error
+    it hit since the last agreement (or ``None``), and if any rank had one, every rank raises.
+
+    The failing rank re-raises its own error (with a note naming its rank); every other rank raises `RankFailure`
+    naming the failing rank(s) and their errors. A rank that fails between two agreements only has to take part in
+    the next one (with any ``values`` of the agreed length): no rank is left waiting in a collective. It costs no
+    collective beyond the gather, except one ``all_gather_object`` of the error messages when a rank failed.
+
+    Examples:
+        >>> agree_on_failure([3], None, "recalibrate_bn")
+        [[3]]
+        >>> agree_on_failure([3], ValueError("bad batch"), "recalibrate_bn")
+        Traceback (most recent call last):
+        ...
+        ValueError: bad batch
+    """
+    size = world_size(group)
+    if size == 1:
+        if error is not None:
+            raise error
+        return [list(values)]
+    rows = gather_ints([*values, int(error is not None)], group)
+    failed = [r for r, row in enumerate(rows) if row[-1]]
+    if not failed:
+        return [row[:-1] for row in rows]
+    messages: list[object] = [None] * size
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    where = ", ".join(f"rank {r}" for r in failed)
+    if error is not None:
+        mark_agreed(error)
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            others = f" (also failed: {where})" if len(failed) > 1 else ""
+            error.add_note(f"{owner}: raised on rank {rank(group)} of {size}; every rank stops{others}.")
+        raise error
+    details = "; ".join(f"rank {r} raised {messages[r]}" for r in failed)
+    raise mark_agreed(RankFailure(f"{owner}: {where} of {size} failed, so every rank stops here. {details}"))
+
+
 def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Sum of ``tensor`` over the ranks of ``group`` (on ``tensor``'s device); ``tensor`` itself in one process.
 
@@ -145,13 +206,17 @@ def all_reduce_max(payload: Tensor) -> Tensor:
 
 
 __all__ = [
+    "RankFailure",
+    "agree_on_failure",
     "all_ranks_max_min",
     "all_reduce_max",
     "all_reduce_sum",
     "broadcast_from_zero",
     "comm_device",
     "gather_ints",
+    "is_agreed",
     "is_distributed",
+    "mark_agreed",
     "rank",
     "syncs_across_processes",
     "world_size",

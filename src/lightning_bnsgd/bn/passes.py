@@ -13,7 +13,14 @@ Three ways to run a pass, chosen once at its start:
   collectives stay in step, and an empty batch adds nothing to the statistics.
 
 Either way the union of the samples used is what a one-process run over the concatenated data would use, and the
-budget is split in rank order. Pure torch, no Lightning.
+budget is split in rank order.
+
+An error on one process (its data, its transfer, the user's forward) reaches every process: each agreement of a pass
+also says whether a process failed since the previous one (`agree_on_failure`), and all agreements of a pass have
+the same width, so the failed process answers whichever agreement the others reach next, with its error, and every
+process raises there. This rides on the agreements the pass makes anyway: no extra collective. (With SyncBatchNorm,
+an error inside a forward on one process leaves the others in SyncBatchNorm's own collective: that one is the
+model's, not ours.) Pure torch, no Lightning.
 """
 
 from __future__ import annotations
@@ -25,13 +32,31 @@ from typing import Any
 import torch
 
 from lightning_bnsgd.bn.batches import BatchStream, take_samples
-from lightning_bnsgd.bn.distributed import gather_ints, rank, world_size
+from lightning_bnsgd.bn.distributed import agree_on_failure, is_agreed, mark_agreed, rank, world_size
 
 Agreement = str  # "local" | "planned" | "per_batch"
-_NO_SIZE = (
-    "a sample budget (`num_samples`) needs batches with a tensor whose leading dimension is the batch size; a "
-    "process got a batch without one. Use `num_batches`."
-)
+#: Values in every agreement of a pass (padded to it), so that a failed process can answer whichever comes next.
+_WIDTH = 4
+_OWNER = "recalibrate_bn"
+
+
+class UncountableBatches(TypeError):
+    """A sample budget was set, but a batch had no tensor whose leading dimension gives its size.
+
+    Attributes:
+        batch_type: the type name of the batch without a size (``None`` when it was another process's).
+    """
+
+    #: What to do about it, for ``recalibrate_bn``'s arguments (a caller with other arguments replaces it).
+    HINT = "Pass `num_batches` instead of `num_samples` (or `num_samples=None` for all the data)."
+
+    def __init__(self, batch_type: str | None) -> None:
+        self.batch_type = batch_type
+        got = f"got a batch of type {batch_type}" if batch_type is not None else "got a batch"
+        super().__init__(
+            f"{_OWNER}: a sample budget (`num_samples`) needs batches with a tensor whose leading dimension is the "
+            f"batch size; {got} without one. {self.HINT}"
+        )
 
 
 @dataclass
@@ -117,13 +142,31 @@ class PassRunner:
         self._local_samples = 0
 
     def run(self) -> PassStats:
-        """Run the pass and return its statistics (identical on every process, except `forwards`)."""
-        if world_size() == 1:
-            self._run_local(self.budget)
-        else:
-            self._run_distributed()
-        self._finish()
+        """Run the pass and return its statistics (identical on every process, except `forwards`).
+
+        An error on one process is raised on every process (see the module doc).
+        """
+        try:
+            if world_size() == 1:
+                self._run_local(self.budget)
+            else:
+                self._run_distributed()
+            self._finish()
+        except Exception as err:
+            if world_size() == 1 or is_agreed(err):
+                raise
+            self._agree([], err)  # the others wait in their next agreement: answer it with the error (raises)
+            raise
         return self.stats
+
+    def _agree(self, values: list[int], error: Exception | None = None) -> list[list[int]]:
+        """Every process's ``values`` (at most `_WIDTH`), in rank order; raises on every process if one failed."""
+        try:
+            rows = agree_on_failure([*values, *[0] * (_WIDTH - len(values))], error, _OWNER)
+        except Exception as err:
+            mark_agreed(err)  # every process raises here: nothing more to tell the others
+            raise
+        return [row[: len(values)] for row in rows]
 
     def _use(self, batch: Any, size: int | None) -> None:
         self.forward(batch)
@@ -132,19 +175,28 @@ class PassRunner:
 
     def _run_local(self, quota: int | None) -> None:
         while quota is None or self._local_samples < quota:
-            item = self.stream.take(None if quota is None else quota - self._local_samples)
+            item = self._take(None if quota is None else quota - self._local_samples)
             if item is None:
                 break
             self._use(*item)
 
+    def _take(self, quota: int | None) -> tuple[Any, int | None] | None:
+        countable = self.stream.countable
+        try:
+            return self.stream.take(quota)
+        except TypeError as err:
+            if countable and not self.stream.countable:  # the stream met a batch without a size under a quota
+                raise UncountableBatches(None) from err
+            raise
+
     def _run_distributed(self) -> None:
         first_size = self.stream.next_size()
         sized = first_size is not None or self.stream.exhausted()
-        table = gather_ints(
+        table = self._agree(
             [-1 if self.length is None else self.length, first_size or 0, int(self.lockstep), int(sized)]
         )
         if self.budget is not None and not all(row[3] for row in table):
-            raise TypeError(_NO_SIZE)  # on every process alike
+            raise mark_agreed(UncountableBatches(None))  # on every process alike
         self.lockstep = any(row[2] for row in table)
         if self.lockstep or any(row[0] < 0 for row in table):
             self.stats.agreement = "per_batch"
@@ -155,7 +207,7 @@ class PassRunner:
         if self.budget is not None:
             quotas = list(split_budget(self.budget, [row[0] * row[1] for row in table]))
         self._run_local(quotas[rank()])
-        settle = gather_ints([self._local_samples, int(not self.stream.exhausted())])
+        settle = self._agree([self._local_samples, int(not self.stream.exhausted())])
         used = sum(row[0] for row in settle)
         if self.budget is not None and used < self.budget and any(row[1] for row in settle):
             self._run_per_batch(used)
@@ -166,11 +218,11 @@ class PassRunner:
             item = self.stream.take(None)
             size = 0 if item is None else (-1 if item[1] is None else item[1])
             has_template = item is not None or self.stream.template is not None
-            table = gather_ints([int(item is not None), size, int(has_template)])
+            table = self._agree([int(item is not None), size, int(has_template)])
             if not any(row[0] for row in table):
                 break
             takes = self._allocate([row[1] for row in table], used)
-            self._check_step(table, takes)
+            self._check_step(table, takes, None if item is None else item[0])
             mine = takes[rank()]
             if mine > 0 and item is not None:
                 batch, full = item
@@ -194,19 +246,21 @@ class PassRunner:
             left = max(0, left - take)
         return takes
 
-    def _check_step(self, table: list[list[int]], takes: list[int]) -> None:
+    def _check_step(self, table: list[list[int]], takes: list[int], batch: Any) -> None:
         """Raise on every process alike when the step cannot run as agreed."""
         if self.budget is not None and any(row[1] < 0 for row in table):
-            raise TypeError(_NO_SIZE)
+            raise mark_agreed(UncountableBatches(type(batch).__name__ if table[rank()][1] < 0 else None))
         if self.lockstep and any(t == 0 and not row[2] for t, row in zip(takes, table, strict=True)):
-            raise ValueError(
-                "recalibrate_bn: with SyncBatchNorm every process must forward in every step, but a process had no "
-                "batch at all to build an empty batch from. Give every process at least one batch."
+            raise mark_agreed(
+                ValueError(
+                    "recalibrate_bn: with SyncBatchNorm every process must forward in every step, but a process had no "
+                    "batch at all to build an empty batch from. Give every process at least one batch."
+                )
             )
 
     def _finish(self) -> None:
         stream = self.stream
-        rows = gather_ints([self._local_samples, int(stream.countable), stream.joined, stream.left_out])
+        rows = self._agree([self._local_samples, int(stream.countable), stream.joined, stream.left_out])
         self.stats.samples_per_rank = [row[0] for row in rows]
         total = sum(self.stats.samples_per_rank)
         self.stats.samples = total if all(row[1] for row in rows) else None
@@ -218,4 +272,4 @@ class PassRunner:
             self.stats.stopped_by = "num_batches"
 
 
-__all__ = ["PassRunner", "PassStats", "split_budget"]
+__all__ = ["PassRunner", "PassStats", "UncountableBatches", "split_budget"]

@@ -4,6 +4,7 @@ disturb."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -11,10 +12,13 @@ from typing import Any
 
 import torch
 from lightning_utilities.core.overrides import is_overridden
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_bnsgd._compat import namespace_of
+from lightning_bnsgd.callbacks._own_forwards import own_forwards
 
 _TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
@@ -175,3 +179,66 @@ def debug_batch_limit(trainer: Any, from_trainer_loader: bool) -> int | None:
         if isinstance(limit, int) and limit > 0:
             return limit
     return None
+
+
+def takes_two_positional(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called as ``fn(module, batch)`` (``True`` when its signature cannot be read).
+
+    Examples:
+        >>> takes_two_positional(lambda module, batch: None), takes_two_positional(lambda batch: None)
+        (True, False)
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C extensions have none
+        return True
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return False
+    return True
+
+
+def first_batch(loader: Iterable[Any]) -> Any:
+    """The first batch of a fresh iterator over ``loader`` (``None`` when it yields nothing), leaving the random
+    states as they were.
+
+    Examples:
+        >>> first_batch([[1, 2], [3]]), first_batch([])
+        ([1, 2], None)
+    """
+    with preserved_rng(loader_generators(loader)):
+        return next(iter(loader), None)
+
+
+def trial_forward(
+    module: nn.Module,
+    batch: Any,
+    forward: Callable[[nn.Module, Any], Any],
+    dropout: str,
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> None:
+    """Run ``forward(module, batch)`` once as a recalibration would, changing nothing: without gradients, with every
+    BatchNorm layer in eval mode (no statistic moves, SyncBatchNorm runs no collective), the other modules in eval
+    mode too unless ``dropout="train"``, the random states put back and the forward marked as the plugin's own.
+
+    A model with uninitialized lazy modules is left alone (a forward would initialize them).
+
+    Examples:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> trial_forward(bn, torch.randn(4, 2), lambda m, b: m(b), "eval")
+        >>> bn.running_mean.tolist(), bn.training
+        ([0.0, 0.0], True)
+    """
+    if any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in flags:
+            if dropout == "eval" or isinstance(m, _BatchNorm):
+                m.training = False
+        with torch.no_grad(), own_forwards(), preserved_rng(), context():
+            forward(module, batch)
+    finally:
+        for m, flag in flags:
+            m.training = flag

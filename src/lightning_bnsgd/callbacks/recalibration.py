@@ -10,8 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, LightningModule, Trainer, namespace_of
+from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step, namespace_of
 from lightning_bnsgd._validation import check_bool, check_int, check_str
+from lightning_bnsgd.bn.batches import batch_size_of, default_forward
+from lightning_bnsgd.bn.distributed import agree_on_failure
+from lightning_bnsgd.bn.passes import UncountableBatches
 from lightning_bnsgd.bn.recalibrate import (
     DropoutMode,
     ForwardFn,
@@ -25,12 +28,16 @@ from lightning_bnsgd.callbacks._batches import (
     TransferredBatches,
     debug_batch_limit,
     default_forward_accepts,
+    first_batch,
     loader_generators,
     loader_length,
     preserved_rng,
+    takes_two_positional,
     transfer_batch,
+    trial_forward,
     without_persistent_workers,
 )
+from lightning_bnsgd.callbacks._own_forwards import own_forwards
 
 #: The method a LightningModule may define to run one recalibration forward: ``bn_recalibration_step(batch)``.
 STEP_METHOD = "bn_recalibration_step"
@@ -52,13 +59,85 @@ def _in_swa_bn_update_epoch(trainer: Trainer) -> bool:
     return bool(getattr(trainer.fit_loop, "_skip_backward", False))
 
 
-def _renamed(err: Exception) -> Exception:
-    """``err`` with its message naming the class the user wrote instead of the function it calls."""
-    prefix = "recalibrate_bn: "
-    message = str(err)
-    if not message.startswith(prefix):
-        return err
-    return type(err)(f"{_OWNER}: {message[len(prefix) :]}")
+_NO_SIZE_HINT = "Set `num_samples=None` to use every batch, or give batches that hold such a tensor."
+
+
+def _uncountable(num_samples: int | None, batch_type: str | None) -> TypeError:
+    got = f"a batch of type {batch_type}" if batch_type is not None else "a batch"
+    return TypeError(
+        f"{_OWNER}: `num_samples={num_samples}` needs batches with a tensor whose leading dimension is the batch "
+        f"size, but {got} has none. {_NO_SIZE_HINT}"
+    )
+
+
+def _renamed(err: Exception, num_samples: int | None) -> Exception:
+    """``err`` with its message naming the class the user wrote (and its arguments) instead of the function it
+    calls; ``err`` itself when there is nothing to rename. Notes (the rank that raised it) are kept."""
+    notes = getattr(err, "__notes__", None)
+    if isinstance(notes, list):  # e.g. the rank that raised it, noted by recalibrate_bn
+        notes[:] = [
+            f"{_OWNER}: {n[len('recalibrate_bn: ') :]}" if n.startswith("recalibrate_bn: ") else n for n in notes
+        ]
+    if isinstance(err, UncountableBatches):
+        renamed: Exception = _uncountable(num_samples, err.batch_type)
+    else:
+        message = str(err).replace(UncountableBatches.HINT, _NO_SIZE_HINT)
+        for prefix in ("recalibrate_bn: ", "recalibrate_bn "):
+            if message.startswith(prefix):
+                message = f"{_OWNER}{': ' if prefix.endswith(': ') else ' '}{message[len(prefix) :]}"
+                break
+        if message == str(err):
+            return err
+        try:
+            renamed = type(err)(message)
+        except Exception:  # an exception class whose constructor takes other arguments
+            return err
+    for note in getattr(err, "__notes__", []):
+        renamed.add_note(note)
+    return renamed
+
+
+_STATE_OWNER = f"{_OWNER} checkpoint state"
+_STATE_KEYS = ("recalibrations", "last_run")
+
+
+def _checked_state(state: object) -> tuple[int, tuple[int, int] | None]:
+    """``(recalibrations, last_run)`` from a checkpoint's callback state, checked: a wrong type or value (a
+    corrupted or foreign state) is an error naming the key; a missing key falls back to a fresh run's value with a
+    warning.
+
+    Examples:
+        >>> _checked_state({"recalibrations": 2, "last_run": [1, 8]})
+        (2, (1, 8))
+        >>> _checked_state({"recalibrations": -7, "last_run": None})
+        Traceback (most recent call last):
+        ...
+        ValueError: BNRecalibration checkpoint state: `recalibrations` must be an integer >= 0, got -7.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{_STATE_OWNER} must be a dict with keys {list(_STATE_KEYS)}, got {type(state).__name__}.")
+    if not any(key in state for key in _STATE_KEYS):
+        raise ValueError(
+            f"{_STATE_OWNER} has none of the keys {list(_STATE_KEYS)} (it has {sorted(map(str, state))}): it is "
+            "not a BNRecalibration state."
+        )
+    missing = [key for key in _STATE_KEYS if key not in state]
+    unknown = sorted(str(key) for key in state if key not in _STATE_KEYS)
+    parts = [f"missing keys {missing} (a fresh run's values are used)"] if missing else []
+    parts += [f"unknown keys {unknown} (ignored)"] if unknown else []
+    if parts:
+        rank_zero_warn(
+            f"{_STATE_OWNER}: {' and '.join(parts)}; the checkpoint was written by another version or edited."
+        )
+    count = check_int("recalibrations", state.get("recalibrations", 0), minimum=0, owner=_STATE_OWNER)
+    last = state.get("last_run")
+    if last is None:
+        return count, None
+    if not isinstance(last, (tuple, list)) or len(last) != 2:
+        raise TypeError(f"{_STATE_OWNER}: `last_run` must be None or a pair (epoch, global_step), got {last!r}.")
+    epoch = check_int("last_run[0] (epoch)", last[0], minimum=0, owner=_STATE_OWNER)
+    step = check_int("last_run[1] (global_step)", last[1], minimum=0, owner=_STATE_OWNER)
+    return count, (epoch, step)
 
 
 def _weights_version(module: nn.Module) -> tuple[int, ...]:
@@ -84,8 +163,16 @@ class BNRecalibration(Callback):
     preference, ``forward_fn(module, batch)``, the module's ``bn_recalibration_step(batch)`` if it defines
     one, or ``module(batch[0])`` (``module(batch)`` for a tensor batch).
 
+    What can be checked early is: the arguments in the constructor; ``dataloader`` at ``setup``; at the first
+    training batch, whether the batches can be fed and counted, and for ``dataloader`` a trial forward of its first
+    batch (no gradient, BatchNorm layers in eval mode: nothing changes). Under DDP each check, and every error
+    during a recalibration (the user's forward included), is agreed by all ranks: an error on one rank is raised on
+    every rank, naming that rank (``RankFailure`` on the others), so no rank waits in a collective. It acts only in
+    ``fit``; in ``validate``, ``test`` and ``predict`` it says so once and does nothing.
+
     Logs ``<log_prefix>/samples``, ``<log_prefix>/mean_shift`` and ``<log_prefix>/var_shift`` (the largest
-    shift over the layers, see ``LayerShift``) to every logger, from rank zero.
+    shift over the layers, see ``LayerShift``) to every logger, from rank zero, at the step Lightning logs the
+    module's own ``self.log`` metrics of that moment (before validation: the step of that validation's metrics).
 
     Args:
         num_samples: samples per recalibration, counted over all processes (``None``: the whole dataloader).
@@ -94,8 +181,8 @@ class BNRecalibration(Callback):
         before_validation: recalibrate in ``on_validation_epoch_start``.
         at_train_end: recalibrate in ``on_train_end`` (skipped when the weights have not changed since the last
             recalibration, e.g. right after the last validation already recalibrated them).
-        dataloader: a DataLoader, or a callable returning an iterable of batches (called at each use);
-            ``None``: the trainer's train dataloader.
+        dataloader: a DataLoader, or a callable returning an iterable of batches (called once at ``setup`` to
+            check it, at the first training batch and at each use); ``None``: the trainer's train dataloader.
         forward_fn: ``forward_fn(module, batch)`` runs one forward (the return value is ignored).
         mode: ``"train"`` (one pass, precise BN) or ``"sequential"`` (layer by layer, inference semantics).
         dropout: ``"eval"`` (dropout and other non-BN modules in eval mode) or ``"train"`` (training modes).
@@ -133,12 +220,23 @@ class BNRecalibration(Callback):
         check_bool("before_validation", before_validation, owner=_OWNER)
         check_bool("at_train_end", at_train_end, owner=_OWNER)
         check_bool("verbose", verbose, owner=_OWNER)
+        if not before_validation and not at_train_end:
+            raise ValueError(
+                f"{_OWNER}: `before_validation=False` and `at_train_end=False` leave it no moment to recalibrate: it "
+                "would never act. Set one of them to True, or remove the callback."
+            )
         if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
             raise TypeError(
                 f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, "
                 f"got {dataloader!r}."
             )
         check_str("log_prefix", log_prefix, owner=_OWNER)
+        if forward_fn is not None and not takes_two_positional(forward_fn):
+            raise TypeError(
+                f"{_OWNER}: `forward_fn` is called as `forward_fn(module, batch)` (two positional arguments), but "
+                f"{forward_fn!r} cannot take them. For a forward of the batch alone, define "
+                f"`{STEP_METHOD}(self, batch)` on your LightningModule instead."
+            )
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.before_validation = before_validation
@@ -159,6 +257,7 @@ class BNRecalibration(Callback):
         self._train_flags: dict[str, bool] | None = None
         self._batch_checked = False
         self._calibrated_version: tuple[int, ...] | None = None
+        self._quiet_outside_fit = False
 
     @property
     @override
@@ -175,9 +274,21 @@ class BNRecalibration(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
+            if not self._quiet_outside_fit:
+                self._quiet_outside_fit = True
+                name = getattr(stage, "value", stage)
+                rank_zero_warn(
+                    f"{_OWNER} recalibrates only during `fit`: in `Trainer.{name}` it does nothing, and the model's "
+                    "BatchNorm statistics are used as they are (to recalibrate a loaded model, call "
+                    "`lightning_bnsgd.recalibrate_bn` before it)."
+                )
             return
+        self._quiet_outside_fit = True  # after a fit, its model carries the statistics this callback computed
         self._batch_checked = False
         self._calibrated_version = None
+        self._check_it_can_act(trainer)
+        if self.dataloader is not None:
+            self._agreed_source(trainer)  # its type and length, known now on every rank
         averaging = _averaging_callbacks(trainer)
         callbacks = list(trainer.callbacks)
         mine = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
@@ -186,6 +297,23 @@ class BNRecalibration(Callback):
             raise ValueError(
                 f"{_OWNER} must come after {', '.join(late)} in `callbacks=[...]` so that it "
                 "recalibrates the averaged weights (hooks run in list order); move it after them."
+            )
+
+    def _check_it_can_act(self, trainer: Trainer) -> None:
+        """Refuse a fit in which it would never recalibrate (only before validation, and no validation comes)."""
+        if self.at_train_end:
+            return
+        max_epochs = trainer.max_epochs
+        if isinstance(max_epochs, int) and 0 <= max_epochs < self.every_n_epochs:
+            raise ValueError(
+                f"{_OWNER}: `every_n_epochs={self.every_n_epochs}` is larger than the Trainer's "
+                f"`max_epochs={max_epochs}` and `at_train_end=False`: it would never recalibrate in this fit. Lower "
+                "`every_n_epochs`, or set `at_train_end=True`."
+            )
+        if trainer.limit_val_batches == 0:
+            raise ValueError(
+                f"{_OWNER}: the Trainer runs no validation (`limit_val_batches=0`) and `at_train_end=False`: it "
+                "would never recalibrate in this fit. Set `at_train_end=True`."
             )
 
     @override
@@ -206,18 +334,47 @@ class BNRecalibration(Callback):
             self._train_flags = {name: module.training for name, module in pl_module.named_modules()}
         if not self._batch_checked:
             self._batch_checked = True
-            self._check_batch_type(batch, pl_module)
+            error = None
+            try:
+                self._check_first_batch(trainer, pl_module, batch)
+            except Exception as err:
+                error = err
+            agree_on_failure([], error, _OWNER)  # every rank raises if one did
 
-    def _check_batch_type(self, batch: Any, pl_module: LightningModule) -> None:
-        """Fail at the first training batch, not after an epoch, when the default forward cannot take the batches."""
-        if self.dataloader is not None or self._forward_fn(pl_module) is not None or default_forward_accepts(batch):
-            return
-        raise TypeError(
-            f"{_OWNER} cannot feed a training batch of type {type(batch).__name__} to the model: its default "
-            "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
-            "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
-            f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
-        )
+    def _check_first_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Fail at the first training batch, not after an epoch, when recalibration could not run its batches: the
+        default forward cannot take them, a sample budget cannot count them, or (for batches from ``dataloader``,
+        which training has not fed to the model) a trial forward of the first one fails."""
+        forward_fn = self._forward_fn(pl_module)
+        origin = "a training batch"
+        if self.dataloader is not None:
+            loader = self._source(trainer)
+            batch = first_batch(loader)
+            if batch is None:
+                return  # nothing on this rank: the others' batches are used (all empty is refused at setup)
+            with preserved_rng(loader_generators(loader)):
+                batch = transfer_batch(batch, trainer, pl_module)
+            origin = "the first batch of `dataloader`"
+        if forward_fn is None and not default_forward_accepts(batch):
+            raise TypeError(
+                f"{_OWNER} cannot feed {origin} (of type {type(batch).__name__}) to the model: its default "
+                "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
+                "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
+                f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
+            )
+        if self.num_samples is not None and batch_size_of(batch) is None:
+            raise _uncountable(self.num_samples, type(batch).__name__)
+        if self.dataloader is None:
+            return  # the training step feeds these batches to the model itself
+        forward = forward_fn if forward_fn is not None else default_forward
+        try:
+            trial_forward(pl_module, batch, forward, self.dropout, trainer.precision_plugin.forward_context)
+        except Exception as err:
+            kind = next((k for k in (TypeError, ValueError) if isinstance(err, k)), RuntimeError)
+            raise kind(
+                f"{_OWNER}: a trial forward of {origin} (of type {type(batch).__name__}) failed at the first "
+                f"training batch, so every recalibration would fail: {type(err).__name__}: {err}"
+            ) from err
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -241,9 +398,7 @@ class BNRecalibration(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.recalibrations = int(state_dict.get("recalibrations", self.recalibrations))
-        last = state_dict.get("last_run", self.last_run)
-        self.last_run = (int(last[0]), int(last[1])) if last is not None else None
+        self.recalibrations, self.last_run = _checked_state(state_dict)
 
     # ------------------------------------------------------------------------------------------------- work
 
@@ -253,21 +408,13 @@ class BNRecalibration(Callback):
         The random states it draws from (a DataLoader iterator draws shuffling and worker seeds) are restored
         afterwards, so the training run goes on exactly as it would have without it.
         """
-        loader = self._source(trainer)
-        length = loader_length(loader)
-        if length == 0:
-            raise ValueError(f"{_OWNER}: the dataloader is empty; there is nothing to recalibrate from.")
-        if length is None and self.num_samples is None:
-            raise ValueError(
-                f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
-                "None; set `num_samples` to bound the recalibration."
-            )
+        loader = self._agreed_source(trainer)
         limit = debug_batch_limit(trainer, from_trainer_loader=self.dataloader is None)
         batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
         current = {module: module.training for module in pl_module.modules()}
         self._apply_train_flags(pl_module)
         try:
-            with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context():
+            with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context(), own_forwards():
                 report = recalibrate_bn(
                     pl_module,
                     batches,
@@ -277,8 +424,8 @@ class BNRecalibration(Callback):
                     dropout=self.dropout,
                     nonfinite=self.nonfinite,
                 )
-        except (ValueError, TypeError, RuntimeError) as err:
-            renamed = _renamed(err)
+        except Exception as err:
+            renamed = _renamed(err, self.num_samples)
             if renamed is err:
                 raise
             raise renamed from err
@@ -291,6 +438,28 @@ class BNRecalibration(Callback):
         self._calibrated_version = _weights_version(pl_module)
         self._log(trainer, report)
         return report
+
+    def _agreed_source(self, trainer: Trainer) -> Iterable[Any]:
+        """The batches to recalibrate from, checked on every rank together: an error on one rank is raised on every
+        rank (naming it), and data that is empty on every rank is refused (one rank's empty shard is fine)."""
+        loader: Iterable[Any] = ()
+        error, empty = None, False
+        try:
+            loader = self._source(trainer)
+            length = loader_length(loader)
+            if length is None and self.num_samples is None:
+                raise ValueError(
+                    f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
+                    "None; set `num_samples` to bound the recalibration."
+                )
+            empty = length == 0
+        except Exception as err:
+            error = err
+        rows = agree_on_failure([int(empty)], error, _OWNER)
+        if all(row[0] for row in rows):
+            where = " on every rank" if len(rows) > 1 else ""
+            raise ValueError(f"{_OWNER}: the dataloader is empty{where}; there is nothing to recalibrate from.")
+        return loader
 
     def _source(self, trainer: Trainer) -> Iterable[Any]:
         if self.dataloader is None:
@@ -342,7 +511,7 @@ class BNRecalibration(Callback):
         }
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=logging_step(trainer))
         if self.verbose:
             rank_zero_info(
                 f"{_OWNER}: {len(report.layers)} layer(s) from {report.num_samples} samples "
