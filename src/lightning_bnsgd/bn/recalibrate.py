@@ -193,6 +193,12 @@ def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple
                 f"recalibrate_bn: the lazy BatchNorm layer {name!r} is not materialized yet; run one forward "
                 "of the model first."
             )
+        elif layer.running_mean.is_meta:
+            raise ValueError(
+                f"recalibrate_bn: the BatchNorm layer {name!r} of `model` is on the meta device (its buffers have "
+                "a shape but no storage); materialize the model first (e.g. `model.to_empty(device=...)` and load "
+                "its weights)."
+            )
         elif not layer.training:
             report.skipped[name] = "eval mode (frozen)"
         else:
@@ -309,15 +315,17 @@ def _sequential_mode(run: _Run, collector: StatsCollector) -> _Outcome:
 
 def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, report: RecalibrationReport) -> None:
     """Commit the new statistics into the layers' own buffers and record each recalibrated layer's shift."""
-    counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()  # one host read
+    counts: list[float] = []
+    if outcome.order:  # one host read
+        counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()
     reached = [i for i, count in zip(outcome.order, counts, strict=True) if count > 0]
     for i, count in zip(outcome.order, counts, strict=True):
         if count <= 0:
             report.skipped.setdefault(names[i], "not reached by the forward")
     if not reached:
         raise ValueError(
-            "recalibrate_bn: no sample reached the BatchNorm layers (the batches were empty); the "
-            "model's statistics were left unchanged."
+            f"recalibrate_bn: no sample reached the BatchNorm layers: {_why_no_sample(report)}; the model's "
+            "statistics were left unchanged."
         )
     sizes = [buffers.sizes[i] for i in reached]
     parts = [outcome.moments[i] for i in reached]
@@ -338,6 +346,21 @@ def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, repor
     for i, shift in zip(reached, shifts, strict=True):
         report.layers.append(names[i])
         report.shift[names[i]] = LayerShift(mean=shift[0], var=shift[1])
+
+
+def _why_no_sample(report: RecalibrationReport) -> str:
+    """Why no sample reached a target layer, from what the (first) pass did (the same on every process)."""
+    if report.left_out_samples and not report.num_samples:
+        return (
+            f"`batches` held {report.left_out_samples} sample(s) in all, with no second sample to join "
+            "(BatchNorm needs at least 2 samples to compute a variance); pass at least 2 samples"
+        )
+    if report.num_samples == 0:
+        return "`batches` was empty (no batch, or batches of 0 samples)"
+    used = "batches" if report.num_samples is None else f"{report.num_samples} samples"
+    return (
+        f"the forwards of {used} ran no BatchNorm layer of `model`; check that `forward_fn` runs the model on the batch"
+    )
 
 
 def _channel_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
@@ -478,6 +501,7 @@ def _make_run(
         owner, num_samples=num_samples, mode=mode, dropout=dropout, nonfinite=nonfinite, forward_fn=forward_fn
     )
     check_int("num_batches", num_batches, allow_none=True, owner=owner)
+    torch_device = _check_device(device, owner)
     if mode == "sequential" and iter(batches) is batches:
         raise TypeError(
             f'{owner}: mode="sequential" iterates the batches once per layer: pass a re-iterable (a DataLoader, a '
@@ -487,13 +511,32 @@ def _make_run(
         model=model,
         batches=batches,
         forward_fn=forward_fn if forward_fn is not None else default_forward,  # type: ignore[arg-type]
-        device=torch.device(device) if device is not None else None,  # type: ignore[call-overload]
+        device=torch_device,
         num_samples=num_samples,  # type: ignore[arg-type]
         num_batches=num_batches,  # type: ignore[arg-type]
         mode=str(mode),
         dropout=str(dropout),
         nonfinite=str(nonfinite),
     )
+
+
+def _check_device(device: object, owner: str) -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``); a clear error for anything else or ``meta``."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)  # type: ignore[call-overload]
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{owner}: `device` must be None, a torch.device or a device string such as 'cpu' or 'cuda:0', got "
+            f"{device!r} ({err})."
+        ) from None
+    if resolved.type == "meta":
+        raise ValueError(
+            f"{owner}: `device` must be a device with data, got {device!r}: meta tensors have a shape but no "
+            "values, so there are no statistics to compute from them."
+        )
+    return resolved
 
 
 __all__ = [
