@@ -183,7 +183,14 @@ class _Outcome:
 
 
 def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple[str, _BatchNorm]]:
-    """The BatchNorm layers to recalibrate; the others go to ``report.skipped`` with the reason."""
+    """The BatchNorm layers to recalibrate; the others go to ``report.skipped`` with the reason.
+
+    In a model in train mode, BatchNorm layers in eval mode are frozen and left alone. A model in eval mode (as
+    after ``model.eval()``, where every layer is in eval mode and no frozen layer can be told apart) is
+    recalibrated as a whole, as ``torch.optim.swa_utils.update_bn`` does: every layer that tracks running
+    statistics.
+    """
+    whole = not model.training
     targets = []
     for name, layer in batchnorm_layers(model):
         if not layer.track_running_stats or layer.running_mean is None or layer.running_var is None:
@@ -199,16 +206,37 @@ def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple
                 "a shape but no storage); materialize the model first (e.g. `model.to_empty(device=...)` and load "
                 "its weights)."
             )
-        elif not layer.training:
+        elif not layer.training and not whole:
             report.skipped[name] = "eval mode (frozen)"
         else:
             targets.append((name, layer))
     return targets
 
 
+def _nothing_to_do(report: RecalibrationReport) -> None:
+    """Warn when the model has no layer that could ever be recalibrated; raise when all of them are frozen."""
+    frozen = [name for name, reason in report.skipped.items() if reason == "eval mode (frozen)"]
+    if frozen:
+        raise ValueError(
+            f"recalibrate_bn: every BatchNorm layer of `model` that tracks running statistics is in eval mode in a "
+            f"model in train mode, which recalibrate_bn treats as frozen and leaves alone ({frozen}), so nothing "
+            "would change and the model's statistics were left unchanged. Put the layers to recalibrate in train "
+            "mode for the call (`layer.train()`), or pass the model in eval mode (`model.eval()`) to recalibrate "
+            "every BatchNorm layer as torch's update_bn does (each module's mode is restored afterwards)."
+        )
+    if not report.skipped:
+        warnings.warn("recalibrate_bn: the model has no BatchNorm layer; nothing to do.", UserWarning, stacklevel=3)
+    else:
+        warnings.warn(
+            f"recalibrate_bn: no BatchNorm layer to recalibrate (skipped: {report.skipped}).", UserWarning, stacklevel=3
+        )
+
+
 @contextlib.contextmanager
 def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: str) -> Iterator[FlatBuffers]:
     """Set up the layers for recalibration; on exit restore modes, momentum and, unless committed, statistics.
+
+    A model in eval mode runs as after ``model.train()`` (then ``dropout`` applies), as in torch's ``update_bn``.
 
     The layers' own buffers are swapped out for the duration (`FlatBuffers`), so they are never touched before
     the final commit: any exception, ``KeyboardInterrupt`` included, leaves them exactly as they were.
@@ -218,6 +246,9 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
     buffers = FlatBuffers(layers)
     try:
         with torch.no_grad(), buffers.installed():
+            if not model.training:
+                for module, _ in flags:
+                    _set_attribute(module, "training", True)
             if dropout == "eval":
                 for module, _ in flags:
                     if not isinstance(module, _BatchNorm):
@@ -401,10 +432,14 @@ def recalibrate_bn(
     """Recompute the population statistics of ``model``'s BatchNorm layers exactly from ``batches``.
 
     Target layers are the BatchNorm layers (any ``_BatchNorm`` subclass: 1d/2d/3d, SyncBatchNorm, materialized
-    lazy layers, user subclasses) that are in train mode and track running statistics. Afterwards each one
-    holds the count-weighted mean and the unbiased variance (between-batch variance included) of everything it
-    saw, as if all batches had been one. Layers in eval mode (frozen), ``track_running_stats=False`` layers
-    and other normalizations are left exactly as they were. Parameters are never touched; every module's
+    lazy layers, user subclasses) that track running statistics and, in a model in train mode, are in train mode.
+    Afterwards each one holds the count-weighted mean and the unbiased variance (between-batch variance included)
+    of everything it saw, as if all batches had been one. In a model in train mode, BatchNorm layers in eval mode
+    are frozen and left exactly as they were; when every one is frozen nothing could change, which is an error. A
+    model in eval mode (``model.training`` is False, as after ``model.eval()``) is recalibrated as
+    ``torch.optim.swa_utils.update_bn`` does it: as after ``model.train()``, every BatchNorm layer that tracks
+    running statistics (``dropout`` then applies). ``track_running_stats=False`` layers and other normalizations
+    are left exactly as they were. Parameters are never touched; every module's
     ``training`` flag, each layer's ``momentum`` and ``num_batches_tracked`` are restored; on any exception
     (KeyboardInterrupt included) the original statistics come back and the exception propagates.
 
@@ -439,7 +474,8 @@ def recalibrate_bn(
         A ``RecalibrationReport``.
 
     Raises:
-        ValueError: for invalid arguments, when no sample reached the layers, or for non-finite statistics.
+        ValueError: for invalid arguments, when no sample reached the layers, when every BatchNorm layer of a
+            model in train mode is frozen, or for non-finite statistics.
         TypeError: for batches the default forward cannot handle, or a one-shot iterator in sequential mode.
 
     Examples:
@@ -458,13 +494,8 @@ def recalibrate_bn(
     run = _make_run(model, batches, num_samples, num_batches, forward_fn, mode, dropout, device, nonfinite)
     report = RecalibrationReport(mode=mode, world_size=world_size())
     targets = _select_targets(model, report)
-    if not targets and not report.skipped:
-        warnings.warn("recalibrate_bn: the model has no BatchNorm layer; nothing to do.", UserWarning, stacklevel=2)
-        return report
     if not targets:
-        warnings.warn(
-            f"recalibrate_bn: no BatchNorm layer to recalibrate (skipped: {report.skipped}).", UserWarning, stacklevel=2
-        )
+        _nothing_to_do(report)
         return report
     names = [name for name, _ in targets]
     layers = [layer for _, layer in targets]
