@@ -346,7 +346,7 @@ def _sequential_mode(run: _Run, collector: StatsCollector) -> _Outcome:
 
 def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, report: RecalibrationReport) -> None:
     """Commit the new statistics into the layers' own buffers and record each recalibrated layer's shift."""
-    counts: list[float] = []
+    counts: list[Any] = []
     if outcome.order:  # one host read
         counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()
     reached = [i for i, count in zip(outcome.order, counts, strict=True) if count > 0]
