@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -120,8 +122,20 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
 
 
 def main() -> None:
-    """The console script ``lightning-bnsgd`` (returns nothing, so the shell sees exit status 0)."""
+    """The console script ``lightning-bnsgd`` (returns nothing, so the shell sees exit status 0).
+
+    Like ``python -m``, it puts the current directory first on ``sys.path``, so ``--model my_module.MyModel``
+    finds ``./my_module.py`` (a console script's own ``sys.path`` starts with its ``bin/`` directory instead).
+    """
+    add_working_directory_to_path()
     cli_main()
+
+
+def add_working_directory_to_path() -> None:
+    """Put the current directory first on ``sys.path`` unless it is already there (as ``''`` or its path)."""
+    cwd = os.getcwd()
+    if not any(entry in ("", ".") or os.path.abspath(entry) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import filecmp
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import yaml
 
 from lightning_bnsgd._compat import LightningModule
-from lightning_bnsgd.cli import cli_main, packaged_config
+from lightning_bnsgd.cli import cli_main, main, packaged_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,3 +138,71 @@ def test_callbacks_by_lightning_pytorch_class_path(tmp_path):
     )
     assert cli.trainer.__module__.startswith("lightning.pytorch")
     assert any(type(cb).__module__.startswith("lightning.pytorch.callbacks") for cb in cli.trainer.callbacks)
+
+
+USER_MODULE = '''
+"""A user's model file, written like Lightning's ImageNet example (num_classes 1000, top-1/top-5 test metrics)."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+from {namespace} import LightningModule
+
+
+class MyModel(LightningModule):
+    def __init__(self, num_classes: int = 1000, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        top5 = logits.topk(5, dim=1).indices
+        self.log("test_loss", F.cross_entropy(logits, y))
+        self.log("test_acc1", (top5[:, 0] == y).float().mean())
+        self.log("test_acc5", (top5 == y[:, None]).any(dim=1).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user's ``my_module_<n>.py`` in a fresh directory, the working directory, not on ``sys.path``."""
+    namespace = LightningModule.__module__.split(".core")[0]
+    name = f"my_module_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE.format(namespace=namespace))
+    monkeypatch.chdir(tmp_path)
+    here = {"", ".", str(tmp_path)}
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in here and Path(p or ".").resolve() != tmp_path])
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _user_args(name: str, tmp_path: Path) -> list[str]:
+    return [
+        "fit",
+        f"--model={name}.MyModel",
+        "--data=lightning_bnsgd.DigitsDataModule",
+        "--trainer.fast_dev_run=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    ]
+
+
+def test_console_script_finds_a_user_module_in_the_working_directory(user_module, tmp_path, monkeypatch, capsys):
+    """Issue 24 item 20: ``lightning-bnsgd fit --model my_module.MyModel`` works without ``PYTHONPATH=.``, as
+    ``python -m`` does (the console script's ``sys.path`` starts with its ``bin/`` directory, not the cwd)."""
+    monkeypatch.setattr(sys, "argv", ["lightning-bnsgd", *_user_args(user_module, tmp_path)])
+    main()
+    assert sys.modules[user_module].__file__ == str(tmp_path / f"{user_module}.py")
+    assert "No module named" not in capsys.readouterr().err
