@@ -68,9 +68,10 @@ class BNSGDCLI(LightningCLI):
     paths, ``subclass_mode``), with the data module's shape attributes linked into the model where both have them
     (`link_data_into_model`) and an optional test after fit.
 
-    ``fit --test_after_fit true`` runs ``trainer.test`` on the fitted model right after ``fit`` and prints the
-    test accuracy (``test/acc``, or the first metric whose name ends in ``acc``), so one command trains and
-    evaluates.
+    ``fit --test_after_fit true`` runs ``trainer.test`` on the fitted model right after ``fit``, so one command
+    trains and evaluates: Lightning prints its table of every test metric, and the CLI adds a line
+    ``test accuracy: ...`` when there is an accuracy (``test/acc``, or the first metric whose name contains
+    ``acc``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -78,7 +79,7 @@ class BNSGDCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help="fit only: run the test set on the fitted model after fit and print the test accuracy.",
+            help="fit only: run the test set on the fitted model after fit and print every test metric.",
         )
 
     def instantiate_classes(self) -> None:
@@ -91,11 +92,23 @@ class BNSGDCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), {})
         if not config.get("test_after_fit", False):
             return
-        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        metrics = results[0] if results else {}
-        acc = metrics.get("test/acc", next((v for k, v in metrics.items() if k.endswith("acc")), None))
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)  # Lightning's table
+        acc = test_accuracy(results[0] if results else {})
         if acc is not None and self.trainer.is_global_zero:
             print(f"test accuracy: {acc:.4f}", flush=True)
+
+
+def test_accuracy(metrics: dict[str, Any]) -> float | None:
+    """The test accuracy among ``trainer.test``'s metrics: ``test/acc``, else the first metric whose name contains
+    ``acc`` (``test_acc1``, ``test/accuracy``), else ``None``.
+
+    Examples:
+        >>> test_accuracy({"test_loss": 0.3, "test_acc1": 0.9, "test_acc5": 0.99}), test_accuracy({"loss": 1.0})
+        (0.9, None)
+    """
+    if "test/acc" in metrics:
+        return float(metrics["test/acc"])
+    return next((float(v) for k, v in metrics.items() if "acc" in k.rsplit("/", 1)[-1]), None)
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> BNSGDCLI:

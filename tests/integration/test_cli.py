@@ -206,3 +206,15 @@ def test_console_script_finds_a_user_module_in_the_working_directory(user_module
     main()
     assert sys.modules[user_module].__file__ == str(tmp_path / f"{user_module}.py")
     assert "No module named" not in capsys.readouterr().err
+
+
+def test_test_after_fit_prints_every_test_metric(user_module, tmp_path, capsys):
+    """Issue 24 item 20: ``--test_after_fit=true`` shows Lightning's table of every test metric (here
+    ``test_acc1``, ``test_acc5``, ``test_loss``: no ``*acc`` name) and the accuracy line for ``test_acc1``."""
+    sys.path.insert(0, str(tmp_path))
+    cli = cli_main([*_user_args(user_module, tmp_path), "--test_after_fit=true"])
+    metrics = cli.trainer.callback_metrics
+    out = capsys.readouterr().out
+    for name in ("test_acc1", "test_acc5", "test_loss"):
+        assert name in out, out
+    assert f"test accuracy: {float(metrics['test_acc1']):.4f}" in out
