@@ -49,6 +49,27 @@ def link_data_into_model(config: Namespace) -> list[str]:
     return linked
 
 
+class LinkingArgumentParser(LightningArgumentParser):
+    """The CLI's parser: every config it writes out (``--print_config``, the run's saved ``config.yaml``) holds
+    the model arguments linked from the data module (`link_data_into_model`), i.e. the values the run uses.
+
+    jsonargparse prints ``--print_config`` while parsing, before any link is applied; a link applied at
+    instantiation (LightningCLI's ``apply_on="instantiate"``, and this CLI's own link) would print the model's
+    default instead (e.g. ``num_classes: 1000`` for a run that uses the data module's 10), and a link applied
+    at parse time is left out of the printout. Linking the copy that is dumped prints the true values, and the
+    printed config parses back to the same run.
+    """
+
+    def dump(self, cfg: Namespace | None = None, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace):
+            cfg = cfg.clone()
+            subcommand = cfg.get("subcommand")
+            section = cfg.get(subcommand) if isinstance(subcommand, str) else cfg
+            if isinstance(section, Namespace):
+                link_data_into_model(section)
+        return super().dump(cfg, *args, **kwargs)
+
+
 def packaged_config(name: str = "digits.yaml") -> Path:
     """Path of a YAML config shipped inside the package (``configs/``).
 
@@ -123,6 +144,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
     # The model's own configure_optimizers (SGDWarmup, stepped per batch) is the one to use; LightningCLI's
     # automatic --optimizer/--lr_scheduler would step schedulers per epoch.
     kwargs.setdefault("auto_configure_optimizers", False)
+    kwargs.setdefault("parser_class", LinkingArgumentParser)
     return BNSGDCLI(
         LightningModule,
         LightningDataModule,

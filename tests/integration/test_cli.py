@@ -218,3 +218,21 @@ def test_test_after_fit_prints_every_test_metric(user_module, tmp_path, capsys):
     for name in ("test_acc1", "test_acc5", "test_loss"):
         assert name in out, out
     assert f"test accuracy: {float(metrics['test_acc1']):.4f}" in out
+
+
+def test_print_config_shows_the_linked_values_the_run_uses(user_module, tmp_path, capsys):
+    """Issue 24 item 20: ``--print_config`` shows ``num_classes: 10`` linked from the data module (the model's
+    default is 1000), and the printed config runs with the same values."""
+    sys.path.insert(0, str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*_user_args(user_module, tmp_path), "--print_config"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["model"]["init_args"]["num_classes"] == 10
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    cli = cli_main(["fit", "--config", str(saved)])
+    assert cli.model.hparams.num_classes == 10
+    with pytest.raises(SystemExit):  # the packaged config: input_size follows the data module's resize
+        cli_main(["fit", "--config", str(packaged_config()), "--data.init_args.resize=12", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["input_size"] == 12
