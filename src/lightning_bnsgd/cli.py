@@ -114,17 +114,17 @@ class BNSGDCLI(LightningCLI):
         if not config.get("test_after_fit", False):
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)  # Lightning's table
-        acc = test_accuracy(results[0] if results else {})
+        acc = find_test_accuracy(results[0] if results else {})
         if acc is not None and self.trainer.is_global_zero:
             print(f"test accuracy: {acc:.4f}", flush=True)
 
 
-def test_accuracy(metrics: dict[str, Any]) -> float | None:
+def find_test_accuracy(metrics: dict[str, Any]) -> float | None:
     """The test accuracy among ``trainer.test``'s metrics: ``test/acc``, else the first metric whose name contains
     ``acc`` (``test_acc1``, ``test/accuracy``), else ``None``.
 
     Examples:
-        >>> test_accuracy({"test_loss": 0.3, "test_acc1": 0.9, "test_acc5": 0.99}), test_accuracy({"loss": 1.0})
+        >>> find_test_accuracy({"test_loss": 0.3, "test_acc1": 0.9}), find_test_accuracy({"loss": 1.0})
         (0.9, None)
     """
     if "test/acc" in metrics:
