@@ -138,7 +138,9 @@ def test_sequential_stops_after_the_estimated_layer() -> None:
     for name in ("bn1", "bn2", "bn3"):
         getattr(model, name).register_forward_pre_hook(lambda m, a, n=name: calls.append(n))
     recalibrate_bn(model, [torch.randn(8, 4)], mode="sequential")
-    assert calls == ["bn1", "bn1", "bn2", "bn1", "bn2", "bn3"]
+    # the first forward of a batch shape runs to the end (it counts each layer's calls); then each pass stops
+    # right after the layer it estimates
+    assert calls == ["bn1", "bn2", "bn3", "bn1", "bn2", "bn1", "bn2", "bn3"]
     with pytest.raises(TypeError, match="re-iterable"):
         recalibrate_bn(model, iter([torch.randn(8, 4)]), mode="sequential")
 

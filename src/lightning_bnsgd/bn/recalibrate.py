@@ -7,7 +7,9 @@ the records are merged in float64 with Chan's formula, which adds the between-ba
 equals what the layer would store after one forward of all its inputs concatenated, whatever the batch sizes,
 their order or the split of the data over processes (`passes`). Each forward ends after the last target layer.
 Mode ``"sequential"`` estimates the layers one at a time in forward order, each while all earlier layers already
-use their new statistics in eval mode, and stops each forward right after the layer being estimated.
+use their new statistics in eval mode, and stops each forward right after the last call of the layer being
+estimated. Every call of a layer that runs several times per forward counts; for such models the passes are
+repeated until no layer's statistics move, since a later call may depend on a layer estimated after it.
 
 Pure torch (no Lightning import).
 """
@@ -41,6 +43,9 @@ MODES = ("train", "sequential")
 DROPOUT_MODES = ("eval", "train")
 NONFINITE_ACTIONS = ("raise", "skip")
 _EPS = 1e-5
+#: Mode "sequential" with layers called several times per forward: a round of passes that moves no layer's
+#: statistics by more than this (`statistics_shift`, per channel) ends the rounds.
+_SETTLED = 1e-5
 
 
 @dataclass
@@ -314,34 +319,90 @@ def _train_mode(run: _Run, collector: StatsCollector) -> _Outcome:
 
 
 def _sequential_mode(run: _Run, collector: StatsCollector) -> _Outcome:
+    """Estimate the layers one pass each, in forward order, every earlier layer in eval mode with its new statistics.
+
+    When some layer runs several times in one forward (a siamese branch, a head shared across feature maps), a
+    later call's input may depend on layers estimated after it; the passes are then repeated, all layers in eval
+    mode with their latest statistics, until a round changes none of them (``_SETTLED``): then every layer holds
+    the statistics of all its calls' inputs at inference.
+    """
     layers = collector.layers
     done: dict[int, Moments] = {}
     order: list[int] = []
-    first: PassStats | None = None
-    bad = passes = 0
+    tally = _PassTally()
     for layer in layers:
         layer.training = False
     while len(done) < len(layers):
-        collector.open_layer_pass(set(done))
-        start = collector.forward_index
-        stats = run.runner(collector, learn=False).run()
-        collector.flush()
-        first, passes = first or stats, passes + 1
-        index = collector.close_layer_pass()
-        if index is None:  # no layer left that the forward reaches
+        result = _layer_pass(run, collector, set(done), None, tally)
+        if result is None:  # no layer left that the forward reaches
             break
-        bad = max(bad, _check_nonfinite(collector, run.nonfinite, start))
-        collector.clear_bad()
-        done[index] = _finalize(collector, [index])[0]
-        order.append(index)
-        count, mean, m2 = done[index]
-        if float(count) > 0:  # later layers see this layer's new statistics
-            layer = layers[index]
-            layer.running_mean.copy_(mean)  # type: ignore[union-attr]
-            layer.running_var.copy_(variance_from_moments(count, m2))  # type: ignore[union-attr]
-    assert first is not None
+        done[result[0]] = result[1]
+        order.append(result[0])
+    repeated = any(row[0] for row in gather_ints([int(collector.repeated_layers())]))
+    rounds = 1
+    while repeated and order:
+        if rounds > len(order):
+            raise ValueError(
+                f'recalibrate_bn: mode="sequential" did not settle in {rounds} rounds over the layers: a BatchNorm '
+                "layer that runs several times in one forward gets inputs that depend on its own statistics (a "
+                'block applied to its own output). The model\'s statistics were left unchanged; use mode="train".'
+            )
+        moved = 0.0
+        for index in order:
+            result = _layer_pass(run, collector, set(done), index, tally)
+            if result is None:
+                raise RuntimeError(
+                    f'recalibrate_bn: mode="sequential": a later pass over the data did not reach the BatchNorm '
+                    f"layer it estimates ({index}); the model's statistics were left unchanged."
+                )
+            moved = max(moved, _moved(done[index], result[1]))
+            done[index] = result[1]
+        rounds += 1
+        repeated = moved > _SETTLED
+    assert tally.first is not None
     empty = collector.results(list(range(len(layers))))  # zeros for the layers never reached
-    return _Outcome([done.get(i, empty[i]) for i in range(len(layers))], first, passes, bad, order)
+    return _Outcome([done.get(i, empty[i]) for i in range(len(layers))], tally.first, tally.passes, tally.bad, order)
+
+
+@dataclass
+class _PassTally:
+    """Bookkeeping over the passes of mode "sequential"."""
+
+    first: PassStats | None = None
+    passes: int = 0
+    bad: int = 0
+
+
+def _layer_pass(
+    run: _Run, collector: StatsCollector, estimated: set[int], target: int | None, tally: _PassTally
+) -> tuple[int, Moments] | None:
+    """One pass estimating ``target`` (or the first layer reached that is not in ``estimated``); its new statistics
+    are installed, so later passes see them. ``None`` when the forwards reached no such layer."""
+    collector.open_layer_pass(estimated, target)
+    start = collector.forward_index
+    stats = run.runner(collector, learn=False).run()
+    collector.flush()
+    tally.first, tally.passes = tally.first or stats, tally.passes + 1
+    index = collector.close_layer_pass()
+    if index is None:
+        return None
+    tally.bad = max(tally.bad, _check_nonfinite(collector, run.nonfinite, start))
+    collector.clear_bad()
+    moments = _finalize(collector, [index])[0]
+    count, mean, m2 = moments
+    if float(count) > 0:  # later layers see this layer's new statistics
+        layer = collector.layers[index]
+        layer.running_mean.copy_(mean)  # type: ignore[union-attr]
+        layer.running_var.copy_(variance_from_moments(count, m2))  # type: ignore[union-attr]
+    return index, moments
+
+
+def _moved(old: Moments, new: Moments) -> float:
+    """How far a layer's statistics moved between two estimates: the largest per-channel shift (`statistics_shift`)."""
+    if float(old[0]) <= 0 or float(new[0]) <= 0:
+        return 0.0 if float(old[0]) == float(new[0]) else float("inf")
+    shift = _channel_shift(old[1], variance_from_moments(old[0], old[2]), new[1], variance_from_moments(new[0], new[2]))
+    return float(shift.max()) if shift.numel() else 0.0
 
 
 def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, report: RecalibrationReport) -> None:
@@ -463,7 +524,10 @@ def recalibrate_bn(
         forward_fn: ``forward_fn(model, batch)`` runs one forward (its return value is ignored). Default: a
             tensor batch is passed as ``model(batch)``, a tuple/list as ``model(batch[0])``.
         mode: ``"train"`` (one pass, all target layers in train mode: precise BN) or ``"sequential"`` (one
-            pass per layer in forward order, earlier layers already in eval mode with their new statistics).
+            pass per layer in forward order, earlier layers already in eval mode with their new statistics; every
+            call of a layer that runs several times per forward counts, and for such models the passes are
+            repeated until no layer's statistics move: each layer then holds the statistics of all its calls'
+            inputs at inference; a layer whose input depends on its own statistics is an error).
         dropout: ``"eval"`` runs every non-BatchNorm module in eval mode (dropout off, so the statistics match
             inference); ``"train"`` keeps the model's own modes.
         device: move every tensor of each batch to this device first.
