@@ -115,6 +115,7 @@ class StatsCollector:
         self._inner = False  # a forward of the claimed layer run by our own hook (not recorded)
         #: Mode "sequential": per batch signature, the target layers the shape's first forward called, in order.
         self.traces: dict[tuple[Any, ...], list[int]] = {}
+        self._call_counts: dict[tuple[Any, ...], list[int]] = {}  # per signature: calls of each target layer
 
     # -------------------------------------------------------------------------------- sequential passes
 
@@ -188,12 +189,13 @@ class StatsCollector:
         call, as the shape's first forward (which runs to the end and is traced) counted them."""
         signature = batch_signature(batch)
         trace = self.traces.get(signature)
+        calls = None if trace is None else self._call_counts[signature]
         called: list[int] = []
         self._claimed_calls = 0
         handles = []
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(self._sequential_pre_hook(i, called)))
-            handles.append(layer.register_forward_hook(self._sequential_hook(i, trace)))
+            handles.append(layer.register_forward_hook(self._sequential_hook(i, calls)))
         try:
             with contextlib.suppress(StopForward):
                 run()
@@ -202,6 +204,7 @@ class StatsCollector:
                 handle.remove()
         if trace is None:
             self.traces[signature] = called
+            self._call_counts[signature] = [called.count(i) for i in range(len(self.layers))]
 
     def _sequential_pre_hook(self, index: int, called: list[int]) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -212,9 +215,9 @@ class StatsCollector:
 
         return hook
 
-    def _sequential_hook(self, index: int, trace: list[int] | None) -> Callable[..., Any]:
+    def _sequential_hook(self, index: int, counts: list[int] | None) -> Callable[..., Any]:
         layer = self.layers[index]
-        calls = None if trace is None else trace.count(index)
+        calls = None if counts is None else counts[index]
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if self._inner or index != self._claimed:
