@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -57,7 +58,8 @@ class LinkingArgumentParser(LightningArgumentParser):
     instantiation (LightningCLI's ``apply_on="instantiate"``, and this CLI's own link) would print the model's
     default instead (e.g. ``num_classes: 1000`` for a run that uses the data module's 10), and a link applied
     at parse time is left out of the printout. Linking the copy that is dumped prints the true values, and the
-    printed config parses back to the same run.
+    printed config parses back to the same run. A config whose data module cannot be built yet (a template with
+    required arguments missing) is printed as it is.
     """
 
     def dump(self, cfg: Namespace | None = None, *args: Any, **kwargs: Any) -> str:
@@ -66,7 +68,8 @@ class LinkingArgumentParser(LightningArgumentParser):
             subcommand = cfg.get("subcommand")
             section = cfg.get(subcommand) if isinstance(subcommand, str) else cfg
             if isinstance(section, Namespace):
-                link_data_into_model(section)
+                with contextlib.suppress(Exception):  # an incomplete config (a template): dumped as it is
+                    link_data_into_model(section)
         return super().dump(cfg, *args, **kwargs)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_bnsgd._compat import LightningModule
+from lightning_bnsgd._compat import LightningDataModule, LightningModule
 from lightning_bnsgd.cli import cli_main, main, packaged_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,3 +236,33 @@ def test_print_config_shows_the_linked_values_the_run_uses(user_module, tmp_path
     with pytest.raises(SystemExit):  # the packaged config: input_size follows the data module's resize
         cli_main(["fit", "--config", str(packaged_config()), "--data.init_args.resize=12", "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["input_size"] == 12
+
+
+class NeedsRoot(LightningDataModule):
+    """A user's data module with a required argument (no default)."""
+
+    num_classes = 7
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+
+
+def test_print_config_still_prints_a_template_whose_data_module_cannot_be_built(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(
+            [
+                "fit",
+                "--model=tests.integration.test_cli.OnlyNumClasses",
+                f"--data={__name__}.NeedsRoot",
+                "--print_config",
+            ]
+        )
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["root"] is None  # the template, as jsonargparse prints it
+    cli = cli_main(
+        ["--model=tests.integration.test_cli.OnlyNumClasses", f"--data={__name__}.NeedsRoot", "--data.root=x"],
+        run=False,
+    )
+    assert cli.model.hparams.num_classes == 7
