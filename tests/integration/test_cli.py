@@ -245,6 +245,8 @@ class NeedsRoot(LightningDataModule):
 
     def __init__(self, root: str) -> None:
         super().__init__()
+        if not isinstance(root, str):
+            raise TypeError(f"root must be a path, got {root!r}")
         self.root = root
 
 
