@@ -8,7 +8,8 @@ first forward of each new batch shape runs with forward hooks that measure it, a
 reached and the last one, where later forwards of that shape stop. Hooks also serve the cases a copy cannot: a
 layer called several times in one forward, SyncBatchNorm (whose counts are global), and mode ``"sequential"``,
 where every call of the layer being estimated is recorded and the forward ends after its last call (the first
-forward of each batch shape runs to the end and notes the calls: `StatsCollector.traces`).
+forward of each batch shape runs to the end and notes the calls: `StatsCollector.traces`; with SyncBatchNorm
+every forward runs to the end, so all processes run the same layers).
 After each fast forward, the variances left at `NOT_RUN` tell which layers did not run (a layer skipped by the
 forward contributes nothing), so a forward that runs a layer its shape's first forward did not reach is an
 error, never a wrong count. Records are merged in float64 every `FLUSH_EVERY` forwards. Pure torch, no Lightning.
@@ -189,7 +190,9 @@ class StatsCollector:
         call, as the shape's first forward (which runs to the end and is traced) counted them."""
         signature = batch_signature(batch)
         trace = self.traces.get(signature)
-        calls = None if trace is None else self._call_counts[signature]
+        # With SyncBatchNorm every process must run the same layers in every step (their collectives pair up), but
+        # each traces its own new batch shapes: forwards then run to the end, on every process alike.
+        calls = None if trace is None or self.lockstep else self._call_counts[signature]
         called: list[int] = []
         self._claimed_calls = 0
         handles = []
@@ -216,7 +219,6 @@ class StatsCollector:
         return hook
 
     def _sequential_hook(self, index: int, counts: list[int] | None) -> Callable[..., Any]:
-        layer = self.layers[index]
         calls = None if counts is None else counts[index]
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -231,15 +233,18 @@ class StatsCollector:
             # "sequential" bring them to their final values).
             assert self._held is not None
             self.buffers.view(index).copy_(self._held)
-            return self._eval_output(layer, args)
+            return self._eval_output(index, args)
 
         return hook
 
-    def _eval_output(self, layer: _BatchNorm, args: Any) -> Any:
+    def _eval_output(self, index: int, args: Any) -> Any:
+        """The claimed layer's output at inference for these inputs (torch's kernel for its own layers and for
+        synchronizing ones, whose forward may hold collectives; the layer's own forward for other subclasses)."""
+        layer = self.layers[index]
         layer.training = False
         self._inner = True
         try:
-            if type(layer).forward is _BatchNorm.forward:
+            if type(layer).forward is _BatchNorm.forward or self.synced[index]:
                 return F.batch_norm(
                     args[0], layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
                 )
