@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
+import sys
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -47,6 +50,29 @@ def link_data_into_model(config: Namespace) -> list[str]:
     return linked
 
 
+class LinkingArgumentParser(LightningArgumentParser):
+    """The CLI's parser: every config it writes out (``--print_config``, the run's saved ``config.yaml``) holds
+    the model arguments linked from the data module (`link_data_into_model`), i.e. the values the run uses.
+
+    jsonargparse prints ``--print_config`` while parsing, before any link is applied; a link applied at
+    instantiation (LightningCLI's ``apply_on="instantiate"``, and this CLI's own link) would print the model's
+    default instead (e.g. ``num_classes: 1000`` for a run that uses the data module's 10), and a link applied
+    at parse time is left out of the printout. Linking the copy that is dumped prints the true values, and the
+    printed config parses back to the same run. A config whose data module cannot be built yet (a template with
+    required arguments missing) is printed as it is.
+    """
+
+    def dump(self, cfg: Namespace | None = None, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace):
+            cfg = cfg.clone()
+            subcommand = cfg.get("subcommand")
+            section = cfg.get(subcommand) if isinstance(subcommand, str) else cfg
+            if isinstance(section, Namespace):
+                with contextlib.suppress(Exception):  # an incomplete config (a template): dumped as it is
+                    link_data_into_model(section)
+        return super().dump(cfg, *args, **kwargs)
+
+
 def packaged_config(name: str = "digits.yaml") -> Path:
     """Path of a YAML config shipped inside the package (``configs/``).
 
@@ -66,9 +92,10 @@ class BNSGDCLI(LightningCLI):
     paths, ``subclass_mode``), with the data module's shape attributes linked into the model where both have them
     (`link_data_into_model`) and an optional test after fit.
 
-    ``fit --test_after_fit true`` runs ``trainer.test`` on the fitted model right after ``fit`` and prints the
-    test accuracy (``test/acc``, or the first metric whose name ends in ``acc``), so one command trains and
-    evaluates.
+    ``fit --test_after_fit true`` runs ``trainer.test`` on the fitted model right after ``fit``, so one command
+    trains and evaluates: Lightning prints its table of every test metric, and the CLI adds a line
+    ``test accuracy: ...`` when there is an accuracy (``test/acc``, or the first metric whose name contains
+    ``acc``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -76,7 +103,7 @@ class BNSGDCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help="fit only: run the test set on the fitted model after fit and print the test accuracy.",
+            help="fit only: run the test set on the fitted model after fit and print every test metric.",
         )
 
     def instantiate_classes(self) -> None:
@@ -89,11 +116,23 @@ class BNSGDCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), {})
         if not config.get("test_after_fit", False):
             return
-        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        metrics = results[0] if results else {}
-        acc = metrics.get("test/acc", next((v for k, v in metrics.items() if k.endswith("acc")), None))
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)  # Lightning's table
+        acc = find_test_accuracy(results[0] if results else {})
         if acc is not None and self.trainer.is_global_zero:
             print(f"test accuracy: {acc:.4f}", flush=True)
+
+
+def find_test_accuracy(metrics: dict[str, Any]) -> float | None:
+    """The test accuracy among ``trainer.test``'s metrics: ``test/acc``, else the first metric whose name contains
+    ``acc`` (``test_acc1``, ``test/accuracy``), else ``None``.
+
+    Examples:
+        >>> find_test_accuracy({"test_loss": 0.3, "test_acc1": 0.9}), find_test_accuracy({"loss": 1.0})
+        (0.9, None)
+    """
+    if "test/acc" in metrics:
+        return float(metrics["test/acc"])
+    return next((float(v) for k, v in metrics.items() if "acc" in k.rsplit("/", 1)[-1]), None)
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> BNSGDCLI:
@@ -108,6 +147,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
     # The model's own configure_optimizers (SGDWarmup, stepped per batch) is the one to use; LightningCLI's
     # automatic --optimizer/--lr_scheduler would step schedulers per epoch.
     kwargs.setdefault("auto_configure_optimizers", False)
+    kwargs.setdefault("parser_class", LinkingArgumentParser)
     return BNSGDCLI(
         LightningModule,
         LightningDataModule,
@@ -120,8 +160,20 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
 
 
 def main() -> None:
-    """The console script ``lightning-bnsgd`` (returns nothing, so the shell sees exit status 0)."""
+    """The console script ``lightning-bnsgd`` (returns nothing, so the shell sees exit status 0).
+
+    Like ``python -m``, it puts the current directory first on ``sys.path``, so ``--model my_module.MyModel``
+    finds ``./my_module.py`` (a console script's own ``sys.path`` starts with its ``bin/`` directory instead).
+    """
+    add_working_directory_to_path()
     cli_main()
+
+
+def add_working_directory_to_path() -> None:
+    """Put the current directory first on ``sys.path`` unless it is already there (as ``''`` or its path)."""
+    cwd = os.getcwd()
+    if not any(entry in ("", ".") or os.path.abspath(entry) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 if __name__ == "__main__":  # pragma: no cover

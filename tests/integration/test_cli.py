@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import filecmp
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from lightning_bnsgd._compat import LightningModule
-from lightning_bnsgd.cli import cli_main, packaged_config
+from lightning_bnsgd._compat import LightningDataModule, LightningModule
+from lightning_bnsgd.cli import cli_main, main, packaged_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,3 +138,133 @@ def test_callbacks_by_lightning_pytorch_class_path(tmp_path):
     )
     assert cli.trainer.__module__.startswith("lightning.pytorch")
     assert any(type(cb).__module__.startswith("lightning.pytorch.callbacks") for cb in cli.trainer.callbacks)
+
+
+USER_MODULE = '''
+"""A user's model file, written like Lightning's ImageNet example (num_classes 1000, top-1/top-5 test metrics)."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+from {namespace} import LightningModule
+
+
+class MyModel(LightningModule):
+    def __init__(self, num_classes: int = 1000, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        top5 = logits.topk(5, dim=1).indices
+        self.log("test_loss", F.cross_entropy(logits, y))
+        self.log("test_acc1", (top5[:, 0] == y).float().mean())
+        self.log("test_acc5", (top5 == y[:, None]).any(dim=1).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user's ``my_module_<n>.py`` in a fresh directory, the working directory, not on ``sys.path``."""
+    namespace = LightningModule.__module__.split(".core")[0]
+    name = f"my_module_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE.format(namespace=namespace))
+    monkeypatch.chdir(tmp_path)
+    here = {"", ".", str(tmp_path)}
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in here and Path(p or ".").resolve() != tmp_path])
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _user_args(name: str, tmp_path: Path) -> list[str]:
+    return [
+        "fit",
+        f"--model={name}.MyModel",
+        "--data=lightning_bnsgd.DigitsDataModule",
+        "--trainer.fast_dev_run=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    ]
+
+
+def test_console_script_finds_a_user_module_in_the_working_directory(user_module, tmp_path, monkeypatch, capsys):
+    """Issue 24 item 20: ``lightning-bnsgd fit --model my_module.MyModel`` works without ``PYTHONPATH=.``, as
+    ``python -m`` does (the console script's ``sys.path`` starts with its ``bin/`` directory, not the cwd)."""
+    monkeypatch.setattr(sys, "argv", ["lightning-bnsgd", *_user_args(user_module, tmp_path)])
+    main()
+    assert sys.modules[user_module].__file__ == str(tmp_path / f"{user_module}.py")
+    assert "No module named" not in capsys.readouterr().err
+
+
+def test_test_after_fit_prints_every_test_metric(user_module, tmp_path, capsys):
+    """Issue 24 item 20: ``--test_after_fit=true`` shows Lightning's table of every test metric (here
+    ``test_acc1``, ``test_acc5``, ``test_loss``: no ``*acc`` name) and the accuracy line for ``test_acc1``."""
+    sys.path.insert(0, str(tmp_path))
+    cli = cli_main([*_user_args(user_module, tmp_path), "--test_after_fit=true"])
+    metrics = cli.trainer.callback_metrics
+    out = capsys.readouterr().out
+    for name in ("test_acc1", "test_acc5", "test_loss"):
+        assert name in out, out
+    assert f"test accuracy: {float(metrics['test_acc1']):.4f}" in out
+
+
+def test_print_config_shows_the_linked_values_the_run_uses(user_module, tmp_path, capsys):
+    """Issue 24 item 20: ``--print_config`` shows ``num_classes: 10`` linked from the data module (the model's
+    default is 1000), and the printed config runs with the same values."""
+    sys.path.insert(0, str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*_user_args(user_module, tmp_path), "--print_config"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["model"]["init_args"]["num_classes"] == 10
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    cli = cli_main(["fit", "--config", str(saved)])
+    assert cli.model.hparams.num_classes == 10
+    with pytest.raises(SystemExit):  # the packaged config: input_size follows the data module's resize
+        cli_main(["fit", "--config", str(packaged_config()), "--data.init_args.resize=12", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["input_size"] == 12
+
+
+class NeedsRoot(LightningDataModule):
+    """A user's data module with a required argument (no default)."""
+
+    num_classes = 7
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        if not isinstance(root, str):
+            raise TypeError(f"root must be a path, got {root!r}")
+        self.root = root
+
+
+def test_print_config_still_prints_a_template_whose_data_module_cannot_be_built(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(
+            [
+                "fit",
+                "--model=tests.integration.test_cli.OnlyNumClasses",
+                f"--data={__name__}.NeedsRoot",
+                "--print_config",
+            ]
+        )
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["root"] is None  # the template, as jsonargparse prints it
+    cli = cli_main(
+        ["--model=tests.integration.test_cli.OnlyNumClasses", f"--data={__name__}.NeedsRoot", "--data.root=x"],
+        run=False,
+    )
+    assert cli.model.hparams.num_classes == 7

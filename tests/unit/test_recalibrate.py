@@ -138,7 +138,9 @@ def test_sequential_stops_after_the_estimated_layer() -> None:
     for name in ("bn1", "bn2", "bn3"):
         getattr(model, name).register_forward_pre_hook(lambda m, a, n=name: calls.append(n))
     recalibrate_bn(model, [torch.randn(8, 4)], mode="sequential")
-    assert calls == ["bn1", "bn1", "bn2", "bn1", "bn2", "bn3"]
+    # the first forward of a batch shape runs to the end (it counts each layer's calls); then each pass stops
+    # right after the layer it estimates
+    assert calls == ["bn1", "bn2", "bn3", "bn1", "bn2", "bn1", "bn2", "bn3"]
     with pytest.raises(TypeError, match="re-iterable"):
         recalibrate_bn(model, iter([torch.randn(8, 4)]), mode="sequential")
 
@@ -256,9 +258,9 @@ def test_errors_and_empty_cases() -> None:
     with pytest.warns(UserWarning, match="no BatchNorm"):
         report = recalibrate_bn(nn.Linear(2, 2), [torch.randn(4, 2)])
     assert report == RecalibrationReport(mode="train")
-    bn.eval()
     with pytest.warns(UserWarning, match="no BatchNorm layer to recalibrate"):
-        assert recalibrate_bn(bn, [torch.randn(4, 2)]).skipped == {"": "eval mode (frozen)"}
+        report = recalibrate_bn(nn.BatchNorm1d(2, track_running_stats=False), [torch.randn(4, 2)])
+    assert report.skipped == {"": "track_running_stats=False"}
 
 
 def test_lazy_and_subclassed_layers() -> None:
@@ -280,3 +282,60 @@ def test_batch_helpers() -> None:
     assert batch_size_of({"meta": "a"}) is None
     cut = take_samples({"x": torch.zeros(5, 2), "w": torch.zeros(2)}, 3, 5)
     assert cut["x"].shape == (3, 2) and cut["w"].shape == (2,)
+
+
+class _WithDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.seen: list[tuple[bool, bool, bool]] = []  # (model, bn1, dropout) modes during each forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, self.bn1.training, self.drop.training))
+        return self.bn2(self.drop(self.bn1(self.fc(x))))
+
+
+@pytest.mark.parametrize("dropout", ["eval", "train"])
+def test_a_model_in_eval_mode_is_recalibrated_like_update_bn_does(dropout: str) -> None:
+    """Issue 24 item 16: ``model.eval()`` then ``recalibrate_bn`` works as ``update_bn`` (which calls
+    ``model.train()`` for the pass and restores the mode): every layer, exact, modes restored."""
+    torch.manual_seed(0)
+    data = [torch.randn(n, 3) for n in (16, 9, 5)]
+    model = _WithDropout().eval()
+    in_train = copy.deepcopy(model).train()
+    peer = copy.deepcopy(model)
+    report = recalibrate_bn(model, data, dropout=dropout)  # type: ignore[arg-type]
+    assert report.layers == ["bn1", "bn2"] and report.skipped == {}
+    assert [m.training for m in model.modules()] == [False] * 5  # restored
+    train = dropout == "train"  # as after model.train(), then non-BatchNorm modules as `dropout` asks
+    assert model.seen == [(train, True, train)] * 3
+    with torch.no_grad():
+        mean, var = _reference(model.fc(torch.cat(data)))
+    _close(model.bn1.running_mean, mean)
+    _close(model.bn1.running_var, var)
+    if dropout == "eval":  # the same as the model in train mode
+        recalibrate_bn(in_train, data)
+        for name in ("bn1", "bn2"):
+            for buffer in ("running_mean", "running_var"):
+                assert torch.equal(getattr(getattr(model, name), buffer), getattr(getattr(in_train, name), buffer))
+    update_bn(data, peer)  # the peer changes the statistics too, and restores eval mode
+    assert not peer.training and not torch.equal(peer.bn1.running_var, torch.ones(4))
+
+
+def test_all_layers_frozen_in_a_training_model_is_an_error_not_a_silent_no_op() -> None:
+    """Issue 24 item 16: frozen layers stay frozen (documented), but a call that can change nothing raises."""
+    model = _WithDropout()
+    model.bn1.eval()
+    model.bn2.eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"recalibrate_bn: every BatchNorm layer .* frozen .*\['bn1', 'bn2'\]"):
+        recalibrate_bn(model, [torch.randn(8, 3)])
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == [True, True, False, True, False]
+    model.bn2.train()  # one layer in train mode: it alone is recalibrated, the frozen one is left alone
+    report = recalibrate_bn(model, [torch.randn(8, 3)])
+    assert report.layers == ["bn2"] and report.skipped == {"bn1": "eval mode (frozen)"}
+    assert torch.equal(model.bn1.running_var, buffers["bn1.running_var"])

@@ -20,8 +20,41 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 _END = object()
 
 
+def default_forward_problem(batch: Any) -> str | None:
+    """Why the default forward cannot feed ``batch`` to a model (``None`` when it can).
+
+    The default forward passes a tensor batch as ``model(batch)`` and a tuple/list as ``model(batch[0])``; what it
+    passes must be or hold a tensor (a string, or a list of strings, holds none).
+
+    Examples:
+        >>> default_forward_problem((torch.zeros(2), 1)) is None, default_forward_problem(["a", "b"])
+        (True, 'a list whose first item (passed as model(batch[0])) is a str, which holds no tensor')
+    """
+    if isinstance(batch, Tensor):
+        return None
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, Tensor) or _holds_tensor(first):
+            return None
+        return (
+            f"a {type(batch).__name__} whose first item (passed as model(batch[0])) is a {type(first).__name__}, "
+            "which holds no tensor"
+        )
+    if isinstance(batch, (tuple, list)):
+        return f"an empty {type(batch).__name__}"
+    return f"a {type(batch).__name__}"
+
+
+def _holds_tensor(value: Any) -> bool:
+    found: list[bool] = []
+    apply_to_collection(value, Tensor, lambda t: found.append(True))
+    return bool(found)
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list; anything else is an error.
+
+    What is passed to the model must be or hold a tensor (`default_forward_problem`).
 
     Examples:
         >>> default_forward(nn.Identity(), (torch.ones(2), torch.zeros(2)))
@@ -29,13 +62,30 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     """
     if isinstance(batch, Tensor):
         return model(batch)
-    if isinstance(batch, (tuple, list)) and batch:
+    problem = default_forward_problem(batch)
+    if problem is None:
         return model(batch[0])
     raise TypeError(
-        f"recalibrate_bn cannot feed a batch of type {type(batch).__name__} to the model: batches must be "
-        "a tensor (passed as model(x)) or a non-empty tuple/list (passed as model(batch[0])); for anything "
-        "else pass `forward_fn=lambda model, batch: ...`."
+        f"recalibrate_bn: the default forward cannot feed this batch of `batches` to the model: it is {problem}. "
+        "Allowed: a tensor (passed as model(x)) or a non-empty tuple/list whose first item is or holds a tensor "
+        "(passed as model(batch[0])); for anything else pass `forward_fn=lambda model, batch: ...`."
     )
+
+
+def meta_tensor_problem(batch: Any) -> str | None:
+    """A description of the first tensor of ``batch`` on the ``meta`` device (shape, no data), or ``None``.
+
+    Examples:
+        >>> meta_tensor_problem((torch.zeros(2), torch.empty(3, device="meta")))
+        'a tensor of shape (3,) on the meta device'
+        >>> meta_tensor_problem(torch.zeros(2)) is None
+        True
+    """
+    if isinstance(batch, Tensor):
+        return f"a tensor of shape {tuple(batch.shape)} on the meta device" if batch.is_meta else None
+    found: list[Tensor] = []
+    apply_to_collection(batch, Tensor, lambda t: found.append(t) if t.is_meta else None)
+    return meta_tensor_problem(found[0]) if found else None
 
 
 def batch_size_of(batch: Any) -> int | None:
@@ -135,6 +185,7 @@ class BatchStream:
     def __init__(self, batches: Iterable[Any], device: torch.device | None, num_batches: int | None) -> None:
         self._iterator: Iterator[Any] = iter(batches)
         self._ahead: list[Any] = []
+        self._read = 0  # batches read from the data so far
         self._device = device
         self.batches_left = num_batches
         #: Whether every batch so far had a size.
@@ -151,7 +202,16 @@ class BatchStream:
             batch = next(self._iterator, _END)
             if batch is _END:
                 return _END
-            self._ahead.append(move_batch(batch, self._device))
+            batch = move_batch(batch, self._device)
+            problem = meta_tensor_problem(batch)
+            if problem is not None:
+                raise ValueError(
+                    f"recalibrate_bn: batch {self._read} of `batches` holds {problem}: meta tensors have a shape but "
+                    "no values, so there are no statistics to compute from them. Pass batches of real data (on the "
+                    "model's device, or give `device=`)."
+                )
+            self._read += 1
+            self._ahead.append(batch)
         return self._ahead[k]
 
     def _pop(self) -> Any:
@@ -234,7 +294,9 @@ __all__ = [
     "ForwardFn",
     "batch_size_of",
     "default_forward",
+    "default_forward_problem",
     "join_batches",
+    "meta_tensor_problem",
     "move_batch",
     "take_samples",
 ]

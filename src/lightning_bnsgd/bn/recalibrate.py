@@ -7,7 +7,9 @@ the records are merged in float64 with Chan's formula, which adds the between-ba
 equals what the layer would store after one forward of all its inputs concatenated, whatever the batch sizes,
 their order or the split of the data over processes (`passes`). Each forward ends after the last target layer.
 Mode ``"sequential"`` estimates the layers one at a time in forward order, each while all earlier layers already
-use their new statistics in eval mode, and stops each forward right after the layer being estimated.
+use their new statistics in eval mode, and stops each forward right after the last call of the layer being
+estimated. Every call of a layer that runs several times per forward counts; for such models the passes are
+repeated until no layer's statistics move, since a later call may depend on a layer estimated after it.
 
 Pure torch (no Lightning import).
 """
@@ -41,6 +43,9 @@ MODES = ("train", "sequential")
 DROPOUT_MODES = ("eval", "train")
 NONFINITE_ACTIONS = ("raise", "skip")
 _EPS = 1e-5
+#: Mode "sequential" with layers called several times per forward: a round of passes that moves no layer's
+#: statistics by more than this (`statistics_shift`, per channel) ends the rounds.
+_SETTLED = 1e-5
 
 
 @dataclass
@@ -183,7 +188,14 @@ class _Outcome:
 
 
 def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple[str, _BatchNorm]]:
-    """The BatchNorm layers to recalibrate; the others go to ``report.skipped`` with the reason."""
+    """The BatchNorm layers to recalibrate; the others go to ``report.skipped`` with the reason.
+
+    In a model in train mode, BatchNorm layers in eval mode are frozen and left alone. A model in eval mode (as
+    after ``model.eval()``, where every layer is in eval mode and no frozen layer can be told apart) is
+    recalibrated as a whole, as ``torch.optim.swa_utils.update_bn`` does: every layer that tracks running
+    statistics.
+    """
+    whole = not model.training
     targets = []
     for name, layer in batchnorm_layers(model):
         if not layer.track_running_stats or layer.running_mean is None or layer.running_var is None:
@@ -193,16 +205,43 @@ def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple
                 f"recalibrate_bn: the lazy BatchNorm layer {name!r} is not materialized yet; run one forward "
                 "of the model first."
             )
-        elif not layer.training:
+        elif layer.running_mean.is_meta:
+            raise ValueError(
+                f"recalibrate_bn: the BatchNorm layer {name!r} of `model` is on the meta device (its buffers have "
+                "a shape but no storage); materialize the model first (e.g. `model.to_empty(device=...)` and load "
+                "its weights)."
+            )
+        elif not layer.training and not whole:
             report.skipped[name] = "eval mode (frozen)"
         else:
             targets.append((name, layer))
     return targets
 
 
+def _nothing_to_do(report: RecalibrationReport) -> None:
+    """Warn when the model has no layer that could ever be recalibrated; raise when all of them are frozen."""
+    frozen = [name for name, reason in report.skipped.items() if reason == "eval mode (frozen)"]
+    if frozen:
+        raise ValueError(
+            f"recalibrate_bn: every BatchNorm layer of `model` that tracks running statistics is in eval mode in a "
+            f"model in train mode, which recalibrate_bn treats as frozen and leaves alone ({frozen}), so nothing "
+            "would change and the model's statistics were left unchanged. Put the layers to recalibrate in train "
+            "mode for the call (`layer.train()`), or pass the model in eval mode (`model.eval()`) to recalibrate "
+            "every BatchNorm layer as torch's update_bn does (each module's mode is restored afterwards)."
+        )
+    if not report.skipped:
+        warnings.warn("recalibrate_bn: the model has no BatchNorm layer; nothing to do.", UserWarning, stacklevel=3)
+    else:
+        warnings.warn(
+            f"recalibrate_bn: no BatchNorm layer to recalibrate (skipped: {report.skipped}).", UserWarning, stacklevel=3
+        )
+
+
 @contextlib.contextmanager
 def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: str) -> Iterator[FlatBuffers]:
     """Set up the layers for recalibration; on exit restore modes, momentum and, unless committed, statistics.
+
+    A model in eval mode runs as after ``model.train()`` (then ``dropout`` applies), as in torch's ``update_bn``.
 
     The layers' own buffers are swapped out for the duration (`FlatBuffers`), so they are never touched before
     the final commit: any exception, ``KeyboardInterrupt`` included, leaves them exactly as they were.
@@ -212,6 +251,9 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
     buffers = FlatBuffers(layers)
     try:
         with torch.no_grad(), buffers.installed():
+            if not model.training:
+                for module, _ in flags:
+                    _set_attribute(module, "training", True)
             if dropout == "eval":
                 for module, _ in flags:
                     if not isinstance(module, _BatchNorm):
@@ -277,47 +319,105 @@ def _train_mode(run: _Run, collector: StatsCollector) -> _Outcome:
 
 
 def _sequential_mode(run: _Run, collector: StatsCollector) -> _Outcome:
+    """Estimate the layers one pass each, in forward order, every earlier layer in eval mode with its new statistics.
+
+    When some layer runs several times in one forward (a siamese branch, a head shared across feature maps), a
+    later call's input may depend on layers estimated after it; the passes are then repeated, all layers in eval
+    mode with their latest statistics, until a round changes none of them (``_SETTLED``): then every layer holds
+    the statistics of all its calls' inputs at inference.
+    """
     layers = collector.layers
     done: dict[int, Moments] = {}
     order: list[int] = []
-    first: PassStats | None = None
-    bad = passes = 0
+    tally = _PassTally()
     for layer in layers:
         layer.training = False
     while len(done) < len(layers):
-        collector.open_layer_pass(set(done))
-        start = collector.forward_index
-        stats = run.runner(collector, learn=False).run()
-        collector.flush()
-        first, passes = first or stats, passes + 1
-        index = collector.close_layer_pass()
-        if index is None:  # no layer left that the forward reaches
+        result = _layer_pass(run, collector, set(done), None, tally)
+        if result is None:  # no layer left that the forward reaches
             break
-        bad = max(bad, _check_nonfinite(collector, run.nonfinite, start))
-        collector.clear_bad()
-        done[index] = _finalize(collector, [index])[0]
-        order.append(index)
-        count, mean, m2 = done[index]
-        if float(count) > 0:  # later layers see this layer's new statistics
-            layer = layers[index]
-            layer.running_mean.copy_(mean)  # type: ignore[union-attr]
-            layer.running_var.copy_(variance_from_moments(count, m2))  # type: ignore[union-attr]
-    assert first is not None
+        done[result[0]] = result[1]
+        order.append(result[0])
+    repeated = any(row[0] for row in gather_ints([int(collector.repeated_layers())]))
+    rounds = 1
+    while repeated and order:
+        if rounds > len(order):
+            raise ValueError(
+                f'recalibrate_bn: mode="sequential" did not settle in {rounds} rounds over the layers: a BatchNorm '
+                "layer that runs several times in one forward gets inputs that depend on its own statistics (a "
+                'block applied to its own output). The model\'s statistics were left unchanged; use mode="train".'
+            )
+        moved = 0.0
+        for index in order:
+            result = _layer_pass(run, collector, set(done), index, tally)
+            if result is None:
+                raise RuntimeError(
+                    f'recalibrate_bn: mode="sequential": a later pass over the data did not reach the BatchNorm '
+                    f"layer it estimates ({index}); the model's statistics were left unchanged."
+                )
+            moved = max(moved, _moved(done[index], result[1]))
+            done[index] = result[1]
+        rounds += 1
+        repeated = moved > _SETTLED
+    assert tally.first is not None
     empty = collector.results(list(range(len(layers))))  # zeros for the layers never reached
-    return _Outcome([done.get(i, empty[i]) for i in range(len(layers))], first, passes, bad, order)
+    return _Outcome([done.get(i, empty[i]) for i in range(len(layers))], tally.first, tally.passes, tally.bad, order)
+
+
+@dataclass
+class _PassTally:
+    """Bookkeeping over the passes of mode "sequential"."""
+
+    first: PassStats | None = None
+    passes: int = 0
+    bad: int = 0
+
+
+def _layer_pass(
+    run: _Run, collector: StatsCollector, estimated: set[int], target: int | None, tally: _PassTally
+) -> tuple[int, Moments] | None:
+    """One pass estimating ``target`` (or the first layer reached that is not in ``estimated``); its new statistics
+    are installed, so later passes see them. ``None`` when the forwards reached no such layer."""
+    collector.open_layer_pass(estimated, target)
+    start = collector.forward_index
+    stats = run.runner(collector, learn=False).run()
+    collector.flush()
+    tally.first, tally.passes = tally.first or stats, tally.passes + 1
+    index = collector.close_layer_pass()
+    if index is None:
+        return None
+    tally.bad = max(tally.bad, _check_nonfinite(collector, run.nonfinite, start))
+    collector.clear_bad()
+    moments = _finalize(collector, [index])[0]
+    count, mean, m2 = moments
+    if float(count) > 0:  # later layers see this layer's new statistics
+        layer = collector.layers[index]
+        layer.running_mean.copy_(mean)  # type: ignore[union-attr]
+        layer.running_var.copy_(variance_from_moments(count, m2))  # type: ignore[union-attr]
+    return index, moments
+
+
+def _moved(old: Moments, new: Moments) -> float:
+    """How far a layer's statistics moved between two estimates: the largest per-channel shift (`statistics_shift`)."""
+    if float(old[0]) <= 0 or float(new[0]) <= 0:
+        return 0.0 if float(old[0]) == float(new[0]) else float("inf")
+    shift = _channel_shift(old[1], variance_from_moments(old[0], old[2]), new[1], variance_from_moments(new[0], new[2]))
+    return float(shift.max()) if shift.numel() else 0.0
 
 
 def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, report: RecalibrationReport) -> None:
     """Commit the new statistics into the layers' own buffers and record each recalibrated layer's shift."""
-    counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()  # one host read
+    counts: list[Any] = []
+    if outcome.order:  # one host read
+        counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()
     reached = [i for i, count in zip(outcome.order, counts, strict=True) if count > 0]
     for i, count in zip(outcome.order, counts, strict=True):
         if count <= 0:
             report.skipped.setdefault(names[i], "not reached by the forward")
     if not reached:
         raise ValueError(
-            "recalibrate_bn: no sample reached the BatchNorm layers (the batches were empty); the "
-            "model's statistics were left unchanged."
+            f"recalibrate_bn: no sample reached the BatchNorm layers: {_why_no_sample(report)}; the model's "
+            "statistics were left unchanged."
         )
     sizes = [buffers.sizes[i] for i in reached]
     parts = [outcome.moments[i] for i in reached]
@@ -338,6 +438,21 @@ def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, repor
     for i, shift in zip(reached, shifts, strict=True):
         report.layers.append(names[i])
         report.shift[names[i]] = LayerShift(mean=shift[0], var=shift[1])
+
+
+def _why_no_sample(report: RecalibrationReport) -> str:
+    """Why no sample reached a target layer, from what the (first) pass did (the same on every process)."""
+    if report.left_out_samples and not report.num_samples:
+        return (
+            f"`batches` held {report.left_out_samples} sample(s) in all, with no second sample to join "
+            "(BatchNorm needs at least 2 samples to compute a variance); pass at least 2 samples"
+        )
+    if report.num_samples == 0:
+        return "`batches` was empty (no batch, or batches of 0 samples)"
+    used = "batches" if report.num_samples is None else f"{report.num_samples} samples"
+    return (
+        f"the forwards of {used} ran no BatchNorm layer of `model`; check that `forward_fn` runs the model on the batch"
+    )
 
 
 def _channel_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
@@ -378,10 +493,14 @@ def recalibrate_bn(
     """Recompute the population statistics of ``model``'s BatchNorm layers exactly from ``batches``.
 
     Target layers are the BatchNorm layers (any ``_BatchNorm`` subclass: 1d/2d/3d, SyncBatchNorm, materialized
-    lazy layers, user subclasses) that are in train mode and track running statistics. Afterwards each one
-    holds the count-weighted mean and the unbiased variance (between-batch variance included) of everything it
-    saw, as if all batches had been one. Layers in eval mode (frozen), ``track_running_stats=False`` layers
-    and other normalizations are left exactly as they were. Parameters are never touched; every module's
+    lazy layers, user subclasses) that track running statistics and, in a model in train mode, are in train mode.
+    Afterwards each one holds the count-weighted mean and the unbiased variance (between-batch variance included)
+    of everything it saw, as if all batches had been one. In a model in train mode, BatchNorm layers in eval mode
+    are frozen and left exactly as they were; when every one is frozen nothing could change, which is an error. A
+    model in eval mode (``model.training`` is False, as after ``model.eval()``) is recalibrated as
+    ``torch.optim.swa_utils.update_bn`` does it: as after ``model.train()``, every BatchNorm layer that tracks
+    running statistics (``dropout`` then applies). ``track_running_stats=False`` layers and other normalizations
+    are left exactly as they were. Parameters are never touched; every module's
     ``training`` flag, each layer's ``momentum`` and ``num_batches_tracked`` are restored; on any exception
     (KeyboardInterrupt included) the original statistics come back and the exception propagates.
 
@@ -405,7 +524,10 @@ def recalibrate_bn(
         forward_fn: ``forward_fn(model, batch)`` runs one forward (its return value is ignored). Default: a
             tensor batch is passed as ``model(batch)``, a tuple/list as ``model(batch[0])``.
         mode: ``"train"`` (one pass, all target layers in train mode: precise BN) or ``"sequential"`` (one
-            pass per layer in forward order, earlier layers already in eval mode with their new statistics).
+            pass per layer in forward order, earlier layers already in eval mode with their new statistics; every
+            call of a layer that runs several times per forward counts, and for such models the passes are
+            repeated until no layer's statistics move: each layer then holds the statistics of all its calls'
+            inputs at inference; a layer whose input depends on its own statistics is an error).
         dropout: ``"eval"`` runs every non-BatchNorm module in eval mode (dropout off, so the statistics match
             inference); ``"train"`` keeps the model's own modes.
         device: move every tensor of each batch to this device first.
@@ -416,7 +538,8 @@ def recalibrate_bn(
         A ``RecalibrationReport``.
 
     Raises:
-        ValueError: for invalid arguments, when no sample reached the layers, or for non-finite statistics.
+        ValueError: for invalid arguments, when no sample reached the layers, when every BatchNorm layer of a
+            model in train mode is frozen, or for non-finite statistics.
         TypeError: for batches the default forward cannot handle, or a one-shot iterator in sequential mode.
 
     Examples:
@@ -435,13 +558,8 @@ def recalibrate_bn(
     run = _make_run(model, batches, num_samples, num_batches, forward_fn, mode, dropout, device, nonfinite)
     report = RecalibrationReport(mode=mode, world_size=world_size())
     targets = _select_targets(model, report)
-    if not targets and not report.skipped:
-        warnings.warn("recalibrate_bn: the model has no BatchNorm layer; nothing to do.", UserWarning, stacklevel=2)
-        return report
     if not targets:
-        warnings.warn(
-            f"recalibrate_bn: no BatchNorm layer to recalibrate (skipped: {report.skipped}).", UserWarning, stacklevel=2
-        )
+        _nothing_to_do(report)
         return report
     names = [name for name, _ in targets]
     layers = [layer for _, layer in targets]
@@ -478,6 +596,7 @@ def _make_run(
         owner, num_samples=num_samples, mode=mode, dropout=dropout, nonfinite=nonfinite, forward_fn=forward_fn
     )
     check_int("num_batches", num_batches, allow_none=True, owner=owner)
+    torch_device = _check_device(device, owner)
     if mode == "sequential" and iter(batches) is batches:
         raise TypeError(
             f'{owner}: mode="sequential" iterates the batches once per layer: pass a re-iterable (a DataLoader, a '
@@ -487,13 +606,32 @@ def _make_run(
         model=model,
         batches=batches,
         forward_fn=forward_fn if forward_fn is not None else default_forward,  # type: ignore[arg-type]
-        device=torch.device(device) if device is not None else None,  # type: ignore[call-overload]
+        device=torch_device,
         num_samples=num_samples,  # type: ignore[arg-type]
         num_batches=num_batches,  # type: ignore[arg-type]
         mode=str(mode),
         dropout=str(dropout),
         nonfinite=str(nonfinite),
     )
+
+
+def _check_device(device: object, owner: str) -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``); a clear error for anything else or ``meta``."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)  # type: ignore[call-overload]
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{owner}: `device` must be None, a torch.device or a device string such as 'cpu' or 'cuda:0', got "
+            f"{device!r} ({err})."
+        ) from None
+    if resolved.type == "meta":
+        raise ValueError(
+            f"{owner}: `device` must be a device with data, got {device!r}: meta tensors have a shape but no "
+            "values, so there are no statistics to compute from them."
+        )
+    return resolved
 
 
 __all__ = [
