@@ -532,6 +532,7 @@ class SGDWarmup:
             weight_decay=self.weight_decay,
         )
         scheduler = WarmupLR(optimizer, **resolved.scheduler_kwargs(self))
+        scheduler._run_step = _fit_step_of(module)
         name = self.name if self.name is not None else _scheduler_name(module, params)
         _announce_at_first_step(optimizer, scheduler, self._describe_source(resolved))
         if getattr(module, "automatic_optimization", False) is not True:
@@ -671,6 +672,24 @@ def _no_trainer_cause(module: nn.Module) -> str:
         "`SGDWarmup(...).build(self, self.generator)`. A plain module needs `total_steps`, `warmup_steps` and `lr` "
         "(or `batch_size`)."
     )
+
+
+def _fit_step_of(module: nn.Module) -> Any:
+    """A function giving the fit's optimizer step count (``trainer.global_step``) while it equals the scheduler's
+    step count (one optimizer, automatic optimization), else ``None``; ``None`` instead of a function without a
+    Trainer. ``WarmupLR`` reads it when a resumed fit restored the optimizer's state but not the scheduler's."""
+    if _trainer_of(module) is None:
+        return None
+    ref = weakref.ref(module)
+
+    def step() -> int | None:
+        owner = ref()
+        trainer = _trainer_of(owner) if owner is not None else None
+        if trainer is None or getattr(owner, "automatic_optimization", False) is not True:
+            return None
+        return int(trainer.global_step) if len(trainer.optimizers) == 1 else None
+
+    return step
 
 
 def _trainer_facts(trainer: Any) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""``SGDWarmup`` over a project's life: resumed from a checkpoint written by another setup (a plain SGD fit, a
+checkpoint whose scheduler state was removed), a plan shorter than the run, and the module's hyperparameters holding
+the ``SGDWarmup`` itself (``save_hyperparameters()``) through ``fit(ckpt_path=...)``, ``load_from_checkpoint`` and
+``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_bnsgd import SGDWarmup, param_groups
+
+from .project import L, UserDataModule, UserModel, quiet_trainer
+from .test_optimizer import STEPS_PER_EPOCH, LRRecorder
+
+PLAN = SGDWarmup(lr=0.025, warmup_steps=2)  # the issue's plan
+
+
+class PlainSGDModel(UserModel):
+    """The same project before it adopted SGDWarmup: a plain SGD at a fixed LR (same param groups)."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(param_groups(self, 5e-4), lr=0.025, momentum=0.9)
+
+
+class WarmupModel(UserModel):
+    def configure_optimizers(self) -> Any:
+        return PLAN.build(self)
+
+
+def _fit(
+    tmp_path: Path, model: L.LightningModule, max_epochs: int, ckpt_path: str | None = None, **kwargs: Any
+) -> L.Trainer:
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=max_epochs, limit_val_batches=0, **kwargs)
+    trainer.fit(model, datamodule=UserDataModule(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _resume(tmp_path: Path, ckpt: Path, caplog: pytest.LogCaptureFixture) -> tuple[list[float], list[str]]:
+    recorder = LRRecorder()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        L.seed_everything(0, verbose=False)
+        quiet_trainer(tmp_path / "resumed", max_epochs=3, limit_val_batches=0, callbacks=[recorder]).fit(
+            WarmupModel(), datamodule=UserDataModule(), ckpt_path=str(ckpt)
+        )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SGDWarmup: peak LR")]
+    return [lrs[0] for lrs in recorder.lrs], lines
+
+
+# ---- item 1: a restored optimizer LR never multiplies the plan -------------------------------------------------
+
+
+def test_a_resume_from_a_plain_sgd_checkpoint_runs_the_configured_plan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path / "plain", PlainSGDModel(), 1, callbacks=[ckpt], enable_checkpointing=True)
+    with pytest.warns(
+        UserWarning,
+        match=r"without a WarmupLR state.*own plan \(peak LR 0\.025; .*\) runs from step 7 \(the resumed fit\'s step\)",
+    ):
+        lrs, lines = _resume(tmp_path, tmp_path / "ckpt" / "last.ckpt", caplog)
+    expected = PLAN.lr_curve(3 * STEPS_PER_EPOCH)[STEPS_PER_EPOCH:]  # the plan, at the run's steps 7..20
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert max(lrs) <= 0.025  # never above the configured peak (before the fix: 0.25)
+    assert lines == [
+        "SGDWarmup: peak LR 0.025 (lr=0.025 as given, effective batch 16); warmup 2 steps (linear), cosine decay to 0 "
+        "at step 21; resumed at step 7."
+    ]
+
+
+def test_a_resume_from_a_checkpoint_without_its_scheduler_state_runs_the_configured_plan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)  # one per epoch
+    _fit(tmp_path / "short", WarmupModel(), 2, callbacks=[ckpt], enable_checkpointing=True)  # a 14-step plan
+    state = torch.load(tmp_path / "ckpt" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt", weights_only=True)
+    restored = state["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert restored == pytest.approx(PLAN.lr_curve(2 * STEPS_PER_EPOCH)[STEPS_PER_EPOCH])
+    state["lr_schedulers"] = []  # the entry removed: Lightning restores the optimizer, not the scheduler
+    torch.save(state, tmp_path / "stripped.ckpt")
+    with pytest.warns(UserWarning, match=rf"loaded \(param group 0 at LR {restored:.6g}\) without a WarmupLR state"):
+        lrs, _ = _resume(tmp_path, tmp_path / "stripped.ckpt", caplog)  # into a 21-step plan
+    assert lrs == pytest.approx(PLAN.lr_curve(3 * STEPS_PER_EPOCH)[STEPS_PER_EPOCH:], rel=1e-12)
+
+
+def test_a_resume_with_its_scheduler_state_continues_silently(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    full = LRRecorder()
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    _fit(tmp_path / "full", WarmupModel(), 3, callbacks=[ckpt, full], enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(WarmupLR|SGDWarmup).*")
+        lrs, _ = _resume(tmp_path, tmp_path / "ckpt" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt", caplog)
+    assert lrs == [lr[0] for lr in full.lrs[STEPS_PER_EPOCH:]]  # exactly
