@@ -544,12 +544,15 @@ class SGDWarmup:
 
     def _resolve_for(self, module: nn.Module) -> ResolvedSchedule:
         trainer = _trainer_of(module)
+        facts = _trainer_facts(trainer)
         try:
-            return self.resolve(**_trainer_facts(trainer))
+            resolved = self.resolve(**facts)
         except ValueError as err:
-            if trainer is not None:
+            if trainer is not None and _has_train_data(trainer):
                 raise
-            raise ValueError(f"{_no_trainer_cause(module)} {err}") from err
+            cause = _no_trainer_cause(module) if trainer is None else _no_data_cause(module)
+            raise ValueError(f"{cause} {err}") from err
+        return resolved
 
     def _describe_source(self, resolved: ResolvedSchedule) -> str:
         batch = resolved.effective_batch_size
@@ -674,6 +677,21 @@ def _no_trainer_cause(module: nn.Module) -> str:
     )
 
 
+def _no_data_cause(module: nn.Module) -> str:
+    """Why the Trainer ``module`` is attached to cannot tell the run's length and batch, and what to do."""
+    return (
+        f"SGDWarmup.build: the Trainer of {type(module).__name__} has no train data (build was called outside "
+        "`trainer.fit`, which connects the data and calls configure_optimizers), so the run's length and batch size "
+        "are unknown; there, give `total_steps`, `warmup_steps` and `lr` (or `batch_size`)."
+    )
+
+
+def _has_train_data(trainer: Any) -> bool:
+    """Whether ``trainer`` can tell its train data: it is fitting (``trainer.fit`` connected the data), or a train
+    dataloader is loaded. A module attached to a Trainer by hand (as Lightning's own optimizer tests do) has none."""
+    return trainer.train_dataloader is not None or trainer.state.fn == "fit"
+
+
 def _fit_step_of(module: nn.Module) -> Any:
     """A function giving the fit's optimizer step count (``trainer.global_step``) while it equals the scheduler's
     step count (one optimizer, automatic optimization), else ``None``; ``None`` instead of a function without a
@@ -696,6 +714,12 @@ def _trainer_facts(trainer: Any) -> dict[str, Any]:
     """What ``SGDWarmup.resolve`` needs, read from a Trainer through its public attributes."""
     if trainer is None:
         return {}
+    if not _has_train_data(trainer):
+        return {
+            "world_size": int(trainer.world_size),
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "debug_run": bool(getattr(trainer, "fast_dev_run", False)),
+        }
     total = trainer.estimated_stepping_batches  # loads the train dataloader when max_epochs is finite
     if trainer.train_dataloader is None:  # max_steps-only runs: Lightning did not load the data yet
         trainer.fit_loop.setup_data()
