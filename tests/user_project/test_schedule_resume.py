@@ -99,3 +99,29 @@ def test_a_resume_with_its_scheduler_state_continues_silently(tmp_path: Path, ca
         warnings.filterwarnings("error", message=".*(WarmupLR|SGDWarmup).*")
         lrs, _ = _resume(tmp_path, tmp_path / "ckpt" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt", caplog)
     assert lrs == [lr[0] for lr in full.lrs[STEPS_PER_EPOCH:]]  # exactly
+
+
+# ---- item 5: a plan shorter than the run -----------------------------------------------------------------------
+
+
+class ShortPlanModel(UserModel):
+    def __init__(self, total_steps: int, min_lr: float = 0.0) -> None:
+        super().__init__()
+        self.total_steps, self.min_lr = total_steps, min_lr
+
+    def configure_optimizers(self) -> Any:
+        return SGDWarmup(lr=0.1, warmup_steps=2, total_steps=self.total_steps, min_lr=self.min_lr).build(self)
+
+
+def test_a_plan_shorter_than_the_run_says_so(tmp_path: Path) -> None:
+    with pytest.warns(
+        UserWarning,
+        match=r"SGDWarmup: `total_steps`=10 is shorter than this run's 21 optimizer "
+        r"steps.*the last 11 steps run at LR 0, so they do not train.*max_steps=10",
+    ):
+        _fit(tmp_path, ShortPlanModel(10), 3)
+    with pytest.warns(UserWarning, match=r"`total_steps`=10 is shorter.*the last 11 steps run at min_lr=0\.001"):
+        _fit(tmp_path, ShortPlanModel(10, min_lr=0.001), 3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*SGDWarmup.*")
+        _fit(tmp_path, ShortPlanModel(21), 3)  # the plan covers the run: silent

@@ -552,6 +552,9 @@ class SGDWarmup:
                 raise
             cause = _no_trainer_cause(module) if trainer is None else _no_data_cause(module)
             raise ValueError(f"{cause} {err}") from err
+        run = facts.get("total_steps")
+        if self.total_steps is not None and run is not None and resolved.total_steps < run:
+            rank_zero_warn(_short_plan_message(resolved, run), category=UserWarning)
         return resolved
 
     def _describe_source(self, resolved: ResolvedSchedule) -> str:
@@ -683,6 +686,18 @@ def _no_data_cause(module: nn.Module) -> str:
         f"SGDWarmup.build: the Trainer of {type(module).__name__} has no train data (build was called outside "
         "`trainer.fit`, which connects the data and calls configure_optimizers), so the run's length and batch size "
         "are unknown; there, give `total_steps`, `warmup_steps` and `lr` (or `batch_size`)."
+    )
+
+
+def _short_plan_message(resolved: ResolvedSchedule, run: int) -> str:
+    """The warning for a ``total_steps`` shorter than the run: what the steps after its end run at."""
+    left = run - resolved.total_steps
+    at = "LR 0, so they do not train" if resolved.min_lr == 0 else f"min_lr={resolved.min_lr:.6g}"
+    return (
+        f"SGDWarmup: `total_steps`={resolved.total_steps} is shorter than this run's {run} optimizer steps "
+        f"(trainer.estimated_stepping_batches): the schedule ends at step {resolved.total_steps} and the last {left} "
+        f"steps run at {at}. Leave `total_steps` unset to plan the schedule over the whole run, or end the run with "
+        f"it (Trainer(max_steps={resolved.total_steps}))."
     )
 
 
