@@ -6,7 +6,10 @@ the ``SGDWarmup`` itself (``save_hyperparameters()``) through ``fit(ckpt_path=..
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import warnings
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +128,43 @@ def test_a_plan_shorter_than_the_run_says_so(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*SGDWarmup.*")
         _fit(tmp_path, ShortPlanModel(21), 3)  # the plan covers the run: silent
+
+
+# ---- item 7: save_hyperparameters() with an `optimizer: SGDWarmup` argument -------------------------------------
+
+
+class ConfigurableModel(UserModel):
+    """docs/usage.md's configurable model, with Lightning's usual ``save_hyperparameters()``."""
+
+    def __init__(self, optimizer: SGDWarmup | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optimizer_config = optimizer if optimizer is not None else SGDWarmup()
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_config.build(self)
+
+
+def test_hyperparameters_holding_an_sgdwarmup_load_with_weights_only(tmp_path: Path) -> None:
+    config = SGDWarmup(lr=0.05, warmup_steps=3, decay="multistep", milestones=[1], min_lr=0.001)
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path / "a", ConfigurableModel(config), 1, callbacks=[ckpt], enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "last.ckpt"
+
+    state = torch.load(path, weights_only=True)  # torch's default since 2.6
+    assert state["hyper_parameters"]["optimizer"] == config
+    load = f"import torch, lightning_bnsgd; print(torch.load({str(path)!r}, weights_only=True)['hyper_parameters'])"
+    fresh = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120, check=False)
+    assert fresh.returncode == 0 and "SGDWarmup(lr=0.05" in fresh.stdout, (
+        fresh.stderr
+    )  # importing the package is enough
+
+    strict_load = (
+        {"weights_only": True} if "weights_only" in signature(ConfigurableModel.load_from_checkpoint).parameters else {}
+    )
+    loaded = ConfigurableModel.load_from_checkpoint(path, **strict_load)
+    assert loaded.optimizer_config == config and loaded.hparams.optimizer == config
+
+    recorder = LRRecorder()
+    trainer = _fit(tmp_path / "b", ConfigurableModel(config), 2, callbacks=[recorder], ckpt_path=str(path))
+    assert trainer.global_step == 2 * STEPS_PER_EPOCH and len(recorder.lrs) == STEPS_PER_EPOCH

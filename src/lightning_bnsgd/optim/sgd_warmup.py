@@ -751,6 +751,13 @@ def _trainer_facts(trainer: Any) -> dict[str, Any]:
     }
 
 
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    # A LightningModule that calls `save_hyperparameters()` with an `optimizer: SGDWarmup` argument puts the
+    # SGDWarmup itself into its checkpoints: allow it (a dataclass of plain fields) under `weights_only=True`, torch's
+    # default for `torch.load` and so for `Trainer.fit(ckpt_path=...)` and `load_from_checkpoint`.
+    torch.serialization.add_safe_globals([SGDWarmup])
+
+
 __all__ = [
     "DEFAULT_WARMUP_EPOCHS",
     "LAZY_WEIGHT_LAYERS",
