@@ -172,6 +172,24 @@ def test_two_warmups_in_sequence_each_start_from_the_base_lr() -> None:
     assert seen[4:] == pytest.approx([_planned(0.2, t) for t in range(12)], rel=1e-12)
 
 
+def test_a_sequence_resumes_after_the_milestone_exactly() -> None:
+    def build() -> tuple[torch.optim.Optimizer, SequentialLR]:
+        opt = _optimizer(0.1, 0.01)
+        first = LinearLR(opt, 0.1, total_iters=4)
+        return opt, SequentialLR(opt, [first, WarmupLR(opt, **PLAN)], milestones=[4])
+
+    opt, sequence = build()
+    _train(opt, sequence, 7)  # three steps past the hand-over
+    saved = _round_trip({"optimizer": opt.state_dict(), "scheduler": sequence.state_dict()})
+    opt2, again = build()
+    opt2.load_state_dict(saved["optimizer"])
+    again.load_state_dict(saved["scheduler"])
+    assert again.get_last_lr() == sequence.get_last_lr()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*WarmupLR.*")
+        assert _train(opt2, again, 12) == _train(opt, sequence, 12)
+
+
 # ---- ChainedScheduler ---------------------------------------------------------------------------------------
 
 
