@@ -5,6 +5,7 @@ Also how ``WarmupLR`` tells an LR changed from outside (adopted) from a hand-ove
 
 from __future__ import annotations
 
+import gc
 import io
 import warnings
 from typing import Any
@@ -255,3 +256,19 @@ def test_an_lr_changed_between_steps_is_adopted_a_restored_one_is_not() -> None:
         seen = _train(opt2, fresh, 12)
     assert [lrs[0] for lrs in seen] == pytest.approx([_planned(0.1, t) for t in range(12)], rel=1e-12)
     assert opt2.param_groups[0]["initial_lr"] == 0.1
+
+
+def test_an_optimizer_outlives_its_replaced_scheduler() -> None:
+    """As when Lightning's StochasticWeightAveraging swaps the scheduler: the optimizer keeps stepping and loading,
+    and the hooks registered after the scheduler's still run."""
+    opt = _optimizer(0.1)
+    sched = WarmupLR(opt, **PLAN)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: calls.append("later hook"))
+    state = opt.state_dict()
+    del sched
+    gc.collect()
+    opt.step()
+    opt.load_state_dict(state)
+    opt.step()
+    assert calls == ["later hook"] * 2

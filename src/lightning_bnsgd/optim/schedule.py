@@ -564,7 +564,9 @@ def _watch_optimizer(scheduler: WarmupLR) -> None:
     """Tell ``scheduler`` when its optimizer's state is loaded, and let it act before the next optimizer step.
 
     torch's optimizer hooks (``register_load_state_dict_post_hook``, ``register_step_pre_hook``) hold the scheduler
-    weakly, so they never keep it alive; without them (older torch) nothing is watched.
+    weakly, so they never keep it alive; once it is gone (e.g. replaced by SWA's scheduler) they do nothing. They never
+    remove themselves: torch iterates over its hooks while calling them. Without these hooks (older torch) nothing is
+    watched.
     """
     optimizer = scheduler.optimizer
     if not hasattr(optimizer, "register_load_state_dict_post_hook"):
@@ -573,17 +575,13 @@ def _watch_optimizer(scheduler: WarmupLR) -> None:
 
     def loaded(_: Any) -> None:
         sched = ref()
-        if sched is None:
-            load_handle.remove()
-        else:
+        if sched is not None:
             sched._restored["optimizer"] = True
 
     def before_step(*_: Any) -> None:
         sched = ref()
-        if sched is None:
-            step_handle.remove()
-        elif sched._restored["optimizer"] or sched._restored["scheduler"]:
+        if sched is not None and (sched._restored["optimizer"] or sched._restored["scheduler"]):
             sched._before_optimizer_step()
 
-    load_handle = optimizer.register_load_state_dict_post_hook(loaded)
-    step_handle = optimizer.register_step_pre_hook(before_step)
+    optimizer.register_load_state_dict_post_hook(loaded)
+    optimizer.register_step_pre_hook(before_step)
