@@ -211,6 +211,22 @@ def test_build_detached_lightning_module() -> None:
         SGDWarmup(warmup_steps=1).build(model)
 
 
+def test_build_on_a_module_attached_to_a_trainer_without_data() -> None:
+    """The pattern of Lightning's own optimizer tests: a Trainer attached by hand, no ``fit``, so no data."""
+    from lightning_bnsgd._compat import Trainer
+    from lightning_bnsgd.models.classifier import ConvNetClassifier
+
+    model = ConvNetClassifier(input_size=8, padding="same", optimizer=SGDWarmup(lr=0.1, warmup_steps=2, total_steps=10))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.strategy.connect(model)
+    model.trainer = trainer
+    out = model.configure_optimizers()  # everything given: it builds (before: a bare AssertionError from Lightning)
+    sched = out["lr_scheduler"]["scheduler"]
+    assert (sched.warmup_steps, sched.total_steps, sched.peak_lr) == (2, 10, 0.1)
+    with pytest.raises(ValueError, match=r"the Trainer of ConvNetClassifier has no train data.*outside `trainer\.fit`"):
+        SGDWarmup(lr=0.1, warmup_steps=2).build(model)  # the run's length is unknown there: said so
+
+
 def test_build_of_a_plain_submodule_names_the_real_cause() -> None:
     from lightning_bnsgd.models.classifier import ConvNetClassifier
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
@@ -257,14 +258,25 @@ class WarmupLR(LRScheduler):
     schedule keeps no state but the step count (and the base LRs), so a resumed run gets the bitwise-identical LR
     sequence.
 
-    **Groups added or changed mid-run.** A param group added after construction (Lightning's
-    ``BackboneFinetuning``/``BaseFinetuning.unfreeze_and_add_param_group`` call ``optimizer.add_param_group``) keeps
-    the LR it was added with for the step it was added at, and then follows the schedule's shape from there: its
-    base LR is set to ``lr / f(t)`` (and recorded as its ``initial_lr``). The same holds for a group whose ``lr`` was
-    changed from outside between two steps (e.g. ``BackboneFinetuning`` raising the backbone LR at each epoch
-    start): the change persists and is scaled by the schedule from then on, as torch's chainable schedulers do.
-    Without such changes every LR is the closed form of the step. The base LRs of all groups are in
-    ``state_dict()``, so resuming works with groups added before the checkpoint.
+    **Base LRs, as in every torch scheduler.** A group's base LR is its ``initial_lr`` when it has one (set by a
+    scheduler built before this one on the same optimizer, or by a loaded optimizer state), else its current ``lr``;
+    ``state_dict``/``load_state_dict`` save and restore the step count, the base LRs and the last LRs
+    (``get_last_lr()``). It composes with torch's schedulers: in ``ChainedScheduler`` the factors multiply, in
+    either order; inside ``SequentialLR`` it restarts from its base LRs at its milestone, whatever LR the previous
+    scheduler left, as torch's schedulers do.
+
+    **LRs changed from outside, hand-overs and restored states.** At each step, a group whose ``lr`` differs from the
+    one this scheduler set last (``get_last_lr()``) was changed from outside between two steps: by a callback such
+    as Lightning's ``BackboneFinetuning`` (which also adds param groups mid-run with ``add_param_group``). Such a
+    change persists and follows the schedule's shape from there, as torch's chainable schedulers do: the group's base
+    LR becomes ``lr / f(t)`` (recorded as its ``initial_lr``), and an added group runs the LR it was added with at the
+    step it was added at. Two cases are never adopted: a hand-over (the initial step, and ``step(epoch)``, which
+    ``SequentialLR`` calls at a milestone) runs the closed form from the base LRs; and an optimizer state loaded
+    (``optimizer.load_state_dict``) without this scheduler's state before the next optimizer step (a checkpoint of a
+    plain optimizer, or with Lightning's ``lr_schedulers`` entry removed) does not rescale the plan: its restored LRs
+    are replaced by the plan's, from this scheduler's step (the resumed fit's step under ``SGDWarmup``), with a
+    warning that says what runs. The base LRs of all groups are in ``state_dict()``, so resuming works with groups
+    added before the checkpoint.
 
     **Resuming into a different plan.** ``load_state_dict`` compares the checkpoint's plan (lengths, shapes,
     ``min_lr``, base LRs) with the one this scheduler was constructed with (e.g. ``max_epochs`` was raised to
@@ -273,7 +285,7 @@ class WarmupLR(LRScheduler):
     constructed plan is used from the restored step on (load the optimizer's state first, as Lightning does).
 
     Args:
-        optimizer: the wrapped optimizer; each group's current ``lr`` is its base (peak) LR.
+        optimizer: the wrapped optimizer; each group's ``initial_lr`` (else its current ``lr``) is its base LR.
         warmup_steps: steps of warmup (0: none). Step ``warmup_steps`` runs at exactly the base LR.
         total_steps: steps of the whole run, warmup included. The LR reaches ``min_lr`` exactly here and
             stays there.
@@ -346,15 +358,21 @@ class WarmupLR(LRScheduler):
             milestones=milestones,
         )
         self.resume_schedule = check_choice("resume_schedule", resume_schedule, RESUME_SCHEDULES, owner="WarmupLR")
-        key = "lr" if last_epoch == -1 else "initial_lr"
-        self.peak_lr = max(float(group.get(key, group["lr"])) for group in optimizer.param_groups)
+        # torch's protocol: a group's base LR is its `initial_lr` when it has one (a scheduler built before this one,
+        # or a loaded optimizer state, set it), else its current LR.
+        self.peak_lr = max(float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups)
         if last_epoch == -1 and min_lr > self.peak_lr:
             raise ValueError(f"WarmupLR: `min_lr` must not exceed the base LR ({self.peak_lr}), got {min_lr!r}.")
         self.warmup, self.decay = warmup, decay
         self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
         self.warmup_start_factor, self.min_lr = float(warmup_start_factor), float(min_lr)
         self.power, self.gamma, self.step_size = float(power), float(gamma), float(step_size)
+        #: Transient (never in ``state_dict``): what was loaded since the last optimizer step, and where a resumed
+        #: run's step count comes from when only the optimizer's state was restored (set by ``SGDWarmup.build``).
+        self._restored: dict[str, bool] = {"optimizer": False, "scheduler": False}
+        self._run_step: Callable[[], int | None] | None = None
         super().__init__(optimizer, last_epoch=last_epoch)
+        _watch_optimizer(self)
 
     def floor(self) -> float:
         """The final LR multiplier: ``min_lr`` relative to the largest base LR at construction (0 when that is 0).
@@ -396,11 +414,24 @@ class WarmupLR(LRScheduler):
         return {name: getattr(self, name) for name in PLAN_FIELDS}
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        """LRs of the current step ``last_epoch`` for every param group (closed form)."""
+        """LRs of the current step ``last_epoch`` for every param group (closed form).
+
+        This is the path of ``step()``: a group whose LR was changed from outside since the previous step, or a group
+        added since then, is adopted first (see the class docstring). At step 0 (the initial step, also when
+        ``SequentialLR`` re-runs it) nothing ran since this scheduler set the LRs: the closed form, nothing adopted.
+        """
+        if self.last_epoch > 0:
+            self._adopt_groups()
         return self._get_closed_form_lr()
 
     def _get_closed_form_lr(self) -> list[float]:
-        self._adopt_groups()
+        """The closed form at ``last_epoch`` from the base LRs; torch calls it for ``step(epoch)``, as
+        ``SequentialLR`` does when it hands over to this scheduler at a milestone: a hand-over restarts from the base
+        LRs (``initial_lr``), whatever LR the previous scheduler left."""
+        for group in self.optimizer.param_groups[len(self.base_lrs) :]:
+            base = float(group.get("initial_lr", group["lr"]))
+            group.setdefault("initial_lr", base)
+            self.base_lrs.append(base)
         return self._lrs_at(self.last_epoch)[: len(self.optimizer.param_groups)]
 
     def _lrs_at(self, step: int) -> list[float]:
@@ -431,22 +462,72 @@ class WarmupLR(LRScheduler):
             else:
                 self.base_lrs.append(base)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint's state; when its plan differs from this scheduler's, warn or re-plan.
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state, as torch's schedulers give it (plain data: it loads with ``weights_only=True``)."""
+        return {key: value for key, value in super().state_dict().items() if key not in _TRANSIENT}
 
-        ``resume_schedule`` (this scheduler's, not the checkpoint's) decides: ``"checkpoint"`` keeps the restored
-        plan and warns; ``"replan"`` keeps the step count and the base LRs of groups added mid-run, and takes the
-        plan (lengths, shapes, ``min_lr``, base LRs of the constructed groups) from this scheduler.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint's state (step count, base LRs, last LRs); when its plan differs, warn or re-plan.
+
+        ``get_last_lr()`` then reports the checkpoint's last LRs, as with every torch scheduler. When the optimizer's
+        state has not been restored (yet), its groups take those LRs, so the next step runs the restored schedule
+        whichever of the two states is loaded first. ``resume_schedule`` (this scheduler's, not the checkpoint's)
+        decides a differing plan: ``"checkpoint"`` keeps the restored plan and warns; ``"replan"`` keeps the step
+        count and the base LRs of groups added mid-run, and takes the plan (lengths, shapes, ``min_lr``, base LRs of
+        the constructed groups) from this scheduler.
         """
         planned, planned_bases, mode = self.plan(), [float(b) for b in self.base_lrs], self.resume_schedule
-        super().load_state_dict(state_dict)
-        self.resume_schedule = mode
+        restored, run_step = self._restored, self._run_step
+        super().load_state_dict({key: value for key, value in state_dict.items() if key not in _TRANSIENT})
+        self.resume_schedule, self._restored, self._run_step = mode, restored, run_step
         stored = self.plan()
         count = len(planned_bases)
-        if stored != planned or [float(b) for b in self.base_lrs[:count]] != planned_bases:
+        differs = stored != planned or [float(b) for b in self.base_lrs[:count]] != planned_bases
+        if differs:
             self._resolve_mismatch(stored, planned, planned_bases)
-        # What the groups run at now counts as set by this scheduler (no rebase at the next step).
-        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
+        if not (differs and mode == "replan") and not restored["optimizer"]:
+            groups = self.optimizer.param_groups
+            for group, lr, base in zip(groups, self._last_lr, self.base_lrs, strict=False):
+                group["lr"], group["initial_lr"] = float(lr), float(base)
+        restored["scheduler"] = True
+
+    def _before_optimizer_step(self) -> None:
+        """At the first optimizer step after a load: an optimizer state restored without this scheduler's state is
+        resolved (this scheduler's plan wins, said once), never adopted as a change made from outside."""
+        restored = self._restored
+        if restored["optimizer"] and not restored["scheduler"]:
+            self._keep_plan()
+        restored["optimizer"] = restored["scheduler"] = False
+
+    def _keep_plan(self) -> None:
+        """The optimizer's state was loaded and this scheduler's was not (a checkpoint of a plain optimizer, or with
+        its ``lr_schedulers`` entry removed): the restored LRs say nothing about this plan, so the plan runs."""
+        groups = self.optimizer.param_groups
+        found = [float(group["lr"]) for group in groups]
+        step = self._run_step() if self._run_step is not None else None
+        if step is not None and step > self.last_epoch:
+            self.last_epoch = int(step)
+        planned = self._lrs_at(self.last_epoch)
+        count = min(len(groups), len(planned))
+        if found[:count] == planned[:count] and all(
+            float(group.get("initial_lr", -1.0)) == float(base)
+            for group, base in zip(groups, self.base_lrs[:count], strict=False)
+        ):
+            return
+        for group, lr, base in zip(groups, planned, self.base_lrs, strict=False):
+            group["lr"], group["initial_lr"] = lr, float(base)
+        self._last_lr = [float(group["lr"]) for group in groups]
+        where = (
+            f"step {self.last_epoch} (the resumed fit's step)" if step is not None else f"its step {self.last_epoch}"
+        )
+        rank_zero_warn(
+            f"WarmupLR: the optimizer's state was loaded (param group 0 at LR {found[0]:.6g}) without a WarmupLR state "
+            "(a checkpoint written without this scheduler, e.g. by a fit with a plain optimizer, or with its "
+            "`lr_schedulers` entry removed). The restored LRs are not used: this scheduler's own plan (peak LR "
+            f"{self.peak_lr:.6g}; {describe_plan(self.plan())}) runs from {where} on, param group 0 at LR "
+            f"{planned[0]:.6g} now. To continue a schedule instead, resume from a checkpoint that holds its state.",
+            category=UserWarning,
+        )
 
     def _resolve_mismatch(self, stored: dict[str, Any], planned: dict[str, Any], planned_bases: list[float]) -> None:
         if self.resume_schedule == "replan":
@@ -472,3 +553,35 @@ class WarmupLR(LRScheduler):
         groups = self.optimizer.param_groups
         for group, base, lr in zip(groups, self.base_lrs, self._lrs_at(self.last_epoch), strict=False):
             group["lr"], group["initial_lr"] = lr, base
+        self._last_lr = [float(group["lr"]) for group in groups]  # what runs now is this plan's
+
+
+#: Attributes of ``WarmupLR`` that describe this process, not the schedule: never saved, never loaded.
+_TRANSIENT: tuple[str, ...] = ("_restored", "_run_step")
+
+
+def _watch_optimizer(scheduler: WarmupLR) -> None:
+    """Tell ``scheduler`` when its optimizer's state is loaded, and let it act before the next optimizer step.
+
+    torch's optimizer hooks (``register_load_state_dict_post_hook``, ``register_step_pre_hook``) hold the scheduler
+    weakly, so they never keep it alive; once it is gone (e.g. replaced by SWA's scheduler) they do nothing. They never
+    remove themselves: torch iterates over its hooks while calling them. Without these hooks (older torch) nothing is
+    watched.
+    """
+    optimizer = scheduler.optimizer
+    if not hasattr(optimizer, "register_load_state_dict_post_hook"):
+        return
+    ref = weakref.ref(scheduler)
+
+    def loaded(_: Any) -> None:
+        sched = ref()
+        if sched is not None:
+            sched._restored["optimizer"] = True
+
+    def before_step(*_: Any) -> None:
+        sched = ref()
+        if sched is not None and (sched._restored["optimizer"] or sched._restored["scheduler"]):
+            sched._before_optimizer_step()
+
+    optimizer.register_load_state_dict_post_hook(loaded)
+    optimizer.register_step_pre_hook(before_step)

@@ -532,6 +532,7 @@ class SGDWarmup:
             weight_decay=self.weight_decay,
         )
         scheduler = WarmupLR(optimizer, **resolved.scheduler_kwargs(self))
+        scheduler._run_step = _fit_step_of(module)
         name = self.name if self.name is not None else _scheduler_name(module, params)
         _announce_at_first_step(optimizer, scheduler, self._describe_source(resolved))
         if getattr(module, "automatic_optimization", False) is not True:
@@ -543,12 +544,18 @@ class SGDWarmup:
 
     def _resolve_for(self, module: nn.Module) -> ResolvedSchedule:
         trainer = _trainer_of(module)
+        facts = _trainer_facts(trainer)
         try:
-            return self.resolve(**_trainer_facts(trainer))
+            resolved = self.resolve(**facts)
         except ValueError as err:
-            if trainer is not None:
+            if trainer is not None and _has_train_data(trainer):
                 raise
-            raise ValueError(f"{_no_trainer_cause(module)} {err}") from err
+            cause = _no_trainer_cause(module) if trainer is None else _no_data_cause(module)
+            raise ValueError(f"{cause} {err}") from err
+        run = facts.get("total_steps")
+        if self.total_steps is not None and run is not None and resolved.total_steps < run:
+            rank_zero_warn(_short_plan_message(resolved, run), category=UserWarning)
+        return resolved
 
     def _describe_source(self, resolved: ResolvedSchedule) -> str:
         batch = resolved.effective_batch_size
@@ -673,10 +680,61 @@ def _no_trainer_cause(module: nn.Module) -> str:
     )
 
 
+def _no_data_cause(module: nn.Module) -> str:
+    """Why the Trainer ``module`` is attached to cannot tell the run's length and batch, and what to do."""
+    return (
+        f"SGDWarmup.build: the Trainer of {type(module).__name__} has no train data (build was called outside "
+        "`trainer.fit`, which connects the data and calls configure_optimizers), so the run's length and batch size "
+        "are unknown; there, give `total_steps`, `warmup_steps` and `lr` (or `batch_size`)."
+    )
+
+
+def _short_plan_message(resolved: ResolvedSchedule, run: int) -> str:
+    """The warning for a ``total_steps`` shorter than the run: what the steps after its end run at."""
+    left = run - resolved.total_steps
+    at = "LR 0, so they do not train" if resolved.min_lr == 0 else f"min_lr={resolved.min_lr:.6g}"
+    return (
+        f"SGDWarmup: `total_steps`={resolved.total_steps} is shorter than this run's {run} optimizer steps "
+        f"(trainer.estimated_stepping_batches): the schedule ends at step {resolved.total_steps} and the last {left} "
+        f"steps run at {at}. Leave `total_steps` unset to plan the schedule over the whole run, or end the run with "
+        f"it (Trainer(max_steps={resolved.total_steps}))."
+    )
+
+
+def _has_train_data(trainer: Any) -> bool:
+    """Whether ``trainer`` can tell its train data: it is fitting (``trainer.fit`` connected the data), or a train
+    dataloader is loaded. A module attached to a Trainer by hand (as Lightning's own optimizer tests do) has none."""
+    return trainer.train_dataloader is not None or trainer.state.fn == "fit"
+
+
+def _fit_step_of(module: nn.Module) -> Any:
+    """A function giving the fit's optimizer step count (``trainer.global_step``) while it equals the scheduler's
+    step count (one optimizer, automatic optimization), else ``None``; ``None`` instead of a function without a
+    Trainer. ``WarmupLR`` reads it when a resumed fit restored the optimizer's state but not the scheduler's."""
+    if _trainer_of(module) is None:
+        return None
+    ref = weakref.ref(module)
+
+    def step() -> int | None:
+        owner = ref()
+        trainer = _trainer_of(owner) if owner is not None else None
+        if trainer is None or getattr(owner, "automatic_optimization", False) is not True:
+            return None
+        return int(trainer.global_step) if len(trainer.optimizers) == 1 else None
+
+    return step
+
+
 def _trainer_facts(trainer: Any) -> dict[str, Any]:
     """What ``SGDWarmup.resolve`` needs, read from a Trainer through its public attributes."""
     if trainer is None:
         return {}
+    if not _has_train_data(trainer):
+        return {
+            "world_size": int(trainer.world_size),
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "debug_run": bool(getattr(trainer, "fast_dev_run", False)),
+        }
     total = trainer.estimated_stepping_batches  # loads the train dataloader when max_epochs is finite
     if trainer.train_dataloader is None:  # max_steps-only runs: Lightning did not load the data yet
         trainer.fit_loop.setup_data()
@@ -691,6 +749,13 @@ def _trainer_facts(trainer: Any) -> dict[str, Any]:
         "accumulate_grad_batches": accumulate,
         "debug_run": bool(getattr(trainer, "fast_dev_run", False)),
     }
+
+
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    # A LightningModule that calls `save_hyperparameters()` with an `optimizer: SGDWarmup` argument puts the
+    # SGDWarmup itself into its checkpoints: allow it (a dataclass of plain fields) under `weights_only=True`, torch's
+    # default for `torch.load` and so for `Trainer.fit(ckpt_path=...)` and `load_from_checkpoint`.
+    torch.serialization.add_safe_globals([SGDWarmup])
 
 
 __all__ = [
