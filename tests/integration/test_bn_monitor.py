@@ -309,6 +309,30 @@ def test_argument_errors_name_the_class() -> None:
         BNStatsMonitor(exclude=["ok", "re:[bad"])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "allowed"),
+    [
+        ({"max_dead_fraction": 1.5}, ">= 0.0 and < 1.0"),  # a fraction above 1.5 can never happen
+        ({"max_dead_fraction": 1.0}, ">= 0.0 and < 1.0"),
+        ({"min_running_var": 0.0}, "> 0.0"),  # a variance below 0 can never happen
+        ({"dead_threshold": 0.0}, "> 0.0"),  # no |gamma| is below 0: every channel counts as alive
+        ({"max_running_var": 0.0}, "> 0.0"),
+    ],
+)
+def test_bounds_that_can_never_act_are_refused(kwargs: dict[str, float], allowed: str) -> None:
+    """A bound no layer can ever cross would turn its check off without a word; None is the way to do that."""
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=rf"^BNStatsMonitor: `{name}` must be .*{allowed}, got {value!r}\.$"):
+        BNStatsMonitor(**kwargs)
+
+
+def test_bounds_inside_the_range_are_kept() -> None:
+    monitor = BNStatsMonitor(max_dead_fraction=0.0, min_running_var=1e-12, dead_threshold=1e-6)
+    assert (monitor.max_dead_fraction, monitor.min_running_var, monitor.dead_threshold) == (0.0, 1e-12, 1e-6)
+    off = BNStatsMonitor(max_dead_fraction=None, min_running_var=None, max_running_var=None)
+    assert (off.max_dead_fraction, off.min_running_var, off.max_running_var) == (None, None, None)
+
+
 class NoBNModule(LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -161,10 +161,11 @@ class BNStatsMonitor(Callback):
         exclude: layer-name patterns to leave out (same syntax), applied after ``include``.
         stats: per-layer statistics to log, from `STATS` (default: all). The summary and the anomaly
             checks are unaffected.
-        dead_threshold: a channel is dead when ``|gamma|`` is below this.
-        min_running_var: anomaly when a layer's smallest ``running_var`` is below this (None: no check).
-        max_running_var: anomaly when a layer's largest ``running_var`` is above this (None: no check).
-        max_dead_fraction: anomaly when a layer's dead-channel fraction is above this (None: no check).
+        dead_threshold: a channel is dead when ``|gamma|`` is below this (> 0).
+        min_running_var: anomaly when a layer's smallest ``running_var`` is below this (> 0; None: no check).
+        max_running_var: anomaly when a layer's largest ``running_var`` is above this (> 0; None: no check).
+        max_dead_fraction: anomaly when a layer's dead-channel fraction is above this (in ``[0, 1)``, as a
+            fraction can never exceed 1; None: no check).
         on_anomaly: ``"warn"`` (once per layer and kind of anomaly), ``"raise"`` (`BNAnomalyError`) or
             ``"ignore"``.
         min_samples_per_channel: warn when a layer that normalizes with batch statistics gets, at the first
@@ -185,6 +186,10 @@ class BNStatsMonitor(Callback):
         Traceback (most recent call last):
         ...
         ValueError: BNStatsMonitor: `on_anomaly` must be one of ('warn', 'raise', 'ignore'), got 'explode'.
+        >>> BNStatsMonitor(max_dead_fraction=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: BNStatsMonitor: `max_dead_fraction` must be None or a finite number >= 0.0 and < 1.0, got 1.5.
     """
 
     def __init__(
@@ -209,11 +214,18 @@ class BNStatsMonitor(Callback):
         self.include = include
         self.exclude = exclude
         self.stats: tuple[str, ...] = _check_stats(stats)
-        self.dead_threshold: float = check_number("dead_threshold", dead_threshold, 0.0, owner=_OWNER)
-        bound: dict[str, Any] = {"minimum": 0.0, "allow_none": True, "owner": _OWNER}
-        self.min_running_var: float | None = check_number("min_running_var", min_running_var, **bound)
-        self.max_running_var: float | None = check_number("max_running_var", max_running_var, **bound)
-        self.max_dead_fraction: float | None = check_number("max_dead_fraction", max_dead_fraction, **bound)
+        # Bounds that could never flag anything are refused: None is the way to turn a check off.
+        positive: dict[str, Any] = {"minimum": 0.0, "min_open": True, "owner": _OWNER}
+        self.dead_threshold: float = check_number("dead_threshold", dead_threshold, **positive)
+        self.min_running_var: float | None = check_number(
+            "min_running_var", min_running_var, allow_none=True, **positive
+        )
+        self.max_running_var: float | None = check_number(
+            "max_running_var", max_running_var, allow_none=True, **positive
+        )
+        self.max_dead_fraction: float | None = check_number(
+            "max_dead_fraction", max_dead_fraction, 0.0, 1.0, max_open=True, allow_none=True, owner=_OWNER
+        )
         if None not in (self.min_running_var, self.max_running_var) and min_running_var >= max_running_var:  # type: ignore[operator]
             raise ValueError(
                 f"{_OWNER}: `min_running_var` ({min_running_var!r}) must be below `max_running_var` "
