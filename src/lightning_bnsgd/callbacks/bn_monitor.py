@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, namespace_name, namespace_of
+from lightning_bnsgd._compat import Callback, logging_step, namespace_name, namespace_of
 from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number
 from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max, is_distributed
 from lightning_bnsgd.bn.inspect import (
@@ -136,7 +136,9 @@ class BNStatsMonitor(Callback):
     Steps are counted like the Trainer counts them for its own ``log_every_n_steps``: training batches that end
     with an optimizer step, once per batch whatever the number of optimizers (with gradient accumulation, the
     last micro-batch of each accumulation window; with manual optimization, every batch). The values are
-    logged at that count, this batch included (``trainer.global_step`` with one optimizer).
+    logged at the step at which Lightning logs what the LightningModule logs with ``self.log`` in the same batch
+    (the count of earlier such batches: ``trainer.global_step - 1`` with one optimizer), so they line up with the
+    module's own metrics.
 
     It is cheap enough to leave on: forward pre-hooks that read the batch statistics are attached only for the
     monitored step and removed right after; every number of that step is computed on the device and moved to
@@ -539,7 +541,7 @@ class BNStatsMonitor(Callback):
 
     # ------------------------------------------------------------------ on the host: warn, raise, log
     def _report(self, trainer: Trainer, values: StepValues) -> None:
-        step = self._batches_stepped
+        step = logging_step(trainer)  # where this batch's `self.log` metrics go
         self._warn_frozen_changes(values.frozen_changed, step)
         self._handle_anomalies(values.flags, step)
         if not trainer.is_global_zero:
