@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bnsgd import BNStatsMonitor
+from lightning_bnsgd import BNStatsMonitor, WeightDynamicsMonitor
+from lightning_bnsgd.bn.inspect import GAP_STATS
 
 from .project import L, MemoryLogger, UserDataModule, UserModel, quiet_trainer
 
@@ -219,3 +220,30 @@ def test_monitor_logs_at_the_step_of_the_modules_own_metrics(tmp_path: Path) -> 
     for step in monitor_steps:
         assert by_step[step]["train/batch_size"] == 1.0
         assert by_step[step]["bn/net.bn1/samples_per_channel"] == 1 * 16 * 16  # the same one-sample batch
+
+
+def _first_logged_step(tmp_path: Path, *callbacks: Any) -> dict[str, float]:
+    L.seed_everything(3, verbose=False)
+    logger = MemoryLogger()
+    trainer = quiet_trainer(tmp_path, callbacks=[*callbacks, BNStatsMonitor(log_every_n_steps=1)], logger=logger)
+    trainer.fit(UserModel(), datamodule=UserDataModule(batch_size=32))
+    step, metrics = logger.logged("bn/")[0]
+    assert step == 0
+    return metrics
+
+
+def test_first_step_describes_the_training_batch_with_the_dynamics_monitors_probe(tmp_path: Path) -> None:
+    """``WeightDynamicsMonitor`` replays 16 samples of the first batch in its one-off probe, in the same training step
+    as the monitor's first logged one; the monitor still describes the 32-sample training batch, exactly as in a run
+    without the dynamics monitor, and no "fewer than min_samples_per_channel" warning comes from the probe."""
+    alone = _first_logged_step(tmp_path / "alone")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        both = _first_logged_step(tmp_path / "both", WeightDynamicsMonitor(log_every_n_steps=1, probe_samples=2))
+    assert both["bn/net.bn1/samples_per_channel"] == 32 * 16 * 16  # the training batch, not the probe's 2 samples
+    assert both["bn/net.layer2.0.bn1/samples_per_channel"] == 32 * 8 * 8
+    for key, value in alone.items():
+        if key.endswith(("samples_per_channel", *GAP_STATS)):
+            assert both[key] == value, key
+    assert not [w for w in caught if "min_samples_per_channel" in str(w.message)]
+    assert not [w for w in caught if "could not probe" in str(w.message)]

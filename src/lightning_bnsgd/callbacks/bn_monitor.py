@@ -31,6 +31,7 @@ from lightning_bnsgd.bn.inspect import (
 )
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._own_forwards import in_own_forwards
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 if TYPE_CHECKING:
@@ -365,6 +366,8 @@ class BNStatsMonitor(Callback):
 
     def _make_hook(self, layer: _Layer, keep_running: bool) -> Any:
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
+            if in_own_forwards():  # another plugin callback's forwards (a probe) are not the training batch
+                return
             if not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
                 return
             x = args[0]
