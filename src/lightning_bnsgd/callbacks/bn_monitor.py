@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, logging_step, namespace_name, namespace_of
-from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, is_int
 from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max, is_distributed
 from lightning_bnsgd.bn.inspect import (
     ANOMALIES,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 AnomalyAction = Literal["warn", "raise", "ignore"]
 _OWNER = "BNStatsMonitor"
+_LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
 _ACTIONS = ("warn", "raise", "ignore")
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``bn/<layer name>/<statistic>``).
 STATS: tuple[str, ...] = (*BUFFER_STATS, *GAP_STATS, "samples_per_channel", *RANK_STATS)
@@ -246,7 +248,8 @@ class BNStatsMonitor(Callback):
         self._steps = False  # the current batch ends with an optimizer step
         self._monitoring = False  # the current batch is monitored
         self._batches_stepped = 0  # training batches that ended with an optimizer step (Lightning's logging step)
-        self._restored_batches: int | None = None
+        self._restored_batches: int | None = None  # from a checkpoint, checked against the Trainer's count
+        self._count_pending = True  # the count is read from the Trainer at the first training batch
         self._first_batch = True
         self._samples_checked = False
         self._warned = WarnOnce()
@@ -265,6 +268,13 @@ class BNStatsMonitor(Callback):
             rank_zero_warn(
                 f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
                 f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
+            )
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)]
+        if stage == "fit" and len(monitors) > 1 and monitors[0] is self:
+            rank_zero_warn(
+                f"{_OWNER}: {len(monitors)} monitors in one Trainer each log their own whole-model summary under "
+                "the same names `bn/summary/...`: at a step that more than one monitors, a logger gets one value "
+                "per monitor under each summary name. Their per-layer values (`bn/<layer>/...`) are unambiguous."
             )
 
     @override
@@ -306,9 +316,22 @@ class BNStatsMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        restored, self._restored_batches = self._restored_batches, None
-        self._batches_stepped = restored if restored is not None else int(trainer.global_step)
+        self._count_pending = True
         self._watch_frozen()
+
+    def _read_step_count(self, trainer: Trainer) -> None:
+        """Take the count of stepping batches from the Trainer at the first training batch (on a resume Lightning
+        completes its own count only when the epoch starts, after ``on_train_start``), and check the restored one
+        against it: a count that disagrees would monitor other batches than the ones Lightning logs."""
+        count = logging_step(trainer)
+        restored, self._restored_batches = self._restored_batches, None
+        if restored is not None and restored != count:
+            rank_zero_warn(
+                f"{_OWNER}: the checkpoint's state {self.state_key!r} counts {restored} training batches that "
+                f"stepped, the Trainer {count}; the monitor follows the Trainer's count, so that its values keep "
+                "lining up with the module's own logs (was the state written by another run?)."
+            )
+        self._batches_stepped = count
 
     def _check_configuration(self) -> None:
         """Warn about layer settings that are likely mistakes, as the layers stand at the first training batch."""
@@ -399,6 +422,9 @@ class BNStatsMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._remove_hooks()
+        if self._count_pending:
+            self._count_pending = False
+            self._read_step_count(trainer)
         self._steps = self._ends_with_step(trainer, batch_idx)
         self._monitoring = False
         if not self._layers:
@@ -642,6 +668,33 @@ class BNStatsMonitor(Callback):
             self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer and kind).")
 
     # ------------------------------------------------------------------ checkpointing
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this monitor's state in a checkpoint: the class name and the arguments that tell monitors of
+        one Trainer apart (which layers, how often), so several monitors are each saved and restored as their own.
+
+        Examples:
+            >>> BNStatsMonitor(include="backbone.*").state_key
+            "BNStatsMonitor{'include': 'backbone.*', 'exclude': None, 'log_every_n_steps': None}"
+        """
+        return self._generate_state_key(
+            include=self.include, exclude=self.exclude, log_every_n_steps=self.log_every_n_steps
+        )
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore from a checkpoint written before monitors had their own `state_key` (saved under the class
+        name), when the checkpoint has nothing under this monitor's key."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states or _LEGACY_STATE_KEY not in states:
+            return
+        rank_zero_info(
+            f"{_OWNER}: restoring the state saved under the checkpoint's older key {_LEGACY_STATE_KEY!r} "
+            f"(this monitor's key is {self.state_key!r})."
+        )
+        self.load_state_dict(copy.deepcopy(states[_LEGACY_STATE_KEY]))
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -652,9 +705,36 @@ class BNStatsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = WarnOnce.load(state_dict.get("warned", []))
+        """Restore what `state_dict` returned. A state that is not this monitor's (a value of the wrong type, a
+        negative count) is not used: each such entry is named in a warning and replaced by a fresh one (no warnings
+        given yet; the step count read from the Trainer)."""
+        self._warned, self._restored_batches = WarnOnce(), None
+        if not isinstance(state_dict, dict):
+            _warn_bad_state(self.state_key, None, state_dict, "a dict as written by `state_dict()`", _NO_STATE)
+            return
+        warned = state_dict.get("warned", [])
+        try:
+            self._warned = WarnOnce.load(warned, owner=_OWNER)
+        except ValueError:
+            _warn_bad_state(self.state_key, "warned", warned, "[layer, kind] string pairs", _NO_WARNED)
         batches = state_dict.get("batches_stepped")
-        self._restored_batches = int(batches) if batches is not None else None
+        if is_int(batches) and batches >= 0:
+            self._restored_batches = self._batches_stepped = batches
+        elif batches is not None:
+            _warn_bad_state(self.state_key, "batches_stepped", batches, "an integer >= 0", _NO_COUNT)
+
+
+_NO_STATE = "nothing of it is used: warnings may repeat, and the step count comes from the Trainer"
+_NO_WARNED = "warnings already given may be given again"
+_NO_COUNT = "the step count comes from the Trainer"
+
+
+def _warn_bad_state(state_key: str, key: str | None, value: object, allowed: str, fallback: str) -> None:
+    what = f"`{key}`" if key else "state"
+    rank_zero_warn(
+        f"{_OWNER}: the checkpoint's {what} of {state_key!r} must be {allowed}, got {value!r}; it is ignored: "
+        f"{fallback}."
+    )
 
 
 def _buffer_used(layer: _Layer, name: str) -> Tensor:
