@@ -31,7 +31,12 @@ from lightning_bnsgd.bn.inspect import (
     summarize_layers,
 )
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
-from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._name_patterns import (
+    COMPILED_WRAPPER_NAME,
+    compile_name_patterns,
+    select_layer_names,
+    user_module_name,
+)
 from lightning_bnsgd.callbacks._own_forwards import in_own_forwards
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
 
 AnomalyAction = Literal["warn", "raise", "ignore"]
 _OWNER = "BNStatsMonitor"
+#: ``torch.compiler.set_stance`` (torch >= 2.6): runs compiled code eagerly while its stance is "force_eager".
+_SET_STANCE: Any = getattr(torch.compiler, "set_stance", None)
 _LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
 _ACTIONS = ("warn", "raise", "ignore")
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``bn/<layer name>/<statistic>``).
@@ -145,7 +152,13 @@ class BNStatsMonitor(Callback):
 
     It is cheap enough to leave on: forward pre-hooks that read the batch statistics are attached only for the
     monitored step and removed right after; every number of that step is computed on the device and moved to
-    the host in one transfer; other steps cost nothing. Only rank zero logs.
+    the host in one transfer; other steps cost nothing. Only rank zero logs. Under ``torch.compile`` a monitored
+    step runs the compiled code eagerly (``torch.compiler.set_stance("force_eager")``), so that the hooks see every
+    layer and never enter a compiled graph; the other steps run compiled. Forwards that the plugin's callbacks run
+    for themselves (``WeightDynamicsMonitor``'s probe) are not recorded.
+
+    Several monitors can share a Trainer: each is checkpointed under its own `state_key`. A checkpointed state
+    that is not the monitor's own (wrong types, a negative count) is named in a warning and replaced by a fresh one.
 
     Each monitored step is also checked for anomalies: NaN/Inf in a buffer or affine parameter,
     ``running_var`` outside ``[min_running_var, max_running_var]``, a dead-channel fraction above
@@ -162,7 +175,8 @@ class BNStatsMonitor(Callback):
             0 there turns the monitor off).
         include: layer-name patterns to monitor (default: all BatchNorm layers). A pattern is a glob unless it
             starts with ``"re:"``; then it is a regular expression searched in the name. Names are those of
-            ``LightningModule.named_modules()``, e.g. ``"net.features.0.norm"``.
+            ``LightningModule.named_modules()`` without the ``_orig_mod`` that ``torch.compile`` adds, e.g.
+            ``"net.features.0.norm"``.
         exclude: layer-name patterns to leave out (same syntax), applied after ``include``.
         stats: per-layer statistics to log, from `STATS` (default: all). The summary and the anomaly
             checks are unaffected.
@@ -257,6 +271,7 @@ class BNStatsMonitor(Callback):
         self._world_size = 1
         self._is_zero = True
         self._segments: Segments | None = None
+        self._eager: Any = None  # while set, torch.compile'd code runs eagerly (a monitored step)
 
     # ------------------------------------------------------------------ fit start
     @override
@@ -282,7 +297,14 @@ class BNStatsMonitor(Callback):
         self._world_size = int(trainer.world_size)
         self._first_batch = True
         self._samples_checked = False
-        found = batchnorm_layers(pl_module)
+        named = batchnorm_layers(pl_module)
+        if _SET_STANCE is None and any(COMPILED_WRAPPER_NAME in name.split(".") for name, _ in named):
+            rank_zero_warn(
+                f"{_OWNER}: the model has `torch.compile`d modules, and this torch (< 2.6) cannot run them eagerly "
+                "for a monitored step (`torch.compiler.set_stance`): compiled code skips the monitor's hooks, so "
+                "the batch statistics of those layers (gaps, samples per channel) may be missing."
+            )
+        found = [(user_module_name(name), m) for name, m in named]  # the user's names, also under torch.compile
         keep = set(select_layer_names([name for name, _ in found], self._include, self._exclude))
         self._layers = [_Layer(name, m) for name, m in found if name in keep]
         self._segments = None
@@ -418,6 +440,16 @@ class BNStatsMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._eager is not None:  # compiled code runs compiled again
+            eager, self._eager = self._eager, None
+            eager.__exit__(None, None, None)
+
+    def _run_eagerly(self) -> None:
+        """Run ``torch.compile``d code eagerly for this monitored step, so that the hooks see every layer's input.
+        Compiled code does not call hooks added after it was compiled, and a hook compiled into a graph would keep
+        running (and be recompiled) on every later step; eager, the compiled graphs stay free of the monitor."""
+        if _SET_STANCE is not None and self._eager is None:
+            self._eager = _SET_STANCE("force_eager")
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -437,6 +469,7 @@ class BNStatsMonitor(Callback):
         self._monitoring = self._steps and self._interval > 0 and (self._batches_stepped + 1) % self._interval == 0
         if self._monitoring:
             self._watch_frozen()  # layers frozen since the last monitored step
+            self._run_eagerly()
             self._attach()
 
     @override
@@ -718,7 +751,7 @@ class BNStatsMonitor(Callback):
         except ValueError:
             _warn_bad_state(self.state_key, "warned", warned, "[layer, kind] string pairs", _NO_WARNED)
         batches = state_dict.get("batches_stepped")
-        if is_int(batches) and batches >= 0:
+        if isinstance(batches, int) and is_int(batches) and batches >= 0:
             self._restored_batches = self._batches_stepped = batches
         elif batches is not None:
             _warn_bad_state(self.state_key, "batches_stepped", batches, "an integer >= 0", _NO_COUNT)
