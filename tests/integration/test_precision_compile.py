@@ -145,3 +145,26 @@ def test_compiled_network_logs_every_statistic_under_the_users_names(tmp_path: P
     assert set(graphs) <= set(baseline) and len(graphs) <= len(baseline), (graphs, baseline)
     if every > 1:  # the steps between monitored ones still run compiled
         assert graphs == baseline
+
+
+def test_two_monitors_hand_compiled_code_back_compiled(tmp_path: Path) -> None:
+    """Two monitors that monitor the same batches run it eagerly together and end in either order: after each
+    batch, and after the fit, compiled code runs compiled again (no stance is left behind)."""
+    graphs, _ = _compiled_fit(tmp_path / "one", 2)
+    torch.compiler.reset()
+    L.seed_everything(0, verbose=False)
+    both: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        both.append(len(gm.graph.nodes))
+        return gm.forward
+
+    monitors = [BNStatsMonitor(log_every_n_steps=2, include="net.layer1.*"), BNStatsMonitor(log_every_n_steps=2)]
+    with pytest.warns(UserWarning, match="2 monitors in one Trainer"):
+        _fit_user_model(tmp_path / "two", CompiledNetModel(backend), *monitors)
+    assert both == graphs  # the same compiled graphs as with one monitor: the unmonitored steps ran compiled
+
+    later: list[int] = []
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=lambda gm, _: later.append(1) or gm.forward)
+    compiled(torch.ones(3))
+    assert later == [1]  # code compiled after the fit is compiled, not forced to run eagerly

@@ -47,6 +47,8 @@ AnomalyAction = Literal["warn", "raise", "ignore"]
 _OWNER = "BNStatsMonitor"
 #: ``torch.compiler.set_stance`` (torch >= 2.6): runs compiled code eagerly while its stance is "force_eager".
 _SET_STANCE: Any = getattr(torch.compiler, "set_stance", None)
+_eager_holders: set[int] = set()  # the monitors that run compiled code eagerly now (the stance is per process)
+_eager_stance: Any = None  # the "force_eager" stance set for them; closing it restores the one before
 _LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
 _ACTIONS = ("warn", "raise", "ignore")
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``bn/<layer name>/<statistic>``).
@@ -271,7 +273,6 @@ class BNStatsMonitor(Callback):
         self._world_size = 1
         self._is_zero = True
         self._segments: Segments | None = None
-        self._eager: Any = None  # while set, torch.compile'd code runs eagerly (a monitored step)
 
     # ------------------------------------------------------------------ fit start
     @override
@@ -440,16 +441,13 @@ class BNStatsMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._eager is not None:  # compiled code runs compiled again
-            eager, self._eager = self._eager, None
-            eager.__exit__(None, None, None)
+        _release_eager(self)  # compiled code runs compiled again (once no other monitor needs it eager)
 
     def _run_eagerly(self) -> None:
         """Run ``torch.compile``d code eagerly for this monitored step, so that the hooks see every layer's input.
         Compiled code does not call hooks added after it was compiled, and a hook compiled into a graph would keep
         running (and be recompiled) on every later step; eager, the compiled graphs stay free of the monitor."""
-        if _SET_STANCE is not None and self._eager is None:
-            self._eager = _SET_STANCE("force_eager")
+        _hold_eager(self)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -768,6 +766,27 @@ def _warn_bad_state(state_key: str, key: str | None, value: object, allowed: str
         f"{_OWNER}: the checkpoint's {what} of {state_key!r} must be {allowed}, got {value!r}; it is ignored: "
         f"{fallback}."
     )
+
+
+def _hold_eager(holder: object) -> None:
+    """Make compiled code run eagerly until `_release_eager` is called for every holder (monitors of one Trainer
+    hold and release in any order; the stance before the first hold comes back after the last release)."""
+    global _eager_stance
+    if _SET_STANCE is None or id(holder) in _eager_holders:
+        return
+    if not _eager_holders:
+        _eager_stance = _SET_STANCE("force_eager")
+    _eager_holders.add(id(holder))
+
+
+def _release_eager(holder: object) -> None:
+    global _eager_stance
+    if id(holder) not in _eager_holders:
+        return
+    _eager_holders.discard(id(holder))
+    if not _eager_holders and _eager_stance is not None:
+        stance, _eager_stance = _eager_stance, None
+        stance.__exit__(None, None, None)
 
 
 def _buffer_used(layer: _Layer, name: str) -> Tensor:
