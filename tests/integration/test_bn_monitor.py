@@ -96,7 +96,7 @@ def test_csv_keys_at_logging_steps_and_values_match_buffers(tmp_path: Path, make
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     bn_rows = {int(r["step"]): r for r in rows if any(v for k, v in r.items() if k.startswith("bn/"))}
-    assert sorted(bn_rows) == [3, 6]  # default interval = log_every_n_steps
+    assert sorted(bn_rows) == [2, 5]  # default interval = log_every_n_steps; at `self.log`'s step of batches 3, 6
     for row in bn_rows.values():
         for layer in LAYERS:
             for stat in SINGLE_DEVICE_STATS:
@@ -106,7 +106,7 @@ def test_csv_keys_at_logging_steps_and_values_match_buffers(tmp_path: Path, make
     assert not any(k.startswith("bn/") and "rank_diff" in k for k in rows[0])
 
     # the last logging step is the last step: the buffers now are the ones that were summarized
-    last = {k: float(v) for k, v in bn_rows[6].items() if k.startswith("bn/")}
+    last = {k: float(v) for k, v in bn_rows[5].items() if k.startswith("bn/")}
     gap_maxes = []
     dead, channels = 0.0, 0
     for layer in LAYERS:
@@ -158,7 +158,7 @@ def _gap_after_one_step(make_trainer: Any, model: TinyNet, batch: tuple[torch.Te
     )
     trainer.fit(model, train_dataloaders=loader)
     ((step, metrics),) = logger.logged("bn/")
-    assert step == 1
+    assert step == 0  # where Lightning logs the first batch's `self.log` metrics
     return metrics
 
 
@@ -198,7 +198,7 @@ class InjectNaN(Callback):
 def test_nan_raise_names_layer_buffer_and_step(make_trainer: Any) -> None:
     monitor = BNStatsMonitor(log_every_n_steps=2, on_anomaly="raise")
     trainer = make_trainer(limit_val_batches=0, callbacks=[InjectNaN(LAYERS[1]), monitor], max_steps=4)
-    with pytest.raises(BNAnomalyError, match=r"'net\.features\.1\.norm'.*running_var at step 2") as info:
+    with pytest.raises(BNAnomalyError, match=r"'net\.features\.1\.norm'.*running_var at step 1") as info:
         trainer.fit(TinyNet(), _digits())
     assert LAYERS[0] not in str(info.value)
     assert not monitor._handles  # hooks removed on the way out
@@ -216,9 +216,9 @@ def test_nan_warns_once_per_layer(make_trainer: Any) -> None:
     nan_warnings = [str(w.message) for w in caught if "NaN/Inf" in str(w.message)]
     assert len(nan_warnings) == 1  # four logging steps, one warning
     assert "'net.features.1.norm'" in nan_warnings[0] and "running_var" in nan_warnings[0]
-    assert "at step 1" in nan_warnings[0]  # injected at the end of the first batch, before the monitor runs
+    assert "at step 0" in nan_warnings[0]  # injected at the end of the first batch, before the monitor runs
     calls = logger.logged("bn/")
-    assert [s for s, _ in calls] == [1, 2, 3, 4]
+    assert [s for s, _ in calls] == [0, 1, 2, 3]
     assert all(m["bn/net.features.1.norm/nonfinite_count"] == 1.0 for _, m in calls)
     assert all(m["bn/net.features.0.norm/nonfinite_count"] == 0.0 for _, m in calls)
     assert math.isnan(calls[-1][1]["bn/net.features.1.norm/running_var_max"])
@@ -245,7 +245,7 @@ def _frozen_warnings(make_trainer: Any, freeze: str) -> tuple[list[str], TinyNet
 def test_frozen_bn_that_still_updates_is_reported(make_trainer: Any) -> None:
     messages, model, before = _frozen_warnings(make_trainer, "leaky")
     assert not torch.equal(model.net.features[0].norm.running_var, before)  # it did update
-    assert len(messages) == 1 and "'net.features.0.norm'" in messages[0] and "step 2" in messages[0]
+    assert len(messages) == 1 and "'net.features.0.norm'" in messages[0] and "by step 1" in messages[0]
 
 
 def test_truly_frozen_bn_is_not_reported(make_trainer: Any) -> None:
@@ -296,7 +296,7 @@ def test_hooks_only_during_logging_steps(make_trainer: Any) -> None:
     assert hooked == [2, 5]  # the batches that become steps 3 and 6
     assert all(count == len(LAYERS) for step, count in probe.during if step in hooked)
     assert probe.after == [0] * 7
-    assert [s for s, _ in logger.logged("bn/")] == [3, 6]
+    assert [s for s, _ in logger.logged("bn/")] == [2, 5]
 
 
 def test_argument_errors_name_the_class() -> None:
@@ -307,6 +307,30 @@ def test_argument_errors_name_the_class() -> None:
         BNStatsMonitor(stats="gap_var_max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^BNStatsMonitor: `exclude` has an invalid regular expression"):
         BNStatsMonitor(exclude=["ok", "re:[bad"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "allowed"),
+    [
+        ({"max_dead_fraction": 1.5}, ">= 0.0 and < 1.0"),  # a fraction above 1.5 can never happen
+        ({"max_dead_fraction": 1.0}, ">= 0.0 and < 1.0"),
+        ({"min_running_var": 0.0}, "> 0.0"),  # a variance below 0 can never happen
+        ({"dead_threshold": 0.0}, "> 0.0"),  # no |gamma| is below 0: every channel counts as alive
+        ({"max_running_var": 0.0}, "> 0.0"),
+    ],
+)
+def test_bounds_that_can_never_act_are_refused(kwargs: dict[str, float], allowed: str) -> None:
+    """A bound no layer can ever cross would turn its check off without a word; None is the way to do that."""
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=rf"^BNStatsMonitor: `{name}` must be .*{allowed}, got {value!r}\.$"):
+        BNStatsMonitor(**kwargs)
+
+
+def test_bounds_inside_the_range_are_kept() -> None:
+    monitor = BNStatsMonitor(max_dead_fraction=0.0, min_running_var=1e-12, dead_threshold=1e-6)
+    assert (monitor.max_dead_fraction, monitor.min_running_var, monitor.dead_threshold) == (0.0, 1e-12, 1e-6)
+    off = BNStatsMonitor(max_dead_fraction=None, min_running_var=None, max_running_var=None)
+    assert (off.max_dead_fraction, off.min_running_var, off.max_running_var) == (None, None, None)
 
 
 class NoBNModule(LightningModule):
@@ -428,7 +452,7 @@ def test_histograms_through_tensorboard_of_each_namespace_in_one_process(tmp_pat
         events.Reload()
         tags = set(events.Tags()["histograms"])
         assert {f"bn/{layer}/{t}" for layer in LAYERS for t in ("running_mean", "running_var", "weight")} <= tags
-        assert [e.step for e in events.Histograms("bn/net.features.0.norm/running_var")] == [2, 4], name
+        assert [e.step for e in events.Histograms("bn/net.features.0.norm/running_var")] == [1, 3], name
         assert "bn/summary/gap_var_max" in events.Tags()["scalars"]
 
 
@@ -449,7 +473,8 @@ class AccumulationProbe(Callback):
 
 def test_gradient_accumulation_monitors_the_batch_that_steps(make_trainer: Any) -> None:
     """With ``accumulate_grad_batches=3`` the monitored batches are the last micro-batch of every second window,
-    including the short window that ends the epoch, and values are logged at the count of steps."""
+    including the short window that ends the epoch, and values are logged at the count of earlier steps (where
+    Lightning logs the same batch's ``self.log`` metrics)."""
     x, y = load_digits_tensors()
     loader = DataLoader(TensorDataset((x[:224] - x.mean()) / x.std(), y[:224]), batch_size=32)  # 7 batches
     logger, probe = MemoryLogger(), AccumulationProbe()
@@ -460,7 +485,7 @@ def test_gradient_accumulation_monitors_the_batch_that_steps(make_trainer: Any) 
     assert probe.stepped == [2, 5, 6] * 2  # windows 0-2, 3-5, and the short one (6) at the epoch's end
     hooked = [i for i, (_, count) in enumerate(hooks.during) if count]
     assert hooked == [5, 7 + 2, 7 + 6]  # steps 2, 4 and 6: batch 5, then batches 2 and 6 of the second epoch
-    assert [s for s, _ in logger.logged("bn/")] == [2, 4, 6]
+    assert [s for s, _ in logger.logged("bn/")] == [1, 3, 5]
     assert trainer.global_step == 6
 
 
@@ -476,8 +501,8 @@ def test_resume_keeps_the_step_count_and_zero_interval_turns_off(tmp_path: Path,
     monitor = BNStatsMonitor(log_every_n_steps=2)
     resumed = make_trainer(limit_val_batches=0, callbacks=[monitor], logger=second, max_steps=6)
     resumed.fit(TinyNet(), _digits(), ckpt_path=ckpt)
-    assert [s for s, _ in first.logged("bn/")] == [2]
-    assert [s for s, _ in second.logged("bn/")] == [4, 6]
+    assert [s for s, _ in first.logged("bn/")] == [1]
+    assert [s for s, _ in second.logged("bn/")] == [3, 5]
     assert monitor.state_dict()["batches_stepped"] == 6
 
     off = MemoryLogger()

@@ -83,7 +83,7 @@ def test_rank_zero_logs_and_buffers_agree_with_broadcast(tmp_path: Path, make_tr
     calls = _fit(tmp_path, make_trainer, "ddp_spawn")
     bn0, bn1 = _bn_calls(calls[0]), _bn_calls(calls[1])
     assert bn1 == []  # rank 1 gets its logger calls (Lightning's own), never the monitor's
-    assert [c["step"] for c in bn0] == [2, 4]
+    assert [c["step"] for c in bn0] == [1, 3]  # `self.log`'s step of batches 2 and 4
     for call in bn0:
         metrics = call["metrics"]
         for layer in LAYERS:
@@ -99,7 +99,7 @@ def test_ranks_diverge_without_buffer_broadcast(tmp_path: Path, make_trainer: An
     calls = _fit(tmp_path, make_trainer, strategy)
     bn0 = _bn_calls(calls[0])
     assert _bn_calls(calls[1]) == []
-    assert [c["step"] for c in bn0] == [2, 4]
+    assert [c["step"] for c in bn0] == [1, 3]  # `self.log`'s step of batches 2 and 4
     last = bn0[-1]["metrics"]
     for layer in LAYERS:
         assert last[f"bn/{layer}/rank_diff_running_mean_max"] > 0.0

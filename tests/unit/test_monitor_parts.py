@@ -1,4 +1,5 @@
-"""Unit tests of ``BNStatsMonitor``'s parts: layer-name patterns and the layout of a monitored step's tensor."""
+"""Unit tests of ``BNStatsMonitor``'s parts: layer-name patterns, the layout of a monitored step's tensor, the
+once-per-layer warnings' checkpoint form."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 
 from lightning_bnsgd.bn.inspect import ANOMALIES, BUFFER_STATS, GAP_STATS
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout
-from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names, user_module_name
+from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 
 def test_name_patterns_glob_and_regex() -> None:
@@ -68,3 +70,25 @@ def test_step_layout_rejects_parts_that_do_not_match() -> None:
         layout.pack(parts["summary"], parts["gaps"], torch.zeros(2, 2), parts["flags"], parts["frozen_changed"])
     with pytest.raises(ValueError, match="sizes"):
         layout.pack(parts["summary"], parts["gaps"][:1], None, parts["flags"], parts["frozen_changed"])
+
+
+def test_user_module_names_drop_what_torch_compile_adds() -> None:
+    compiled = torch.compile(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)), backend="eager")
+    holder = torch.nn.Module()
+    holder.net = compiled
+    names = [n for n, m in holder.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert names == ["net._orig_mod.1"]
+    assert [user_module_name(n) for n in names] == ["net.1"]
+    assert user_module_name("net.orig_mod_like._orig_mod_x") == "net.orig_mod_like._orig_mod_x"  # whole parts only
+
+
+@pytest.mark.parametrize("rows", [5, "net.bn1", [["net.bn1"]], [["net.bn1", 1]], [("a", "b", "c")], [None]])
+def test_warn_once_load_refuses_rows_that_are_not_string_pairs(rows: object) -> None:
+    with pytest.raises(ValueError, match=r"^BNStatsMonitor: `warned` must be a list of \[layer, kind\] string pairs"):
+        WarnOnce.load(rows, owner="BNStatsMonitor")  # type: ignore[arg-type]
+
+
+def test_warn_once_round_trip() -> None:
+    seen = WarnOnce.load([["net.bn1", "frozen"], ("net.bn2", "nonfinite_weight")])
+    assert seen.state() == [["net.bn1", "frozen"], ["net.bn2", "nonfinite_weight"]]
+    assert not seen.first("net.bn2", "nonfinite_weight") and seen.first("net.bn2", "frozen")

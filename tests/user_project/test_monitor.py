@@ -3,6 +3,7 @@ manual optimization, TensorBoard histograms."""
 
 from __future__ import annotations
 
+import csv
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bnsgd import BNStatsMonitor
+from lightning_bnsgd import BNStatsMonitor, WeightDynamicsMonitor
+from lightning_bnsgd.bn.inspect import GAP_STATS
 
 from .project import L, MemoryLogger, UserDataModule, UserModel, quiet_trainer
 
@@ -118,7 +120,7 @@ def test_lightning_freezing_paths_get_no_false_warning(tmp_path: Path, how: str)
         callbacks, model = [FreezeModules(how), trace], FinetuneModel()
     messages, logger = _fit(tmp_path, model, *callbacks)
     assert messages == []
-    assert [s for s, _ in logger.logged("bn/")] == [2, 4, 6, 8, 10, 12, 14]
+    assert [s for s, _ in logger.logged("bn/")] == [1, 3, 5, 7, 9, 11, 13]  # batches 2, 4, ... at `self.log`'s step
     if how in ("train_bn_false", "freeze_module", "eval"):
         assert not trace.changed(0)  # really frozen in epoch 0
     assert trace.changed(1) == (how != "eval")  # unfrozen at epoch 1: the statistics move, and that is intended
@@ -134,7 +136,7 @@ def test_frozen_bn_whose_statistics_move_is_reported_truly(tmp_path: Path, how: 
     frozen = [m for m in messages if "was frozen (" in m]
     assert sorted(name for m in frozen for name in BACKBONE_BN if f"'{name}'" in m) == sorted(BACKBONE_BN)
     assert len(frozen) == len(BACKBONE_BN)
-    assert all("changed by step 2" in m for m in frozen)
+    assert all("changed by step 1" in m for m in frozen)
     if how == "requires_grad":
         assert all("`requires_grad=False` freezes only gamma and beta" in m for m in frozen)
         assert not any("in eval mode" in m for m in frozen)
@@ -169,11 +171,8 @@ def test_two_optimizers_under_manual_optimization_log_every_n_batches(tmp_path: 
     trainer = quiet_trainer(tmp_path, callbacks=[monitor], logger=logger, max_epochs=1)
     trainer.fit(TwoOptimizerModel(), datamodule=UserDataModule())
     assert trainer.global_step == 14  # 7 batches, two optimizer steps each
-    assert [s for s, _ in logger.logged("bn/")] == [
-        2,
-        4,
-        6,
-    ]  # counted in batches, like the Trainer's own log_every_n_steps
+    # counted in batches, like the Trainer's own log_every_n_steps, and logged at `self.log`'s step of batches 2, 4, 6
+    assert [s for s, _ in logger.logged("bn/")] == [1, 3, 5]
     assert monitor.state_dict()["batches_stepped"] == 7
 
 
@@ -192,4 +191,59 @@ def test_tensorboard_histograms_with_lightning_pytorch(tmp_path: Path) -> None:
     events.Reload()
     tags = set(events.Tags()["histograms"])
     assert {f"bn/{name}/running_var" for name in (*BACKBONE_BN, *HEAD_BN)} <= tags
-    assert [e.step for e in events.Histograms("bn/net.layer2.0.downsample.1/weight")] == [3, 6]
+    assert [e.step for e in events.Histograms("bn/net.layer2.0.downsample.1/weight")] == [2, 5]
+
+
+class BatchSizeModel(UserModel):
+    """The user's model, also logging the size of each training batch with ``self.log``."""
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self.log("train/batch_size", float(len(batch["label"])))
+        return super().training_step(batch, batch_idx)
+
+
+def test_monitor_logs_at_the_step_of_the_modules_own_metrics(tmp_path: Path) -> None:
+    """The monitor's values of a batch land at the step where Lightning puts the module's ``self.log`` values of the
+    same batch: the one-sample last batch of each epoch (97 = 6 x 16 + 1) is the monitored one, and the CSV row of
+    its step holds both its batch size and its samples per channel."""
+    logger = L.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = quiet_trainer(tmp_path, callbacks=[BNStatsMonitor()], logger=logger, max_epochs=2, log_every_n_steps=7)
+    trainer.fit(BatchSizeModel(), datamodule=UserDataModule())
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_step: dict[int, dict[str, float]] = {}
+    for row in rows:
+        by_step.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
+    module_steps = sorted(s for s, m in by_step.items() if "train/batch_size" in m)
+    monitor_steps = sorted(s for s, m in by_step.items() if any(k.startswith("bn/") for k in m))
+    assert module_steps == monitor_steps == [6, 13]
+    for step in monitor_steps:
+        assert by_step[step]["train/batch_size"] == 1.0
+        assert by_step[step]["bn/net.bn1/samples_per_channel"] == 1 * 16 * 16  # the same one-sample batch
+
+
+def _first_logged_step(tmp_path: Path, *callbacks: Any) -> dict[str, float]:
+    L.seed_everything(3, verbose=False)
+    logger = MemoryLogger()
+    trainer = quiet_trainer(tmp_path, callbacks=[*callbacks, BNStatsMonitor(log_every_n_steps=1)], logger=logger)
+    trainer.fit(UserModel(), datamodule=UserDataModule(batch_size=32))
+    step, metrics = logger.logged("bn/")[0]
+    assert step == 0
+    return metrics
+
+
+def test_first_step_describes_the_training_batch_with_the_dynamics_monitors_probe(tmp_path: Path) -> None:
+    """``WeightDynamicsMonitor`` replays 16 samples of the first batch in its one-off probe, in the same training step
+    as the monitor's first logged one; the monitor still describes the 32-sample training batch, exactly as in a run
+    without the dynamics monitor, and no "fewer than min_samples_per_channel" warning comes from the probe."""
+    alone = _first_logged_step(tmp_path / "alone")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        both = _first_logged_step(tmp_path / "both", WeightDynamicsMonitor(log_every_n_steps=1, probe_samples=2))
+    assert both["bn/net.bn1/samples_per_channel"] == 32 * 16 * 16  # the training batch, not the probe's 2 samples
+    assert both["bn/net.layer2.0.bn1/samples_per_channel"] == 32 * 8 * 8
+    for key, value in alone.items():
+        if key.endswith(("samples_per_channel", *GAP_STATS)):
+            assert both[key] == value, key
+    assert not [w for w in caught if "min_samples_per_channel" in str(w.message)]
+    assert not [w for w in caught if "could not probe" in str(w.message)]

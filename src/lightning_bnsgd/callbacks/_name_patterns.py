@@ -68,3 +68,18 @@ def select_layer_names(
         ['b.norm']
     """
     return [n for n in names if (not include or any(p(n) for p in include)) and not any(p(n) for p in exclude)]
+
+
+#: The name ``torch.compile``'s wrapper gives the module it wraps (``OptimizedModule._orig_mod``).
+COMPILED_WRAPPER_NAME = "_orig_mod"
+
+
+def user_module_name(name: str) -> str:
+    """The module's name as the user wrote the model: without the ``_orig_mod`` level that ``torch.compile`` adds
+    under every compiled module (``self.net = torch.compile(net)`` names ``net.bn1`` as ``net._orig_mod.bn1``).
+
+    Examples:
+        >>> user_module_name("net._orig_mod.layer1.0._orig_mod.bn1"), user_module_name("net.bn1")
+        ('net.layer1.0.bn1', 'net.bn1')
+    """
+    return ".".join(part for part in name.split(".") if part != COMPILED_WRAPPER_NAME)

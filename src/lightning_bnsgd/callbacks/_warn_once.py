@@ -36,10 +36,32 @@ class WarnOnce:
         return sorted([list(key) for key in self._keys])
 
     @classmethod
-    def load(cls, rows: list[list[str]]) -> WarnOnce:
-        """From the checkpoint form."""
+    def load(cls, rows: list[list[str]], owner: str | None = None) -> WarnOnce:
+        """From the checkpoint form.
+
+        Raises:
+            ValueError: ``rows`` is not a list of ``[name, kind]`` string pairs; the message names ``owner`` (the
+                callback whose state it is), the key ``warned`` and the offending value.
+
+        Examples:
+            >>> WarnOnce.load([["bn1", "frozen"]]).first("bn1", "frozen")
+            False
+            >>> WarnOnce.load([["bn1"]], owner="BNStatsMonitor")
+            Traceback (most recent call last):
+            ...
+            ValueError: BNStatsMonitor: `warned` must be a list of [layer, kind] string pairs; got the entry ['bn1'].
+        """
+        prefix = f"{owner}: " if owner else ""
+        what = f"{prefix}`warned` must be a list of [layer, kind] string pairs"
+        if not isinstance(rows, (list, tuple)):
+            raise ValueError(f"{what}; got {rows!r}.")
+        keys: set[tuple[str, str]] = set()
+        for row in rows:
+            if not isinstance(row, (list, tuple)) or len(row) != 2 or not all(isinstance(x, str) for x in row):
+                raise ValueError(f"{what}; got the entry {row!r}.")
+            keys.add((row[0], row[1]))
         seen = cls()
-        seen._keys = {(str(a), str(b)) for a, b in rows}
+        seen._keys = keys
         return seen
 
 

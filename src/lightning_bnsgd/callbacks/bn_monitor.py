@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, namespace_name, namespace_of
-from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number
+from lightning_bnsgd._compat import Callback, logging_step, namespace_name, namespace_of
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, is_int
 from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max, is_distributed
 from lightning_bnsgd.bn.inspect import (
     ANOMALIES,
@@ -30,7 +31,13 @@ from lightning_bnsgd.bn.inspect import (
     summarize_layers,
 )
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
-from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._name_patterns import (
+    COMPILED_WRAPPER_NAME,
+    compile_name_patterns,
+    select_layer_names,
+    user_module_name,
+)
+from lightning_bnsgd.callbacks._own_forwards import in_own_forwards
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 if TYPE_CHECKING:
@@ -38,6 +45,11 @@ if TYPE_CHECKING:
 
 AnomalyAction = Literal["warn", "raise", "ignore"]
 _OWNER = "BNStatsMonitor"
+#: ``torch.compiler.set_stance`` (torch >= 2.6): runs compiled code eagerly while its stance is "force_eager".
+_SET_STANCE: Any = getattr(torch.compiler, "set_stance", None)
+_eager_holders: set[int] = set()  # the monitors that run compiled code eagerly now (the stance is per process)
+_eager_stance: Any = None  # the "force_eager" stance set for them; closing it restores the one before
+_LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
 _ACTIONS = ("warn", "raise", "ignore")
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``bn/<layer name>/<statistic>``).
 STATS: tuple[str, ...] = (*BUFFER_STATS, *GAP_STATS, "samples_per_channel", *RANK_STATS)
@@ -136,11 +148,19 @@ class BNStatsMonitor(Callback):
     Steps are counted like the Trainer counts them for its own ``log_every_n_steps``: training batches that end
     with an optimizer step, once per batch whatever the number of optimizers (with gradient accumulation, the
     last micro-batch of each accumulation window; with manual optimization, every batch). The values are
-    logged at that count, this batch included (``trainer.global_step`` with one optimizer).
+    logged at the step at which Lightning logs what the LightningModule logs with ``self.log`` in the same batch
+    (the count of earlier such batches: ``trainer.global_step - 1`` with one optimizer), so they line up with the
+    module's own metrics.
 
     It is cheap enough to leave on: forward pre-hooks that read the batch statistics are attached only for the
     monitored step and removed right after; every number of that step is computed on the device and moved to
-    the host in one transfer; other steps cost nothing. Only rank zero logs.
+    the host in one transfer; other steps cost nothing. Only rank zero logs. Under ``torch.compile`` a monitored
+    step runs the compiled code eagerly (``torch.compiler.set_stance("force_eager")``), so that the hooks see every
+    layer and never enter a compiled graph; the other steps run compiled. Forwards that the plugin's callbacks run
+    for themselves (``WeightDynamicsMonitor``'s probe) are not recorded.
+
+    Several monitors can share a Trainer: each is checkpointed under its own `state_key`. A checkpointed state
+    that is not the monitor's own (wrong types, a negative count) is named in a warning and replaced by a fresh one.
 
     Each monitored step is also checked for anomalies: NaN/Inf in a buffer or affine parameter,
     ``running_var`` outside ``[min_running_var, max_running_var]``, a dead-channel fraction above
@@ -157,14 +177,16 @@ class BNStatsMonitor(Callback):
             0 there turns the monitor off).
         include: layer-name patterns to monitor (default: all BatchNorm layers). A pattern is a glob unless it
             starts with ``"re:"``; then it is a regular expression searched in the name. Names are those of
-            ``LightningModule.named_modules()``, e.g. ``"net.features.0.norm"``.
+            ``LightningModule.named_modules()`` without the ``_orig_mod`` that ``torch.compile`` adds, e.g.
+            ``"net.features.0.norm"``.
         exclude: layer-name patterns to leave out (same syntax), applied after ``include``.
         stats: per-layer statistics to log, from `STATS` (default: all). The summary and the anomaly
             checks are unaffected.
-        dead_threshold: a channel is dead when ``|gamma|`` is below this.
-        min_running_var: anomaly when a layer's smallest ``running_var`` is below this (None: no check).
-        max_running_var: anomaly when a layer's largest ``running_var`` is above this (None: no check).
-        max_dead_fraction: anomaly when a layer's dead-channel fraction is above this (None: no check).
+        dead_threshold: a channel is dead when ``|gamma|`` is below this (> 0).
+        min_running_var: anomaly when a layer's smallest ``running_var`` is below this (> 0; None: no check).
+        max_running_var: anomaly when a layer's largest ``running_var`` is above this (> 0; None: no check).
+        max_dead_fraction: anomaly when a layer's dead-channel fraction is above this (in ``[0, 1)``, as a
+            fraction can never exceed 1; None: no check).
         on_anomaly: ``"warn"`` (once per layer and kind of anomaly), ``"raise"`` (`BNAnomalyError`) or
             ``"ignore"``.
         min_samples_per_channel: warn when a layer that normalizes with batch statistics gets, at the first
@@ -185,6 +207,10 @@ class BNStatsMonitor(Callback):
         Traceback (most recent call last):
         ...
         ValueError: BNStatsMonitor: `on_anomaly` must be one of ('warn', 'raise', 'ignore'), got 'explode'.
+        >>> BNStatsMonitor(max_dead_fraction=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: BNStatsMonitor: `max_dead_fraction` must be None or a finite number >= 0.0 and < 1.0, got 1.5.
     """
 
     def __init__(
@@ -209,11 +235,18 @@ class BNStatsMonitor(Callback):
         self.include = include
         self.exclude = exclude
         self.stats: tuple[str, ...] = _check_stats(stats)
-        self.dead_threshold: float = check_number("dead_threshold", dead_threshold, 0.0, owner=_OWNER)
-        bound: dict[str, Any] = {"minimum": 0.0, "allow_none": True, "owner": _OWNER}
-        self.min_running_var: float | None = check_number("min_running_var", min_running_var, **bound)
-        self.max_running_var: float | None = check_number("max_running_var", max_running_var, **bound)
-        self.max_dead_fraction: float | None = check_number("max_dead_fraction", max_dead_fraction, **bound)
+        # Bounds that could never flag anything are refused: None is the way to turn a check off.
+        positive: dict[str, Any] = {"minimum": 0.0, "min_open": True, "owner": _OWNER}
+        self.dead_threshold: float = check_number("dead_threshold", dead_threshold, **positive)
+        self.min_running_var: float | None = check_number(
+            "min_running_var", min_running_var, allow_none=True, **positive
+        )
+        self.max_running_var: float | None = check_number(
+            "max_running_var", max_running_var, allow_none=True, **positive
+        )
+        self.max_dead_fraction: float | None = check_number(
+            "max_dead_fraction", max_dead_fraction, 0.0, 1.0, max_open=True, allow_none=True, owner=_OWNER
+        )
         if None not in (self.min_running_var, self.max_running_var) and min_running_var >= max_running_var:  # type: ignore[operator]
             raise ValueError(
                 f"{_OWNER}: `min_running_var` ({min_running_var!r}) must be below `max_running_var` "
@@ -231,7 +264,8 @@ class BNStatsMonitor(Callback):
         self._steps = False  # the current batch ends with an optimizer step
         self._monitoring = False  # the current batch is monitored
         self._batches_stepped = 0  # training batches that ended with an optimizer step (Lightning's logging step)
-        self._restored_batches: int | None = None
+        self._restored_batches: int | None = None  # from a checkpoint, checked against the Trainer's count
+        self._count_pending = True  # the count is read from the Trainer at the first training batch
         self._first_batch = True
         self._samples_checked = False
         self._warned = WarnOnce()
@@ -251,13 +285,27 @@ class BNStatsMonitor(Callback):
                 f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
                 f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
             )
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)]
+        if stage == "fit" and len(monitors) > 1 and monitors[0] is self:
+            rank_zero_warn(
+                f"{_OWNER}: {len(monitors)} monitors in one Trainer each log their own whole-model summary under "
+                "the same names `bn/summary/...`: at a step that more than one monitors, a logger gets one value "
+                "per monitor under each summary name. Their per-layer values (`bn/<layer>/...`) are unambiguous."
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._world_size = int(trainer.world_size)
         self._first_batch = True
         self._samples_checked = False
-        found = batchnorm_layers(pl_module)
+        named = batchnorm_layers(pl_module)
+        if _SET_STANCE is None and any(COMPILED_WRAPPER_NAME in name.split(".") for name, _ in named):
+            rank_zero_warn(
+                f"{_OWNER}: the model has `torch.compile`d modules, and this torch (< 2.6) cannot run them eagerly "
+                "for a monitored step (`torch.compiler.set_stance`): compiled code skips the monitor's hooks, so "
+                "the batch statistics of those layers (gaps, samples per channel) may be missing."
+            )
+        found = [(user_module_name(name), m) for name, m in named]  # the user's names, also under torch.compile
         keep = set(select_layer_names([name for name, _ in found], self._include, self._exclude))
         self._layers = [_Layer(name, m) for name, m in found if name in keep]
         self._segments = None
@@ -291,9 +339,22 @@ class BNStatsMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        restored, self._restored_batches = self._restored_batches, None
-        self._batches_stepped = restored if restored is not None else int(trainer.global_step)
+        self._count_pending = True
         self._watch_frozen()
+
+    def _read_step_count(self, trainer: Trainer) -> None:
+        """Take the count of stepping batches from the Trainer at the first training batch (on a resume Lightning
+        completes its own count only when the epoch starts, after ``on_train_start``), and check the restored one
+        against it: a count that disagrees would monitor other batches than the ones Lightning logs."""
+        count = logging_step(trainer)
+        restored, self._restored_batches = self._restored_batches, None
+        if restored is not None and restored != count:
+            rank_zero_warn(
+                f"{_OWNER}: the checkpoint's state {self.state_key!r} counts {restored} training batches that "
+                f"stepped, the Trainer {count}; the monitor follows the Trainer's count, so that its values keep "
+                "lining up with the module's own logs (was the state written by another run?)."
+            )
+        self._batches_stepped = count
 
     def _check_configuration(self) -> None:
         """Warn about layer settings that are likely mistakes, as the layers stand at the first training batch."""
@@ -351,6 +412,8 @@ class BNStatsMonitor(Callback):
 
     def _make_hook(self, layer: _Layer, keep_running: bool) -> Any:
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
+            if in_own_forwards():  # another plugin callback's forwards (a probe) are not the training batch
+                return
             if not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
                 return
             x = args[0]
@@ -378,10 +441,20 @@ class BNStatsMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        _release_eager(self)  # compiled code runs compiled again (once no other monitor needs it eager)
+
+    def _run_eagerly(self) -> None:
+        """Run ``torch.compile``d code eagerly for this monitored step, so that the hooks see every layer's input.
+        Compiled code does not call hooks added after it was compiled, and a hook compiled into a graph would keep
+        running (and be recompiled) on every later step; eager, the compiled graphs stay free of the monitor."""
+        _hold_eager(self)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._remove_hooks()
+        if self._count_pending:
+            self._count_pending = False
+            self._read_step_count(trainer)
         self._steps = self._ends_with_step(trainer, batch_idx)
         self._monitoring = False
         if not self._layers:
@@ -394,6 +467,7 @@ class BNStatsMonitor(Callback):
         self._monitoring = self._steps and self._interval > 0 and (self._batches_stepped + 1) % self._interval == 0
         if self._monitoring:
             self._watch_frozen()  # layers frozen since the last monitored step
+            self._run_eagerly()
             self._attach()
 
     @override
@@ -527,7 +601,7 @@ class BNStatsMonitor(Callback):
 
     # ------------------------------------------------------------------ on the host: warn, raise, log
     def _report(self, trainer: Trainer, values: StepValues) -> None:
-        step = self._batches_stepped
+        step = logging_step(trainer)  # where this batch's `self.log` metrics go
         self._warn_frozen_changes(values.frozen_changed, step)
         self._handle_anomalies(values.flags, step)
         if not trainer.is_global_zero:
@@ -625,6 +699,33 @@ class BNStatsMonitor(Callback):
             self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer and kind).")
 
     # ------------------------------------------------------------------ checkpointing
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this monitor's state in a checkpoint: the class name and the arguments that tell monitors of
+        one Trainer apart (which layers, how often), so several monitors are each saved and restored as their own.
+
+        Examples:
+            >>> BNStatsMonitor(include="backbone.*").state_key
+            "BNStatsMonitor{'include': 'backbone.*', 'exclude': None, 'log_every_n_steps': None}"
+        """
+        return self._generate_state_key(
+            include=self.include, exclude=self.exclude, log_every_n_steps=self.log_every_n_steps
+        )
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore from a checkpoint written before monitors had their own `state_key` (saved under the class
+        name), when the checkpoint has nothing under this monitor's key."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states or _LEGACY_STATE_KEY not in states:
+            return
+        rank_zero_info(
+            f"{_OWNER}: restoring the state saved under the checkpoint's older key {_LEGACY_STATE_KEY!r} "
+            f"(this monitor's key is {self.state_key!r})."
+        )
+        self.load_state_dict(copy.deepcopy(states[_LEGACY_STATE_KEY]))
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -635,9 +736,57 @@ class BNStatsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = WarnOnce.load(state_dict.get("warned", []))
+        """Restore what `state_dict` returned. A state that is not this monitor's (a value of the wrong type, a
+        negative count) is not used: each such entry is named in a warning and replaced by a fresh one (no warnings
+        given yet; the step count read from the Trainer)."""
+        self._warned, self._restored_batches = WarnOnce(), None
+        if not isinstance(state_dict, dict):
+            _warn_bad_state(self.state_key, None, state_dict, "a dict as written by `state_dict()`", _NO_STATE)
+            return
+        warned = state_dict.get("warned", [])
+        try:
+            self._warned = WarnOnce.load(warned, owner=_OWNER)
+        except ValueError:
+            _warn_bad_state(self.state_key, "warned", warned, "[layer, kind] string pairs", _NO_WARNED)
         batches = state_dict.get("batches_stepped")
-        self._restored_batches = int(batches) if batches is not None else None
+        if isinstance(batches, int) and is_int(batches) and batches >= 0:
+            self._restored_batches = self._batches_stepped = batches
+        elif batches is not None:
+            _warn_bad_state(self.state_key, "batches_stepped", batches, "an integer >= 0", _NO_COUNT)
+
+
+_NO_STATE = "nothing of it is used: warnings may repeat, and the step count comes from the Trainer"
+_NO_WARNED = "warnings already given may be given again"
+_NO_COUNT = "the step count comes from the Trainer"
+
+
+def _warn_bad_state(state_key: str, key: str | None, value: object, allowed: str, fallback: str) -> None:
+    what = f"`{key}`" if key else "state"
+    rank_zero_warn(
+        f"{_OWNER}: the checkpoint's {what} of {state_key!r} must be {allowed}, got {value!r}; it is ignored: "
+        f"{fallback}."
+    )
+
+
+def _hold_eager(holder: object) -> None:
+    """Make compiled code run eagerly until `_release_eager` is called for every holder (monitors of one Trainer
+    hold and release in any order; the stance before the first hold comes back after the last release)."""
+    global _eager_stance
+    if _SET_STANCE is None or id(holder) in _eager_holders:
+        return
+    if not _eager_holders:
+        _eager_stance = _SET_STANCE("force_eager")
+    _eager_holders.add(id(holder))
+
+
+def _release_eager(holder: object) -> None:
+    global _eager_stance
+    if id(holder) not in _eager_holders:
+        return
+    _eager_holders.discard(id(holder))
+    if not _eager_holders and _eager_stance is not None:
+        stance, _eager_stance = _eager_stance, None
+        stance.__exit__(None, None, None)
 
 
 def _buffer_used(layer: _Layer, name: str) -> Tensor:

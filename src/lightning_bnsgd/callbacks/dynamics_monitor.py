@@ -27,6 +27,7 @@ from lightning_bnsgd.bn.dynamics import (
     weight_layers,
 )
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
+from lightning_bnsgd.callbacks._own_forwards import own_forwards
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 _OWNER = "WeightDynamicsMonitor"
@@ -325,7 +326,8 @@ class WeightDynamicsMonitor(Callback):
 
     def _safe_detect(self, pl_module: LightningModule) -> None:
         try:
-            self._detect(pl_module)
+            with own_forwards():  # the probe's forwards stay out of other callbacks' hooks
+                self._detect(pl_module)
         except Exception as err:  # never stop training because the probe failed
             self._drop_recorder()
             self.report = ScaleInvarianceReport(rtol=self.rtol)

@@ -1,0 +1,121 @@
+"""``BNStatsMonitor`` over a run's life: several monitors in one Trainer, checkpoints written by older versions or
+by something else, resumed with ``Trainer.fit(ckpt_path=...)`` as a user does."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.user_project.project import L, MemoryLogger, UserDataModule, UserModel, quiet_trainer
+
+from lightning_bnsgd import BNStatsMonitor
+
+STEM = ("net.bn1", "net.layer1.0.bn1", "net.layer1.0.bn2")
+STAGE2 = ("net.layer2.0.bn1", "net.layer2.0.bn2", "net.layer2.0.downsample.1")
+
+
+class FrozenStemModel(UserModel):
+    """The user's model with the stem's BatchNorm parameters frozen by ``requires_grad_(False)`` only (so its
+    statistics still move: the monitor that watches it warns once, the one watching stage 2 never)."""
+
+    def on_fit_start(self) -> None:
+        self.net.bn1.requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+
+def _fit(tmp_path: Path, callbacks: list[Any], ckpt_path: Path | None = None, **kwargs: Any) -> tuple[Any, list[str]]:
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, **{"max_epochs": 3, **kwargs})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(FrozenStemModel(), datamodule=UserDataModule(), ckpt_path=ckpt_path)
+    return trainer, [str(w.message) for w in caught if "BNStatsMonitor" in str(w.message)]
+
+
+def _monitors() -> tuple[BNStatsMonitor, BNStatsMonitor]:
+    return BNStatsMonitor(include=["net.bn1", "net.layer1.*"], log_every_n_steps=2), BNStatsMonitor(
+        include="net.layer2.*", log_every_n_steps=3
+    )
+
+
+def _steps(logger: MemoryLogger, layer: str) -> list[int]:
+    return [s for s, _ in logger.logged(f"bn/{layer}/")]
+
+
+def test_two_monitors_in_one_trainer_are_each_checkpointed_and_restored(tmp_path: Path) -> None:
+    stem, stage2 = _monitors()
+    logger = MemoryLogger()
+    trainer, messages = _fit(tmp_path / "a", [stem, stage2], logger=logger, max_steps=6)
+    assert stem.state_key != stage2.state_key
+    assert [m for m in messages if "was frozen" in m and "'net.bn1'" in m]  # the stem's monitor warned
+    assert len([m for m in messages if "2 monitors in one Trainer" in m]) == 1  # summary names are shared
+    assert _steps(logger, "net.bn1") == [1, 3, 5] and _steps(logger, "net.layer2.0.bn1") == [2, 5]
+    assert not any(k.startswith("bn/net.layer2") for _, m in logger.logged("bn/net.bn1/") for k in m)
+    ckpt = tmp_path / "six.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert saved[stem.state_key]["warned"] == [["net.bn1", "frozen"]]
+    assert saved[stage2.state_key]["warned"] == []
+
+    stem2, stage2_2 = _monitors()
+    resumed_logger = MemoryLogger()
+    _, messages = _fit(tmp_path / "b", [stem2, stage2_2], ckpt, logger=resumed_logger, max_steps=12)
+    assert not [m for m in messages if "was frozen" in m]  # remembered by the stem's monitor, from its own state
+    assert stem2.state_dict()["warned"] == [["net.bn1", "frozen"]]
+    assert stage2_2.state_dict()["warned"] == []
+    assert _steps(resumed_logger, "net.bn1") == [7, 9, 11]
+    assert _steps(resumed_logger, "net.layer2.0.bn1") == [8, 11]
+
+
+def test_checkpoint_saved_under_the_old_key_still_loads(tmp_path: Path) -> None:
+    """Before monitors had their own ``state_key`` every monitor was saved under ``"BNStatsMonitor"``."""
+    trainer, _ = _fit(tmp_path / "a", [BNStatsMonitor(log_every_n_steps=2)], max_steps=6)
+    ckpt = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    (state,) = checkpoint["callbacks"].values()
+    checkpoint["callbacks"] = {"BNStatsMonitor": state}
+    torch.save(checkpoint, ckpt)
+
+    monitor, logger = BNStatsMonitor(log_every_n_steps=2), MemoryLogger()
+    _, messages = _fit(tmp_path / "b", [monitor], ckpt, logger=logger, max_steps=10)
+    assert not [m for m in messages if "was frozen" in m]  # the old state's memory of the warning was restored
+    assert monitor.state_dict()["warned"] == [["net.bn1", "frozen"]]
+    assert [s for s, _ in logger.logged("bn/")] == [7, 9]
+
+
+@pytest.mark.parametrize(
+    ("state", "key"),
+    [
+        ({"warned": [["net.bn1"]], "batches_stepped": 6}, "warned"),  # was: "not enough values to unpack"
+        ({"warned": 5, "batches_stepped": 6}, "warned"),  # was: "'int' object is not iterable"
+        ({"warned": [], "batches_stepped": -100}, "batches_stepped"),  # was accepted: monitored other batches
+        ({"warned": [], "batches_stepped": "six"}, "batches_stepped"),  # was: "invalid literal for int()"
+        ({"warned": [], "batches_stepped": 6.5}, "batches_stepped"),  # was accepted as 6
+        ("a foreign state", None),  # was: "'str' object has no attribute 'get'"
+        ({"warned": [], "batches_stepped": 1000}, "1000 training batches"),  # well-formed, but not this run's
+    ],
+)
+def test_corrupted_or_foreign_state_is_named_and_replaced(tmp_path: Path, state: Any, key: str | None) -> None:
+    """A state that is not the monitor's own is named in a warning (the callback and the key) and replaced by a
+    fresh one: the resumed run monitors and logs the same batches as a resume from an intact checkpoint."""
+    monitor = BNStatsMonitor(log_every_n_steps=2)
+    trainer, _ = _fit(tmp_path / "a", [monitor], max_steps=6)
+    ckpt = tmp_path / "bad.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["callbacks"][monitor.state_key] = state
+    torch.save(checkpoint, ckpt)
+
+    resumed, logger = BNStatsMonitor(log_every_n_steps=2), MemoryLogger()
+    _, messages = _fit(tmp_path / "b", [resumed], ckpt, logger=logger, max_steps=10)
+    named = [m for m in messages if m.startswith("BNStatsMonitor: the checkpoint's") and repr(resumed.state_key) in m]
+    assert len(named) == 1, messages
+    assert (f"`{key}`" if key in ("warned", "batches_stepped") else key or "state of") in named[0]
+    assert [s for s, _ in logger.logged("bn/")] == [7, 9]  # Lightning's count: batches 8 and 10
+    assert resumed.state_dict()["batches_stepped"] == 10
