@@ -191,7 +191,7 @@ class BNRecalibration(Callback):
         verbose: also print a one-line summary of each recalibration from rank zero.
 
     Examples:
-        >>> from lightning_bnsgd._compat import Trainer
+        >>> from pytorch_lightning import Trainer  # or: from lightning.pytorch import Trainer
         >>> callback = BNRecalibration(num_samples=2048, mode="sequential")
         >>> callback.state_key
         "BNRecalibration{'num_samples': 2048, 'mode': 'sequential', 'log_prefix': 'bn_recalibration'}"
