@@ -20,6 +20,9 @@ tag:
     one of these forms, checked without training anything:
 
     * ``bash scripts/<name>.sh ...``: the script exists;
+    * ``python -m lightning_bnsgd ...`` (the main job: parsed as ``lightning-bnsgd fit --config <packaged>
+      ...``); a command with ``--print_config`` may end in ``> FILE``, and a later ``--config FILE`` of the same
+      block reads the packaged config;
     * ``lightning-bnsgd <subcommand> ...``, ``python -m lightning_bnsgd.cli ...``, and either one behind ``srun`` or
       ``torchrun <options> -m lightning_bnsgd.cli ...``: parsed by the real CLI with the same arguments, from the
       repository root (``--config`` files must exist; every field name and type is checked), without instantiating
@@ -68,6 +71,7 @@ import torch
 import yaml
 
 from lightning_bnsgd._compat import LightningCLI
+from lightning_bnsgd.__main__ import main_job_args
 from lightning_bnsgd.cli import BNSGDCLI, cli_main, packaged_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -295,14 +299,27 @@ def check_example(tokens: list[str]) -> None:
         raise AssertionError(f"{tokens[1]} --help does not list {missing}:\n{text}")
 
 
-def run_command(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def run_command(command: str, monkeypatch: pytest.MonkeyPatch, written: dict[str, Path] | None = None) -> None:
+    """Check one command line. ``written`` maps the files that earlier commands of the same block wrote with
+    ``--print_config > FILE`` to the config they print (the packaged one): a later ``--config FILE`` reads it."""
     tokens = shlex.split(command, comments=True)
     if not tokens:
         return
+    written = {} if written is None else written
+    if ">" in tokens:
+        at = tokens.index(">")
+        if at + 2 != len(tokens) or "--print_config" not in tokens[:at]:
+            raise AssertionError(f"only `... --print_config > FILE` may redirect output: {command}")
+        written[tokens[at + 1]] = packaged_config()
+        tokens = tokens[:at]
+    for i, token in enumerate(tokens[:-1]):
+        if token == "--config" and tokens[i + 1] in written:
+            tokens[i + 1] = str(written[tokens[i + 1]])
+    command = shlex.join(tokens)
     if any(tuple(tokens[: len(prefix)]) == prefix for prefix in ACCEPTED):
         return
     if tokens[0] == "srun":
-        return run_command(shlex.join(tokens[1:]), monkeypatch)
+        return run_command(shlex.join(tokens[1:]), monkeypatch, written)
     if tokens[0] == "bash" and len(tokens) >= 2 and re.fullmatch(r"scripts/[\w.-]+\.sh", tokens[1]):
         if not (ROOT / tokens[1]).is_file():
             raise AssertionError(f"{tokens[1]} does not exist")
@@ -311,6 +328,8 @@ def run_command(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
         return check_cli(tokens[1:], monkeypatch)
     if tokens[:3] == ["python", "-m", "lightning_bnsgd.cli"]:
         return check_cli(tokens[3:], monkeypatch)
+    if tokens[:3] == ["python", "-m", "lightning_bnsgd"]:
+        return check_cli(main_job_args(tokens[3:]), monkeypatch)
     if tokens[0] == "torchrun" and "-m" in tokens:
         at = tokens.index("-m")
         if tokens[at + 1 : at + 2] == ["lightning_bnsgd.cli"]:
@@ -380,8 +399,9 @@ def test_doc_page(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                 elif block.lang == "yaml":
                     run_yaml(block, tmp_path)
                 elif block.lang in ("bash", "console"):
+                    written: dict[str, Path] = {}
                     for command in command_lines(block):
-                        run_command(command, monkeypatch)
+                        run_command(command, monkeypatch, written)
             except Exception as exc:
                 raise AssertionError(f"{where}: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -403,6 +423,8 @@ MISTAKES = {
     "example-flag": ("bash", "python examples/plot_lr_schedule.py --no-such-flag\n"),
     "missing-script": ("bash", "bash scripts/no_such_script.sh\n"),
     "unknown-command": ("bash", "make all\n"),
+    "redirect": ("bash", "lightning-bnsgd fit --config src/lightning_bnsgd/configs/digits.yaml > out.txt\n"),
+    "main-job-field": ("bash", "python -m lightning_bnsgd --trainer.max_epochz=5\n"),
     "console-missing-config": ("console", "$ lightning-bnsgd fit --config no_such_file.yaml\noutput line\n"),
 }
 
