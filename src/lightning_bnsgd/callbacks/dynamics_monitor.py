@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, LightningModule, Trainer
+from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step
 from lightning_bnsgd._validation import check_bool, check_int, check_number
 from lightning_bnsgd.bn.dynamics import (
     ScaleInvarianceReport,
@@ -366,7 +366,7 @@ class WeightDynamicsMonitor(Callback):
             metrics[f"dynamics/{name}/grad_norm"] = value
         if self.log_grad_flow and len(grad_values) > 1 and grad_values[-1] > 0:
             metrics["dynamics/summary/grad_norm_ratio"] = grad_values[0] / grad_values[-1]
-        step = int(trainer.global_step)
+        step = logging_step(trainer)  # the step of the module's own self.log metrics for this batch
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
