@@ -68,13 +68,20 @@ def _first_samples(inputs: Any, limit: int) -> Any:
 
 
 class _InputRecorder:
-    """Forward hooks that keep the first inputs of some modules and the order in which layers are first called."""
+    """Forward hooks that keep the first inputs of some modules and the order in which layers are first called.
+
+    A root's inputs are kept only from a call that runs the ``forward`` the root had when recording started, the
+    one a replay calls. Lightning's forward redirection under ``ddp``, ``ddp_spawn``, FSDP and DeepSpeed calls the
+    LightningModule with ``training_step``'s arguments ``(batch, batch_idx)`` while its ``forward`` is swapped for
+    ``training_step`` (so the wrapper's gradient hooks see the step): those are not inputs ``forward`` takes.
+    """
 
     def __init__(self, roots: dict[str, nn.Module], layers: Iterable[tuple[str, nn.Module]], limit: int) -> None:
         self.limit = limit
         self.inputs: dict[str, tuple[Any, Any]] = {}
         self.order: list[str] = []
         self.handles: list[RemovableHandle] = []
+        self.forwards = {name: module.forward for name, module in roots.items()}
         for name, module in roots.items():
             self.handles.append(module.register_forward_pre_hook(self._root_hook(name), with_kwargs=True))
         for name, module in layers:
@@ -82,7 +89,7 @@ class _InputRecorder:
 
     def _root_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name not in self.inputs:
+            if name not in self.inputs and module.forward == self.forwards[name]:
                 self.inputs[name] = _first_samples((args, kwargs), self.limit)
 
         return hook
