@@ -308,6 +308,72 @@ def test_resumed_run_keeps_the_batch_count(make_trainer, tmp_path):
     assert monitor2.state_dict()["batches"] == 16
 
 
+def test_two_monitors_of_different_layers_are_checkpointed_and_restored_each_as_its_own(make_trainer, tmp_path):
+    def monitors() -> list[WeightDynamicsMonitor]:
+        return [WeightDynamicsMonitor(log_every_n_steps=3, include=name) for name in INVARIANT]
+
+    first = monitors()
+    logger = MemoryLogger()
+    trainer = make_trainer(max_epochs=1, logger=logger, callbacks=list(first), enable_checkpointing=True)
+    trainer.fit(Tiny(weight_decay=0.0))  # without weight decay each monitor records its layer's first norm
+    assert [m.report.names for m in first if m.report] == [["net.0"], ["net.4"]]
+    assert {k.split("/")[1] for _, m in logger.logged("dynamics/") for k in m} == {"net.0", "net.4"}
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert states[first[0].state_key]["first_inv_norm2"].keys() == {"net.0"}
+    assert states[first[1].state_key]["first_inv_norm2"].keys() == {"net.4"}
+    again = monitors()
+    make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=list(again)).fit(Tiny(weight_decay=0.0), ckpt_path=ckpt)
+    for old, new in zip(first, again, strict=True):  # max_epochs=1 reached: restored, nothing trained
+        assert new.state_dict() == old.state_dict()
+
+
+def test_a_checkpoint_with_the_state_under_the_old_key_still_loads(make_trainer, tmp_path):
+    monitor = WeightDynamicsMonitor(log_every_n_steps=3)
+    trainer = make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=[monitor], enable_checkpointing=True)
+    trainer.fit(Tiny())
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if str(k).startswith("WeightDynamicsMonitor")]
+    checkpoint["callbacks"]["WeightDynamicsMonitor"] = checkpoint["callbacks"].pop(key)  # as 0.x versions saved it
+    torch.save(checkpoint, ckpt)
+    logger2, monitor2 = MemoryLogger(), WeightDynamicsMonitor(log_every_n_steps=3)
+    make_trainer(max_epochs=2, logger=logger2, callbacks=[monitor2]).fit(Tiny(), ckpt_path=str(ckpt))
+    assert [s for s, _ in logger2.logged("dynamics/")] == [8, 11, 14]  # the batch count was restored
+    assert monitor2.state_dict()["batches"] == 16
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        ({"batches": -100}, ValueError, r"`batches` must be an integer >= 0, got -100"),
+        ({"batches": "7"}, TypeError, r"`batches` must be an integer >= 0, got '7'"),
+        ({"streaks": {"net.0": -7}}, ValueError, r"`streaks\['net.0'\]` must be an integer >= 0, got -7"),
+        ({"streaks": [1, 2]}, TypeError, r"`streaks` must be a dict from layer names to numbers, got \[1, 2\]"),
+        ({"first_inv_norm2": {"net.0": -1.0}}, ValueError, r"`first_inv_norm2\['net.0'\]` must be a finite number"),
+        ({"first_inv_norm2": {"net.0": "x"}}, TypeError, r"`first_inv_norm2\['net.0'\]` must be a finite number"),
+        ({"warned": [["net.0"]]}, ValueError, r"`warned` must be a list of \[layer name, kind\] pairs"),
+        ([1, 2], TypeError, r"the state must be a dict, got list"),
+    ],
+)
+def test_a_corrupted_state_names_the_monitor_and_the_key(state, error, match):
+    monitor = WeightDynamicsMonitor()
+    before = monitor.state_dict()
+    with pytest.raises(error, match=r"WeightDynamicsMonitor \(checkpoint state .*\): " + match):
+        monitor.load_state_dict(state)
+    assert monitor.state_dict() == before  # nothing half-loaded
+
+
+def test_a_foreign_state_warns_about_the_keys_it_ignores():
+    monitor = WeightDynamicsMonitor()
+    match = r"WeightDynamicsMonitor .*ignoring key\(s\) this monitor does not save: best_model_path, monitor"
+    with pytest.warns(UserWarning, match=match):
+        monitor.load_state_dict({"monitor": "val_loss", "best_model_path": "x.ckpt", "batches": 3})
+    assert monitor.state_dict()["batches"] == 3
+
+
 def test_packaged_digits_config_with_the_monitor(tmp_path):
     config = yaml.safe_load(packaged_config().read_text())  # the packaged job has the monitor, every 25 batches
     (entry,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("WeightDynamicsMonitor")]

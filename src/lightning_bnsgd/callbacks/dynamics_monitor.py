@@ -41,6 +41,10 @@ INVARIANT_STATS: tuple[str, ...] = (
 #: Per layer with a weight (every conv/linear layer, in forward order): ``dynamics/<layer name>/grad_norm``.
 LAYER_STATS: tuple[str, ...] = ("grad_norm",)
 _HYPER = ("lr", "weight_decay", "momentum", "nesterov", "dampening", "betas")
+#: The keys of `WeightDynamicsMonitor.state_dict`.
+_STATE_KEYS = ("warned", "batches", "streaks", "first_inv_norm2")
+#: The checkpoint key of the monitor's state before it had a `state_key` of its own (the class name).
+_LEGACY_KEY = _OWNER
 
 
 @dataclass
@@ -172,6 +176,8 @@ class WeightDynamicsMonitor(Callback):
         >>> monitor = WeightDynamicsMonitor(log_every_n_steps=10, include="net.features.*")
         >>> monitor.log_every_n_steps, monitor.max_angular_update
         (10, 0.2)
+        >>> WeightDynamicsMonitor(include="backbone.*").state_key  # two monitors of different layers can coexist
+        "WeightDynamicsMonitor{'include': 'backbone.*', 'exclude': None}"
         >>> WeightDynamicsMonitor(max_norm_growth=0.5)
         Traceback (most recent call last):
         ...
@@ -437,6 +443,21 @@ class WeightDynamicsMonitor(Callback):
         self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer).")
 
     # ------------------------------------------------------------------ checkpointing
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this monitor's state in a checkpoint: the class name and the layers it watches, so that two
+        monitors of different layers (``include="backbone.*"``, ``include="head.*"``) in one Trainer are
+        checkpointed and restored each as its own."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and _LEGACY_KEY in states:  # written before the monitor had a state_key
+            rank_zero_info(f"{_OWNER}: restoring the state saved under the checkpoint's key {_LEGACY_KEY!r}.")
+            self.load_state_dict(states[_LEGACY_KEY])
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -448,10 +469,40 @@ class WeightDynamicsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = WarnOnce.load(state_dict.get("warned", []))
-        self._batches = int(state_dict.get("batches", 0))
-        self._streaks = {str(k): int(v) for k, v in state_dict.get("streaks", {}).items()}
-        self._first_inv_norm2 = {str(k): float(v) for k, v in state_dict.get("first_inv_norm2", {}).items()}
+        """Restore the state of `state_dict`; keys it lacks (older checkpoints) get their defaults.
+
+        Raises:
+            TypeError, ValueError: a state that is not this monitor's (a wrong type, a negative counter, a norm that
+                is not a finite positive number), naming the key and the value.
+        """
+        where = f"{_OWNER} (checkpoint state {self.state_key!r})"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{where}: the state must be a dict, got {type(state_dict).__name__}.")
+        unknown = sorted(set(map(str, state_dict)) - set(_STATE_KEYS))
+        if unknown:
+            rank_zero_warn(f"{where}: ignoring key(s) this monitor does not save: {', '.join(unknown)}.")
+        try:
+            warned = WarnOnce.load(state_dict.get("warned", []))
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{where}: `warned` must be a list of [layer name, kind] pairs, got {state_dict['warned']!r}."
+            ) from err
+        batches = check_int("batches", state_dict.get("batches", 0), minimum=0, owner=where)
+        streaks = _name_map(state_dict.get("streaks", {}), "streaks", where)
+        first = _name_map(state_dict.get("first_inv_norm2", {}), "first_inv_norm2", where)
+        streaks = {name: check_int(f"streaks[{name!r}]", v, minimum=0, owner=where) for name, v in streaks.items()}
+        first = {
+            name: check_number(f"first_inv_norm2[{name!r}]", v, 0.0, min_open=True, owner=where)
+            for name, v in first.items()
+        }
+        self._warned, self._batches, self._streaks, self._first_inv_norm2 = warned, batches, streaks, first
+
+
+def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
+    """A checkpointed ``{layer name: value}`` dict, checked for its shape (the values are checked by the caller)."""
+    if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+        raise TypeError(f"{where}: `{key}` must be a dict from layer names to numbers, got {value!r}.")
+    return value
 
 
 def _weight(module: nn.Module) -> Tensor:
