@@ -20,7 +20,7 @@ from lightning_bnsgd._validation import check_bool, check_int, check_number
 from lightning_bnsgd.bn.dynamics import (
     ScaleInvarianceReport,
     ScaleInvariantGroup,
-    angular_update,
+    _norm_and_angle,
     effective_lr,
     find_scale_invariant,
     sgd_group_equilibrium,
@@ -364,9 +364,9 @@ class WeightDynamicsMonitor(Callback):
         parts: list[Tensor] = []
         with torch.no_grad():
             for g in tracked:
-                after = torch.cat([p.detach().flatten() for p in g.params]).double()
+                after = g.params[0] if len(g.params) == 1 else torch.cat([p.detach().flatten() for p in g.params])
                 assert g.before is not None
-                parts += [torch.linalg.vector_norm(after), angular_update(g.before, after)]
+                parts += _norm_and_angle(g.before, after)
             parts += [t for _, t in grads]
         if not parts:
             return
