@@ -18,7 +18,9 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import types
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -436,6 +438,21 @@ def _confirm(
     return probe.change(reference, scales) <= rtol * probe.change(reference, noise)
 
 
+@contextmanager
+def _local_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Inside, every ``SyncBatchNorm`` layer normalizes with this process's batch statistics (``_BatchNorm``'s own
+    forward): the probe runs on one process, where a collective would wait for the other ranks forever. Scale
+    invariance is the same under either statistics."""
+    patched = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    for module in patched:
+        module.forward = types.MethodType(_BatchNorm.forward, module)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def _set_train(model: nn.Module, mode: ProbeMode) -> dict[nn.Module, bool]:
     flags = {m: m.training for m in model.modules()}
     if mode == "train":
@@ -466,6 +483,8 @@ def find_scale_invariant(
     of the outputs is compared with the change a random perturbation of the same weights causes. Should that
     check fail, each layer is tested on its own by scaling (a few forwards per layer). Parameters, BatchNorm
     buffers, training flags and the global RNG state are restored; dropout draws the same masks in every forward.
+    ``SyncBatchNorm`` layers use this process's batch statistics (no collective: other processes need not take
+    part).
 
     Args:
         model: the network.
@@ -505,18 +524,19 @@ def find_scale_invariant(
     flags = _set_train(model, mode)
     report = ScaleInvarianceReport(factor=float(factor), rtol=float(rtol))
     try:
-        probe = _Probe(model, batch, forward, seed)
-        gen = torch.Generator().manual_seed(seed)
-        groups, rejected, reference = _screen(probe, candidates, float(rtol), gen)
-        if _confirm(probe, reference, groups, model, float(factor), float(rtol), gen):
-            report.groups, report.rejected = groups, rejected
-        else:  # the screen let a layer through that scaling exposes: test each layer on its own
-            for name, module in candidates:
-                found = _check_layer(probe, reference, name, module, float(factor), float(rtol), gen)
-                if isinstance(found, ScaleInvariantGroup):
-                    report.groups.append(found)
-                else:
-                    report.rejected[name] = found
+        with _local_batch_norm(model):
+            probe = _Probe(model, batch, forward, seed)
+            gen = torch.Generator().manual_seed(seed)
+            groups, rejected, reference = _screen(probe, candidates, float(rtol), gen)
+            if _confirm(probe, reference, groups, model, float(factor), float(rtol), gen):
+                report.groups, report.rejected = groups, rejected
+            else:  # the screen let a layer through that scaling exposes: test each layer on its own
+                for name, module in candidates:
+                    found = _check_layer(probe, reference, name, module, float(factor), float(rtol), gen)
+                    if isinstance(found, ScaleInvariantGroup):
+                        report.groups.append(found)
+                    else:
+                        report.rejected[name] = found
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
