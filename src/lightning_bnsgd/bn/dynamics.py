@@ -37,6 +37,7 @@ ProbeMode = Literal["train", "as_is"]
 #: A random perturbation changing the output less than this (relative) means the output ignores the weight.
 _NO_EFFECT = 1e-6
 Granularity = Literal["channel", "tensor"]
+_GRANULARITIES: tuple[Granularity, ...] = ("channel", "tensor")
 _MODES = ("train", "as_is")
 
 
@@ -362,15 +363,16 @@ def _screen(
     by_param = dict(zip(map(id, params), grads, strict=True))
     reference = [out.detach() for out in outputs]
     # Every number on the device first, then one transfer to the host for all layers.
-    options: list[tuple[str, list[tuple[str, Tensor]], str, int]] = []
     values: list[Tensor] = []
+    layout: list[tuple[str, int, list[tuple[list[tuple[str, Tensor]], Granularity, int]]]] = []
     for name, module in candidates:
         members = _members(module)
         sums = [_channel_sums(p, by_param[id(p)]) for _, p in members]
         sizes = [p.numel() for _, p in members]
         used = by_param[id(members[0][1])] is not None
+        layout.append((name, len(values), []))
         values.append(sums[0][2].sum() if used else torch.zeros((), dtype=torch.float64, device=sums[0].device))
-        for granularity in ("channel", "tensor"):
+        for granularity in _GRANULARITIES:
             for count in (1, 2)[: len(members)]:
                 part, size = sums[:count], sum(sizes[:count])
                 if granularity == "channel":
@@ -380,32 +382,22 @@ def _screen(
                 else:
                     dot, w_sq, g_sq = torch.stack([t.sum(1) for t in part]).sum(0)
                     value = dot.abs() / (w_sq * g_sq).sqrt().clamp_min(1e-300) * math.sqrt(size)
-                options.append((name, members[:count], granularity, len(values)))
+                layout[-1][2].append((members[:count], granularity, len(values)))
                 values.append(value)
     host = torch.stack(values).cpu().tolist() if values else []
     groups: list[ScaleInvariantGroup] = []
     rejected: dict[str, str] = {}
-    position = 0
-    for name, _ in candidates:
-        used, position = host[position] > 0, position + 1
-        mine = [option for option in options if option[0] == name]
-        position += len(mine)
-        if not used:
+    for name, used_at, options in layout:
+        if not host[used_at] > 0:
             rejected[name] = "the output does not depend on this weight (not used by the probe forward)"
             continue
-        found: ScaleInvariantGroup | None = None
-        worst = math.inf
-        for _, part, granularity, index in mine:
-            value = host[index]
-            if value <= rtol:
-                prefix = f"{name}." if name else ""
-                found = ScaleInvariantGroup(name, tuple(prefix + n for n, _ in part), granularity, value)
-                break
-            if granularity == "tensor":
-                worst = min(worst, value)
-        if found is not None:
-            groups.append(found)
+        prefix = f"{name}." if name else ""
+        passed = [(chosen, granularity, host[at]) for chosen, granularity, at in options if host[at] <= rtol]
+        if passed:  # the first option that passes, in the order channel/tensor, weight alone/with its bias
+            chosen, granularity, value = passed[0]
+            groups.append(ScaleInvariantGroup(name, tuple(prefix + n for n, _ in chosen), granularity, value))
         else:
+            worst = min((host[at] for _, granularity, at in options if granularity == "tensor"), default=math.inf)
             rejected[name] = (
                 "the output changes with the weight's scale: its gradient is not orthogonal to it (cosine "
                 f"{worst:.2g}x a random direction's)"
