@@ -12,8 +12,8 @@
 Every arm logs the loss with ``self.log`` to a ``CSVLogger``; validation and checkpointing are off, so the only
 difference between arms is the monitor. Wall time and process CPU time are recorded (other processes on a shared
 machine inflate wall time at random; CPU time counts only this process), and the monitor adds up the time spent in
-its hooks, split into the one-off probe (at the first step) and the rest: ``1 + own time / rest of the fit`` is
-the least noisy estimate of the ratio. The script prints; it asserts nothing.
+its hooks in process CPU time, split into the one-off probe (at the first step) and the rest: ``1 + own CPU time /
+CPU time of the rest of the fit`` is the least noisy estimate of the ratio. The script prints; it asserts nothing.
 
 ``--models digits deep`` runs the small models of ``_overhead.py`` (the packaged digits job, 12 Conv-BN-ReLU
 blocks) with that harness instead.
@@ -42,18 +42,36 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bnsgd._compat import LightningModule, Trainer, loggers
 from lightning_bnsgd.callbacks.dynamics_monitor import WeightDynamicsMonitor
 
-HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
+class TimedMonitor(WeightDynamicsMonitor):
+    """``WeightDynamicsMonitor`` that adds up the wall time (``seconds``) and the process CPU time (``cpu_seconds``)
+    of its hooks, and of its one-off probe (``probe_seconds``, ``probe_cpu_seconds``). CPU time counts only this
+    process, so other processes on a shared machine barely move it."""
 
-class TimedMonitor(_overhead.timed_hooks(WeightDynamicsMonitor, HOOKS)):  # type: ignore[misc]
-    """``WeightDynamicsMonitor`` that adds up the wall time of its hooks (``seconds``) and of its probe."""
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        super().__init__(log_every_n_steps=log_every_n_steps)
+        self.seconds = self.cpu_seconds = self.probe_seconds = self.probe_cpu_seconds = 0.0
 
-    probe_seconds = 0.0
+    def _timed(self, hook: Any, *args: Any) -> None:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        hook(*args)
+        self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - start_cpu
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_start, *args)
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self._timed(super().on_before_optimizer_step, *args)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_end, *args)
 
     def _detect(self, pl_module: Any) -> None:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         super()._detect(pl_module)
         self.probe_seconds += time.perf_counter() - start
+        self.probe_cpu_seconds += time.process_time() - start_cpu
 
 
 class BasicBlock(nn.Module):
@@ -163,9 +181,9 @@ def fit_once(arm: str, args: argparse.Namespace) -> dict[str, float]:
         start, start_cpu = time.perf_counter(), time.process_time()
         trainer.fit(model)
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    own = monitor.seconds if monitor else 0.0
-    probe = monitor.probe_seconds if monitor else 0.0
-    return {"wall": wall, "cpu": cpu, "own": own, "probe": probe}
+    if monitor is None:
+        return {"wall": wall, "cpu": cpu, "own": 0.0, "probe": 0.0}
+    return {"wall": wall, "cpu": cpu, "own": monitor.cpu_seconds, "probe": monitor.probe_cpu_seconds}
 
 
 def bench_resnet18(args: argparse.Namespace) -> None:
@@ -184,18 +202,17 @@ def bench_resnet18(args: argparse.Namespace) -> None:
             med = statistics.median(times)
             listed = ", ".join(f"{t:.2f}" for t in times)
             print(f"  {label:>4} {arm:>8}: median {med:8.3f} s  ratio to off {med / off:6.3f}  runs [{listed}]")
-    step_ms = statistics.median(run["wall"] for run in runs["off"]) / args.steps * 1e3
-    print(f"  one training step without the monitor: {step_ms:.0f} ms")
+    step = statistics.median(run["cpu"] for run in runs["off"]) / args.steps
+    print(f"  CPU time of one training step without the monitor: {step * 1e3:.0f} ms")
     for arm in names[1:]:
-        own = statistics.median(run["own"] / (run["wall"] - run["own"]) for run in runs[arm])
+        own = statistics.median(run["own"] / (run["cpu"] - run["own"]) for run in runs[arm])
         probe = statistics.median(run["probe"] for run in runs[arm])
         rest = statistics.median(run["own"] - run["probe"] for run in runs[arm])
-        interval = ARMS[arm] or 50
-        logged = args.steps // interval
-        per_step = f", {rest / logged * 1e3:.0f} ms per logged step ({logged})" if logged else ""
+        logged = args.steps // (ARMS[arm] or 50)
+        per_step = f", {rest / logged * 1e3:.0f} ms per logged step ({logged}: {rest / logged / step:.3f} steps)"
         print(
-            f"  inside the monitor, {arm:>8}: ratio {1 + own:6.4f} (1 + own time / rest of fit); probe "
-            f"{probe * 1e3:.0f} ms, the rest {rest * 1e3:.0f} ms{per_step}"
+            f"  CPU time inside the monitor, {arm:>8}: ratio {1 + own:6.4f} (1 + own time / rest of the fit); "
+            f"probe {probe * 1e3:.0f} ms ({probe / step:.2f} steps){per_step if logged else ''}"
         )
 
 
