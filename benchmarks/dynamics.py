@@ -209,7 +209,8 @@ def bench_resnet18(args: argparse.Namespace) -> None:
         probe = statistics.median(run["probe"] for run in runs[arm])
         rest = statistics.median(run["own"] - run["probe"] for run in runs[arm])
         logged = args.steps // (ARMS[arm] or 50)
-        per_step = f", {rest / logged * 1e3:.0f} ms per logged step ({logged}: {rest / logged / step:.3f} steps)"
+        each = rest / max(logged, 1)
+        per_step = f", {each * 1e3:.0f} ms per logged step ({logged}: {each / step:.3f} steps)"
         print(
             f"  CPU time inside the monitor, {arm:>8}: ratio {1 + own:6.4f} (1 + own time / rest of the fit); "
             f"probe {probe * 1e3:.0f} ms ({probe / step:.2f} steps){per_step if logged else ''}"
