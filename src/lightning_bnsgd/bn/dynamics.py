@@ -326,16 +326,18 @@ def _as_tensor(value: object) -> Tensor:
 
 
 def _channel_sums(weight: Tensor, grad: Tensor | None) -> Tensor:
-    """Per output channel (slice along dimension 0): ``<grad, w>``, ``||w||^2`` and ``||grad||^2`` in float64, a
-    ``(3, C)`` tensor (a 0-d parameter counts as one channel; no gradient counts as a zero one).
+    """Per output channel (slice along dimension 0): ``<grad, w>``, ``||w||^2`` and ``||grad||^2``, a ``(3, C)``
+    float64 tensor (a 0-d parameter counts as one channel; no gradient counts as a zero one).
 
-    Products in the parameter's dtype, sums in float64, no float64 copy of the weight: the rounding (about 1e-7 of
-    ``||w|| ||grad||``) stays far below the tolerance (``rtol`` times a random direction's cosine, about
-    ``1e-2 / sqrt(entries per channel)``). The per-tensor sums are sums of these."""
-    w = weight.detach().reshape(weight.shape[0] if weight.dim() else 1, -1)
-    g = torch.zeros_like(w) if grad is None else grad.detach().reshape(w.shape).to(w.dtype)
-    f64 = torch.float64
-    return torch.stack([(w * g).sum(1, dtype=f64), w.square().sum(1, dtype=f64), g.square().sum(1, dtype=f64)])
+    Dot products in the parameter's precision (float32 for half-precision parameters), which torch sums pairwise:
+    their rounding (about ``1e-6 ||w|| ||grad||``) stays far below the tolerance (``rtol`` times a random
+    direction's cosine, about ``1e-2 / sqrt(entries per channel)``), at a fraction of the cost of float64 copies.
+    The per-tensor sums are sums of these."""
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    w = weight.detach().reshape(weight.shape[0] if weight.dim() else 1, -1).to(dtype)
+    g = torch.zeros_like(w) if grad is None else grad.detach().reshape(w.shape).to(dtype)
+    dot = torch.linalg.vecdot
+    return torch.stack([dot(w, g), dot(w, w), dot(g, g)]).double()
 
 
 def _channel_cosines(sums: list[Tensor]) -> Tensor:
