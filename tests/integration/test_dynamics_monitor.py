@@ -3,6 +3,7 @@ batches (two optimizers, gradient accumulation), warnings, state, no effect on t
 
 from __future__ import annotations
 
+import csv
 import warnings
 from typing import Any
 
@@ -14,7 +15,7 @@ from tests.user_project.project import MemoryLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnsgd._compat import Callback, LightningModule, loggers
+from lightning_bnsgd._compat import Callback, LightningModule, loggers, logging_step
 from lightning_bnsgd.bn.dynamics import angular_update, equilibrium_angular_update
 from lightning_bnsgd.callbacks.dynamics_monitor import WeightDynamicsMonitor
 from lightning_bnsgd.cli import cli_main, packaged_config
@@ -83,7 +84,7 @@ class Truth(Callback):
         after = {n: _vector(modules[n]) for n in self.names}
         self.rows.append(
             {
-                "step": trainer.global_step,
+                "step": logging_step(trainer),
                 "angle": {n: float(angular_update(self.before[n], after[n])) for n in self.names},
                 "norm": {n: float(after[n].norm()) for n in self.names},
                 "grad": self.grads,
@@ -111,7 +112,7 @@ def test_logged_values_match_an_independent_computation(make_trainer):
     assert list(monitor.report.rejected) == ["net.10"]
     assert monitor.layer_names == ["net.0", "net.4", "net.10"]
     logged = logger.logged("dynamics/")
-    assert [s for s, _ in logged] == [3, 6, 9, 12, 15]  # every 3rd of 16 batches
+    assert [s for s, _ in logged] == [2, 5, 8, 11, 14]  # every 3rd of 16 batches, at self.log's step
     by_step = {r["step"]: r for r in truth.rows}
     for step, metrics in logged:
         row = by_step[step]
@@ -136,6 +137,27 @@ def test_default_interval_is_the_trainers_and_csv_logger_gets_it(make_trainer, t
     text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "dynamics/net.4/angular_update" in text.splitlines()[0]
     assert monitor.state_dict()["batches"] == 8
+
+
+class LoggingTiny(Tiny):
+    """``Tiny`` that logs its loss with ``self.log``, as users' modules do."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_metrics_share_the_step_of_the_modules_own_self_log_metrics(make_trainer, tmp_path):
+    trainer = make_trainer(
+        max_epochs=2, log_every_n_steps=3, logger=loggers.CSVLogger(tmp_path), callbacks=[WeightDynamicsMonitor()]
+    )
+    trainer.fit(LoggingTiny())
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    own = [int(r["step"]) for r in rows if r["train_loss"]]
+    dynamics = [int(r["step"]) for r in rows if r["dynamics/net.4/angular_update"]]
+    assert own == [2, 5, 8, 11, 14]  # Lightning logs batches 3, 6, ... at the count of batches stepped before them
+    assert dynamics == own
 
 
 class TwoOptimizers(Tiny):
@@ -168,7 +190,7 @@ def test_interval_counts_training_batches_with_two_optimizers(make_trainer):
     trainer = make_trainer(max_epochs=1, logger=logger, callbacks=[WeightDynamicsMonitor(log_every_n_steps=3)])
     trainer.fit(TwoOptimizers())
     logged = logger.logged("dynamics/")
-    assert [s for s, _ in logged] == [6, 12]  # batches 3 and 6 of 8; global_step is twice the batch count
+    assert [s for s, _ in logged] == [2, 5]  # batches 3 and 6 of 8 (global_step is twice the batch count)
     metrics = logged[0][1]
     assert metrics["dynamics/net.0/angular_update_eq"] == pytest.approx(equilibrium_angular_update(0.1, 5e-4, 0.9))
     assert metrics["dynamics/net.4/angular_update_eq"] == pytest.approx(equilibrium_angular_update(0.05, 1e-3, 0.5))
@@ -179,8 +201,9 @@ def test_with_gradient_accumulation_the_next_stepping_batch_is_monitored(make_tr
     monitor = WeightDynamicsMonitor(log_every_n_steps=3)
     trainer = make_trainer(max_epochs=1, logger=logger, accumulate_grad_batches=2, callbacks=[monitor])
     trainer.fit(Tiny())
-    # batches 3 and 6 are due; batch 3 does not step, so batch 4 (optimizer step 2) is monitored, then batch 6 (3)
-    assert [s for s, _ in logger.logged("dynamics/")] == [2, 3]
+    # batches 3 and 6 are due; batch 3 does not step, so batch 4 (optimizer step 2) is monitored, then batch 6 (3),
+    # at the step of their self.log metrics: the number of batches that stepped before them
+    assert [s for s, _ in logger.logged("dynamics/")] == [1, 2]
     assert all(m["dynamics/net.4/angular_update"] > 0 for _, m in logger.logged("dynamics/"))
 
 
@@ -280,9 +303,75 @@ def test_resumed_run_keeps_the_batch_count(make_trainer, tmp_path):
     trainer.save_checkpoint(ckpt)
     logger2, monitor2 = MemoryLogger(), WeightDynamicsMonitor(log_every_n_steps=3)
     make_trainer(max_epochs=2, logger=logger2, callbacks=[monitor2]).fit(Tiny(), ckpt_path=str(ckpt))
-    # batches 9, 12 and 15 of the whole run (global steps 9, 12, 15), as without the interruption
-    assert [s for s, _ in logger2.logged("dynamics/")] == [9, 12, 15]
+    # batches 9, 12 and 15 of the whole run (logged at steps 8, 11, 14), as without the interruption
+    assert [s for s, _ in logger2.logged("dynamics/")] == [8, 11, 14]
     assert monitor2.state_dict()["batches"] == 16
+
+
+def test_two_monitors_of_different_layers_are_checkpointed_and_restored_each_as_its_own(make_trainer, tmp_path):
+    def monitors() -> list[WeightDynamicsMonitor]:
+        return [WeightDynamicsMonitor(log_every_n_steps=3, include=name) for name in INVARIANT]
+
+    first = monitors()
+    logger = MemoryLogger()
+    trainer = make_trainer(max_epochs=1, logger=logger, callbacks=list(first), enable_checkpointing=True)
+    trainer.fit(Tiny(weight_decay=0.0))  # without weight decay each monitor records its layer's first norm
+    assert [m.report.names for m in first if m.report] == [["net.0"], ["net.4"]]
+    assert {k.split("/")[1] for _, m in logger.logged("dynamics/") for k in m} == {"net.0", "net.4"}
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert states[first[0].state_key]["first_inv_norm2"].keys() == {"net.0"}
+    assert states[first[1].state_key]["first_inv_norm2"].keys() == {"net.4"}
+    again = monitors()
+    make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=list(again)).fit(Tiny(weight_decay=0.0), ckpt_path=ckpt)
+    for old, new in zip(first, again, strict=True):  # max_epochs=1 reached: restored, nothing trained
+        assert new.state_dict() == old.state_dict()
+
+
+def test_a_checkpoint_with_the_state_under_the_old_key_still_loads(make_trainer, tmp_path):
+    monitor = WeightDynamicsMonitor(log_every_n_steps=3)
+    trainer = make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=[monitor], enable_checkpointing=True)
+    trainer.fit(Tiny())
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if str(k).startswith("WeightDynamicsMonitor")]
+    checkpoint["callbacks"]["WeightDynamicsMonitor"] = checkpoint["callbacks"].pop(key)  # as 0.x versions saved it
+    torch.save(checkpoint, ckpt)
+    logger2, monitor2 = MemoryLogger(), WeightDynamicsMonitor(log_every_n_steps=3)
+    make_trainer(max_epochs=2, logger=logger2, callbacks=[monitor2]).fit(Tiny(), ckpt_path=str(ckpt))
+    assert [s for s, _ in logger2.logged("dynamics/")] == [8, 11, 14]  # the batch count was restored
+    assert monitor2.state_dict()["batches"] == 16
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        ({"batches": -100}, ValueError, r"`batches` must be an integer >= 0, got -100"),
+        ({"batches": "7"}, TypeError, r"`batches` must be an integer >= 0, got '7'"),
+        ({"streaks": {"net.0": -7}}, ValueError, r"`streaks\['net.0'\]` must be an integer >= 0, got -7"),
+        ({"streaks": [1, 2]}, TypeError, r"`streaks` must be a dict from layer names to numbers, got \[1, 2\]"),
+        ({"first_inv_norm2": {"net.0": -1.0}}, ValueError, r"`first_inv_norm2\['net.0'\]` must be a finite number"),
+        ({"first_inv_norm2": {"net.0": "x"}}, TypeError, r"`first_inv_norm2\['net.0'\]` must be a finite number"),
+        ({"warned": [["net.0"]]}, ValueError, r"`warned` must be a list of \[layer name, kind\] pairs"),
+        ([1, 2], TypeError, r"the state must be a dict, got list"),
+    ],
+)
+def test_a_corrupted_state_names_the_monitor_and_the_key(state, error, match):
+    monitor = WeightDynamicsMonitor()
+    before = monitor.state_dict()
+    with pytest.raises(error, match=r"WeightDynamicsMonitor \(checkpoint state .*\): " + match):
+        monitor.load_state_dict(state)
+    assert monitor.state_dict() == before  # nothing half-loaded
+
+
+def test_a_foreign_state_warns_about_the_keys_it_ignores():
+    monitor = WeightDynamicsMonitor()
+    match = r"WeightDynamicsMonitor .*ignoring key\(s\) this monitor does not save: best_model_path, monitor"
+    with pytest.warns(UserWarning, match=match):
+        monitor.load_state_dict({"monitor": "val_loss", "best_model_path": "x.ckpt", "batches": 3})
+    assert monitor.state_dict()["batches"] == 3
 
 
 def test_packaged_digits_config_with_the_monitor(tmp_path):

@@ -208,7 +208,7 @@ def test_the_probe_costs_the_same_few_forwards_whatever_the_depth(depth):
     net.register_forward_hook(lambda *args: calls.append(1))
     report = find_scale_invariant(net, _probe())
     assert len(report.groups) == depth
-    assert len(calls) == 4  # reference, gradient screen, joint scaling, joint random perturbation
+    assert len(calls) == 3  # the gradient screen (its outputs are the reference), joint scaling, joint perturbation
 
 
 def test_per_layer_scaling_gives_the_same_answer_as_the_gradient_screen(monkeypatch):
@@ -223,3 +223,17 @@ def test_per_layer_scaling_gives_the_same_answer_as_the_gradient_screen(monkeypa
             (g.name, g.params, g.granularity) for g in b.groups
         ]
         assert list(a.rejected) == list(b.rejected)
+
+
+def test_sync_batch_norm_uses_this_processs_statistics_in_the_probe(monkeypatch):
+    """The dynamics monitor probes on rank zero only: a SyncBatchNorm collective there would wait for the other ranks
+    forever. Inside a (simulated) 2-process group, SyncBatchNorm's own forward would all-reduce (and refuses CPU
+    inputs); the probe must not call it, and must leave the layer as it was."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.SyncBatchNorm(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="SyncBatchNorm"):  # what a collective forward would do here
+        net(_probe())
+    report = find_scale_invariant(net, _probe())
+    assert report.names == ["0"]
+    assert "forward" not in vars(net[1])

@@ -18,7 +18,9 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import types
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +37,7 @@ ProbeMode = Literal["train", "as_is"]
 #: A random perturbation changing the output less than this (relative) means the output ignores the weight.
 _NO_EFFECT = 1e-6
 Granularity = Literal["channel", "tensor"]
+_GRANULARITIES: tuple[Granularity, ...] = ("channel", "tensor")
 _MODES = ("train", "as_is")
 
 
@@ -65,11 +68,24 @@ def angular_update(before: Tensor, after: Tensor) -> Tensor:
         >>> float(angular_update(torch.tensor([3.0, 4.0]), torch.tensor([6.0, 8.0])))
         0.0
     """
-    u = before.detach().flatten().double()
-    v = after.detach().flatten().double()
-    u = u / torch.linalg.vector_norm(u)
-    v = v / torch.linalg.vector_norm(v)
-    return 2 * torch.atan2(torch.linalg.vector_norm(u - v), torch.linalg.vector_norm(u + v))
+    return _norm_and_angle(before, after)[1]
+
+
+def _norm_and_angle(before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
+    """``(||after||, angular_update(before, after))`` as 0-d float64 tensors on the inputs' device, in three float64
+    temporaries of the weight's size (the unit vectors and their sum), computed in place.
+
+    Examples:
+        >>> [round(float(t), 6) for t in _norm_and_angle(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 3.0]))]
+        [4.242641, 0.785398]
+    """
+    u = before.detach().flatten().to(torch.float64, copy=True)
+    v = after.detach().flatten().to(torch.float64, copy=True)
+    norm = torch.linalg.vector_norm(v)
+    u.div_(torch.linalg.vector_norm(u))
+    v.div_(norm)
+    plus = torch.linalg.vector_norm(u + v)
+    return norm, 2 * torch.atan2(torch.linalg.vector_norm(u.sub_(v)), plus)
 
 
 def equilibrium_angular_update(
@@ -309,70 +325,86 @@ def _as_tensor(value: object) -> Tensor:
     return value
 
 
-def _euler_cosines(members: list[tuple[str, Tensor]], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per output channel and whole tensor: ``<grad, w> / (||grad|| ||w||)`` times the square root of the vector's size
-    (the cosine relative to a random direction's), zero exactly for scale invariance.
+def _channel_sums(weight: Tensor, grad: Tensor | None) -> Tensor:
+    """Per output channel (slice along dimension 0): ``<grad, w>``, ``||w||^2`` and ``||grad||^2``, a ``(3, C)``
+    float64 tensor (a 0-d parameter counts as one channel; no gradient counts as a zero one).
+
+    Dot products in the parameter's precision (float32 for half-precision parameters), which torch sums pairwise:
+    their rounding (about ``1e-6 ||w|| ||grad||``) stays far below the tolerance (``rtol`` times a random
+    direction's cosine, about ``1e-2 / sqrt(entries per channel)``), at a fraction of the cost of float64 copies.
+    The per-tensor sums are sums of these."""
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    w = weight.detach().reshape(weight.shape[0] if weight.dim() else 1, -1).to(dtype)
+    g = torch.zeros_like(w) if grad is None else grad.detach().reshape(w.shape).to(dtype)
+    dot = torch.linalg.vecdot
+    return torch.stack([dot(w, g), dot(w, w), dot(g, g)]).double()
+
+
+def _channel_cosines(sums: list[Tensor]) -> Tensor:
+    """Per output channel: ``|<grad, w>| / (||grad|| ||w||)`` over the members' `_channel_sums` together.
 
     Euler's identity: ``d/dc f(c w) = <grad f(w), w>`` at ``c = 1``, so a scale-invariant ``w`` has a gradient
     orthogonal to it, for every function of the output.
     """
-    ws = [p.detach().double().reshape(p.shape[0], -1) for _, p in members]
-    gs = [g.detach().double().reshape(g.shape[0], -1) for g in grads]
-    size = sum(w.numel() for w in ws)
-    # In units of a random direction's cosine (about 1 / sqrt(size)), so large and small layers compare alike.
-    whole_dot = torch.stack([(w * g).sum() for w, g in zip(ws, gs, strict=True)]).sum()
-    whole_norms = torch.stack([w.square().sum() for w in ws]).sum() * torch.stack([g.square().sum() for g in gs]).sum()
-    whole = whole_dot.abs() / whole_norms.sqrt().clamp_min(1e-300) * math.sqrt(size)
-    if any(w.shape[0] != ws[0].shape[0] for w in ws):
-        return torch.full((1,), math.inf, dtype=torch.float64), whole
-    dots = torch.stack([(w * g).sum(1) for w, g in zip(ws, gs, strict=True)]).sum(0)
-    w_sq = torch.stack([w.square().sum(1) for w in ws]).sum(0)
-    g_sq = torch.stack([g.square().sum(1) for g in gs]).sum(0)
-    per_channel = dots.abs() / (w_sq * g_sq).sqrt().clamp_min(1e-300) * math.sqrt(size / ws[0].shape[0])
-    return per_channel, whole
+    if any(t.shape[1] != sums[0].shape[1] for t in sums):
+        return torch.full((1,), math.inf, dtype=torch.float64, device=sums[0].device)
+    dots, w_sq, g_sq = torch.stack(sums).sum(0)
+    return dots.abs() / (w_sq * g_sq).sqrt().clamp_min(1e-300)
 
 
 def _screen(
     probe: _Probe, candidates: list[tuple[str, nn.Module]], rtol: float, gen: torch.Generator
-) -> tuple[list[ScaleInvariantGroup], dict[str, str]]:
+) -> tuple[list[ScaleInvariantGroup], dict[str, str], list[Tensor]]:
     """One forward and backward of a random projection of the output: every candidate's gradient, then Euler's
-    identity per channel and per tensor, for the weight alone and for weight and bias together."""
+    identity per channel and per tensor, for the weight alone and for weight and bias together. Also returns the
+    forward's outputs (detached): the reference outputs of the probe."""
     outputs = probe(grad=True)
     projection = torch.stack([(out * torch.randn(out.shape, generator=gen).to(out)).sum() for out in outputs]).sum()
     params = [p for _, m in candidates for _, p in _members(m)]
     grads = torch.autograd.grad(projection, params, allow_unused=True) if params else ()
     by_param = dict(zip(map(id, params), grads, strict=True))
-    groups: list[ScaleInvariantGroup] = []
-    rejected: dict[str, str] = {}
+    reference = [out.detach() for out in outputs]
+    # Every number on the device first, then one transfer to the host for all layers.
+    values: list[Tensor] = []
+    layout: list[tuple[str, int, list[tuple[list[tuple[str, Tensor]], Granularity, int]]]] = []
     for name, module in candidates:
         members = _members(module)
-        found = _screen_layer(name, members, [by_param[id(p)] for _, p in members], rtol)
-        (groups.append(found) if isinstance(found, ScaleInvariantGroup) else rejected.__setitem__(name, found))
-    return groups, rejected
-
-
-def _screen_layer(
-    name: str, members: list[tuple[str, Tensor]], grads: list[Tensor | None], rtol: float
-) -> ScaleInvariantGroup | str:
-    if grads[0] is None or not bool(grads[0].abs().sum() > 0):
-        return "the output does not depend on this weight (not used by the probe forward)"
-    prefix = f"{name}." if name else ""
-    worst = math.inf
-    for granularity in ("channel", "tensor"):
-        for count in (1, 2)[: len(members)]:
-            part = members[:count]
-            part_grads = [g if g is not None else torch.zeros_like(p) for g, (_, p) in zip(grads, part, strict=False)]
-            if granularity == "channel" and any(p.shape[0] != part[0][1].shape[0] for _, p in part):
-                continue
-            per_channel, whole = _euler_cosines(part, part_grads)
-            value = float(per_channel.max()) if granularity == "channel" else float(whole)
-            if value <= rtol:
-                return ScaleInvariantGroup(name, tuple(prefix + n for n, _ in part), granularity, value)
-            worst = min(worst, float(whole))
-    return (
-        "the output changes with the weight's scale: its gradient is not orthogonal to it (cosine "
-        f"{worst:.2g}x a random direction's)"
-    )
+        sums = [_channel_sums(p, by_param[id(p)]) for _, p in members]
+        sizes = [p.numel() for _, p in members]
+        used = by_param[id(members[0][1])] is not None
+        layout.append((name, len(values), []))
+        values.append(sums[0][2].sum() if used else torch.zeros((), dtype=torch.float64, device=sums[0].device))
+        for granularity in _GRANULARITIES:
+            for count in (1, 2)[: len(members)]:
+                part, size = sums[:count], sum(sizes[:count])
+                if granularity == "channel":
+                    if any(t.shape[1] != part[0].shape[1] for t in part):
+                        continue
+                    value = _channel_cosines(part).max() * math.sqrt(size / part[0].shape[1])
+                else:
+                    dot, w_sq, g_sq = torch.stack([t.sum(1) for t in part]).sum(0)
+                    value = dot.abs() / (w_sq * g_sq).sqrt().clamp_min(1e-300) * math.sqrt(size)
+                layout[-1][2].append((members[:count], granularity, len(values)))
+                values.append(value)
+    host = torch.stack(values).cpu().tolist() if values else []
+    groups: list[ScaleInvariantGroup] = []
+    rejected: dict[str, str] = {}
+    for name, used_at, options in layout:
+        if not host[used_at] > 0:
+            rejected[name] = "the output does not depend on this weight (not used by the probe forward)"
+            continue
+        prefix = f"{name}." if name else ""
+        passed = [(chosen, granularity, host[at]) for chosen, granularity, at in options if host[at] <= rtol]
+        if passed:  # the first option that passes, in the order channel/tensor, weight alone/with its bias
+            chosen, granularity, value = passed[0]
+            groups.append(ScaleInvariantGroup(name, tuple(prefix + n for n, _ in chosen), granularity, value))
+        else:
+            worst = min((host[at] for _, granularity, at in options if granularity == "tensor"), default=math.inf)
+            rejected[name] = (
+                "the output changes with the weight's scale: its gradient is not orthogonal to it (cosine "
+                f"{worst:.2g}x a random direction's)"
+            )
+    return groups, rejected, reference
 
 
 def _confirm(
@@ -400,6 +432,21 @@ def _confirm(
     return probe.change(reference, scales) <= rtol * probe.change(reference, noise)
 
 
+@contextmanager
+def _local_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Inside, every ``SyncBatchNorm`` layer normalizes with this process's batch statistics (``_BatchNorm``'s own
+    forward): the probe runs on one process, where a collective would wait for the other ranks forever. Scale
+    invariance is the same under either statistics."""
+    patched = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    for module in patched:
+        module.forward = types.MethodType(_BatchNorm.forward, module)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def _set_train(model: nn.Module, mode: ProbeMode) -> dict[nn.Module, bool]:
     flags = {m: m.training for m in model.modules()}
     if mode == "train":
@@ -420,15 +467,18 @@ def find_scale_invariant(
 ) -> ScaleInvarianceReport:
     """Find the weights whose scale the model's output does not depend on, by trying it on a probe batch.
 
-    Four forwards, whatever the number of layers. (1) The reference outputs. (2) A screen: one forward and backward
-    of a random projection of the outputs gives every candidate's gradient; a scale-invariant weight has a gradient
-    orthogonal to it (Euler's identity, ``d/dc f(c w) = <grad, w>``), per output channel (slice along dimension 0)
-    or only for the whole tensor, the weight alone or with its bias (a bias before a BatchNorm that follows a ReLU
-    is invariant only with its weight); a weight without gradient is not used. (3, 4) The numerical check: every
+    Three forwards and one backward, whatever the number of layers. (1) A screen: one forward (its outputs are the
+    reference) and the backward of a random projection of the outputs give every candidate's gradient; a
+    scale-invariant weight has a gradient orthogonal to it (Euler's identity, ``d/dc f(c w) = <grad, w>``), per
+    output channel (slice along dimension 0) or only for the whole tensor, the weight alone or with its bias (a bias
+    before a BatchNorm that follows a ReLU is invariant only with its weight); a weight without gradient is not
+    used. (2, 3) The numerical check: every
     screened group is scaled at once (by a random factor in [0.5, 2] per channel, or by ``factor``) and the change
     of the outputs is compared with the change a random perturbation of the same weights causes. Should that
     check fail, each layer is tested on its own by scaling (a few forwards per layer). Parameters, BatchNorm
     buffers, training flags and the global RNG state are restored; dropout draws the same masks in every forward.
+    ``SyncBatchNorm`` layers use this process's batch statistics (no collective: other processes need not take
+    part).
 
     Args:
         model: the network.
@@ -468,19 +518,19 @@ def find_scale_invariant(
     flags = _set_train(model, mode)
     report = ScaleInvarianceReport(factor=float(factor), rtol=float(rtol))
     try:
-        probe = _Probe(model, batch, forward, seed)
-        reference = probe()
-        gen = torch.Generator().manual_seed(seed)
-        groups, rejected = _screen(probe, candidates, float(rtol), gen)
-        if _confirm(probe, reference, groups, model, float(factor), float(rtol), gen):
-            report.groups, report.rejected = groups, rejected
-        else:  # the screen let a layer through that scaling exposes: test each layer on its own
-            for name, module in candidates:
-                found = _check_layer(probe, reference, name, module, float(factor), float(rtol), gen)
-                if isinstance(found, ScaleInvariantGroup):
-                    report.groups.append(found)
-                else:
-                    report.rejected[name] = found
+        with _local_batch_norm(model):
+            probe = _Probe(model, batch, forward, seed)
+            gen = torch.Generator().manual_seed(seed)
+            groups, rejected, reference = _screen(probe, candidates, float(rtol), gen)
+            if _confirm(probe, reference, groups, model, float(factor), float(rtol), gen):
+                report.groups, report.rejected = groups, rejected
+            else:  # the screen let a layer through that scaling exposes: test each layer on its own
+                for name, module in candidates:
+                    found = _check_layer(probe, reference, name, module, float(factor), float(rtol), gen)
+                    if isinstance(found, ScaleInvariantGroup):
+                        report.groups.append(found)
+                    else:
+                        report.rejected[name] = found
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():

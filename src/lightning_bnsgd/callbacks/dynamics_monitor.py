@@ -15,12 +15,12 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, LightningModule, Trainer
+from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step
 from lightning_bnsgd._validation import check_bool, check_int, check_number
 from lightning_bnsgd.bn.dynamics import (
     ScaleInvarianceReport,
     ScaleInvariantGroup,
-    angular_update,
+    _norm_and_angle,
     effective_lr,
     find_scale_invariant,
     sgd_group_equilibrium,
@@ -42,6 +42,10 @@ INVARIANT_STATS: tuple[str, ...] = (
 #: Per layer with a weight (every conv/linear layer, in forward order): ``dynamics/<layer name>/grad_norm``.
 LAYER_STATS: tuple[str, ...] = ("grad_norm",)
 _HYPER = ("lr", "weight_decay", "momentum", "nesterov", "dampening", "betas")
+#: The keys of `WeightDynamicsMonitor.state_dict`.
+_STATE_KEYS = ("warned", "batches", "streaks", "first_inv_norm2")
+#: The checkpoint key of the monitor's state before it had a `state_key` of its own (the class name).
+_LEGACY_KEY = _OWNER
 
 
 @dataclass
@@ -69,13 +73,20 @@ def _first_samples(inputs: Any, limit: int) -> Any:
 
 
 class _InputRecorder:
-    """Forward hooks that keep the first inputs of some modules and the order in which layers are first called."""
+    """Forward hooks that keep the first inputs of some modules and the order in which layers are first called.
+
+    A root's inputs are kept only from a call that runs the ``forward`` the root had when recording started, the
+    one a replay calls. Lightning's forward redirection under ``ddp``, ``ddp_spawn``, FSDP and DeepSpeed calls the
+    LightningModule with ``training_step``'s arguments ``(batch, batch_idx)`` while its ``forward`` is swapped for
+    ``training_step`` (so the wrapper's gradient hooks see the step): those are not inputs ``forward`` takes.
+    """
 
     def __init__(self, roots: dict[str, nn.Module], layers: Iterable[tuple[str, nn.Module]], limit: int) -> None:
         self.limit = limit
         self.inputs: dict[str, tuple[Any, Any]] = {}
         self.order: list[str] = []
         self.handles: list[RemovableHandle] = []
+        self.forwards = {name: module.forward for name, module in roots.items()}
         for name, module in roots.items():
             self.handles.append(module.register_forward_pre_hook(self._root_hook(name), with_kwargs=True))
         for name, module in layers:
@@ -83,7 +94,7 @@ class _InputRecorder:
 
     def _root_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name not in self.inputs:
+            if name not in self.inputs and module.forward == self.forwards[name]:
                 self.inputs[name] = _first_samples((args, kwargs), self.limit)
 
         return hook
@@ -166,6 +177,8 @@ class WeightDynamicsMonitor(Callback):
         >>> monitor = WeightDynamicsMonitor(log_every_n_steps=10, include="net.features.*")
         >>> monitor.log_every_n_steps, monitor.max_angular_update
         (10, 0.2)
+        >>> WeightDynamicsMonitor(include="backbone.*").state_key  # two monitors of different layers can coexist
+        "WeightDynamicsMonitor{'include': 'backbone.*', 'exclude': None}"
         >>> WeightDynamicsMonitor(max_norm_growth=0.5)
         Traceback (most recent call last):
         ...
@@ -353,9 +366,9 @@ class WeightDynamicsMonitor(Callback):
         parts: list[Tensor] = []
         with torch.no_grad():
             for g in tracked:
-                after = torch.cat([p.detach().flatten() for p in g.params]).double()
+                after = g.params[0] if len(g.params) == 1 else torch.cat([p.detach().flatten() for p in g.params])
                 assert g.before is not None
-                parts += [torch.linalg.vector_norm(after), angular_update(g.before, after)]
+                parts += _norm_and_angle(g.before, after)
             parts += [t for _, t in grads]
         if not parts:
             return
@@ -368,7 +381,7 @@ class WeightDynamicsMonitor(Callback):
             metrics[f"dynamics/{name}/grad_norm"] = value
         if self.log_grad_flow and len(grad_values) > 1 and grad_values[-1] > 0:
             metrics["dynamics/summary/grad_norm_ratio"] = grad_values[0] / grad_values[-1]
-        step = int(trainer.global_step)
+        step = logging_step(trainer)  # the step of the module's own self.log metrics for this batch
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -432,6 +445,21 @@ class WeightDynamicsMonitor(Callback):
         self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer).")
 
     # ------------------------------------------------------------------ checkpointing
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this monitor's state in a checkpoint: the class name and the layers it watches, so that two
+        monitors of different layers (``include="backbone.*"``, ``include="head.*"``) in one Trainer are
+        checkpointed and restored each as its own."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and _LEGACY_KEY in states:  # written before the monitor had a state_key
+            rank_zero_info(f"{_OWNER}: restoring the state saved under the checkpoint's key {_LEGACY_KEY!r}.")
+            self.load_state_dict(states[_LEGACY_KEY])
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -443,10 +471,40 @@ class WeightDynamicsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = WarnOnce.load(state_dict.get("warned", []))
-        self._batches = int(state_dict.get("batches", 0))
-        self._streaks = {str(k): int(v) for k, v in state_dict.get("streaks", {}).items()}
-        self._first_inv_norm2 = {str(k): float(v) for k, v in state_dict.get("first_inv_norm2", {}).items()}
+        """Restore the state of `state_dict`; keys it lacks (older checkpoints) get their defaults.
+
+        Raises:
+            TypeError, ValueError: a state that is not this monitor's (a wrong type, a negative counter, a norm that
+                is not a finite positive number), naming the key and the value.
+        """
+        where = f"{_OWNER} (checkpoint state {self.state_key!r})"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{where}: the state must be a dict, got {type(state_dict).__name__}.")
+        unknown = sorted(set(map(str, state_dict)) - set(_STATE_KEYS))
+        if unknown:
+            rank_zero_warn(f"{where}: ignoring key(s) this monitor does not save: {', '.join(unknown)}.")
+        try:
+            warned = WarnOnce.load(state_dict.get("warned", []))
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{where}: `warned` must be a list of [layer name, kind] pairs, got {state_dict['warned']!r}."
+            ) from err
+        batches = check_int("batches", state_dict.get("batches", 0), minimum=0, owner=where)
+        streaks = _name_map(state_dict.get("streaks", {}), "streaks", where)
+        first = _name_map(state_dict.get("first_inv_norm2", {}), "first_inv_norm2", where)
+        streaks = {name: check_int(f"streaks[{name!r}]", v, minimum=0, owner=where) for name, v in streaks.items()}
+        first = {
+            name: check_number(f"first_inv_norm2[{name!r}]", v, 0.0, min_open=True, owner=where)
+            for name, v in first.items()
+        }
+        self._warned, self._batches, self._streaks, self._first_inv_norm2 = warned, batches, streaks, first
+
+
+def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
+    """A checkpointed ``{layer name: value}`` dict, checked for its shape (the values are checked by the caller)."""
+    if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+        raise TypeError(f"{where}: `{key}` must be a dict from layer names to numbers, got {value!r}.")
+    return value
 
 
 def _weight(module: nn.Module) -> Tensor:
