@@ -308,11 +308,7 @@ class WeightDynamicsMonitor(Callback):
         self.layer_names = [n for n in order if n in keep and n in modules]
         invariant = {g.name for g in self._groups}
         self._layers = [(n, _weight(modules[n])) for n in self.layer_names if self.log_grad_flow or n in invariant]
-        found = ", ".join(self.report.names) or "none"
-        rank_zero_info(
-            f"{_OWNER}: scale-invariant layers: {found}; {len(self.report.rejected)} other layer(s) "
-            "(`WeightDynamicsMonitor.report` says why)."
-        )
+        rank_zero_info(_startup_line(self.report.names, list(self.report.rejected), self.log_grad_flow))
         if not self._groups:
             rank_zero_warn(
                 f"{_OWNER}: found no scale-invariant weight (no conv/linear weight whose output a BatchNorm in "
@@ -505,6 +501,27 @@ def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
         raise TypeError(f"{where}: `{key}` must be a dict from layer names to numbers, got {value!r}.")
     return value
+
+
+def _startup_line(invariant: list[str], others: list[str], grad_flow: bool) -> str:
+    """The line the monitor prints once it knows which layers are scale-invariant.
+
+    Examples:
+        >>> for part in _startup_line(["features.0.conv", "features.1.conv"], ["head"], True).split(". "):
+        ...     print(part)
+        WeightDynamicsMonitor: scale-invariant (a BatchNorm normalizes their output): features.0.conv, features.1.conv: weight norm, effective LR and rotation logged
+        Not scale-invariant (normal for a layer whose output no BatchNorm normalizes, such as the head): head: gradient norm logged.
+    """  # noqa: E501
+    line = f"{_OWNER}: scale-invariant (a BatchNorm normalizes their output): {', '.join(invariant) or 'none'}"
+    if invariant:
+        line += ": weight norm, effective LR and rotation logged"
+    if others:
+        logged = "gradient norm logged" if grad_flow else "not logged (log_grad_flow=False)"
+        line += (
+            ". Not scale-invariant (normal for a layer whose output no BatchNorm normalizes, such as the head): "
+            f"{', '.join(others)}: {logged}"
+        )
+    return line + "."
 
 
 def _weight(module: nn.Module) -> Tensor:
