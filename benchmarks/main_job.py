@@ -2,7 +2,7 @@
 time with the machine idle and under load.
 
 The job (`python -m lightning_bnsgd`, the packaged digits config) is run once per (seed, threads, load) cell, one
-cell after the other, in a fresh process each, with ``OMP_NUM_THREADS`` set to the thread count. "Loaded" runs start
+cell after the other, in a fresh process each, with ``--torch_threads`` (and ``OMP_NUM_THREADS``) set to the thread count. "Loaded" runs start
 ``--load`` busy processes (pure Python loops, one per core by default) beside the job, which is what a shared CI
 machine or a laptop doing something else looks like. The script prints one row per run and a summary: accuracy
 mean, min and max per thread count (the spread the docs quote), and the median wall time per (threads, load). It
@@ -41,6 +41,7 @@ def run_job(seed: int, threads: int, root: Path) -> tuple[float, float]:
         "-m",
         "lightning_bnsgd",
         f"--seed_everything={seed}",
+        f"--torch_threads={threads}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false",
         f"--trainer.default_root_dir={out}",
