@@ -2,11 +2,11 @@
 time with the machine idle and under load.
 
 The job (`python -m lightning_bnsgd`, the packaged digits config) is run once per (seed, threads, load) cell, one
-cell after the other, in a fresh process each, with ``--torch_threads`` (and ``OMP_NUM_THREADS``) set to the thread count. "Loaded" runs start
-``--load`` busy processes (pure Python loops, one per core by default) beside the job, which is what a shared CI
-machine or a laptop doing something else looks like. The script prints one row per run and a summary: accuracy
-mean, min and max per thread count (the spread the docs quote), and the median wall time per (threads, load). It
-asserts nothing; times are of this machine only.
+cell after the other, in a fresh process each, with ``--torch_threads`` (and ``OMP_NUM_THREADS``) set to the thread
+count. "Loaded" runs start ``--load`` busy processes (pure Python loops, one per core by default) beside the job,
+which is what a shared CI machine or a laptop doing something else looks like. The script prints one row per run
+and a summary: accuracy mean, min and max per thread count (the spread the docs quote), and the median wall time
+per (threads, load). It asserts nothing; times are of this machine only.
 
     python benchmarks/main_job.py                      # seeds 0..2, threads 1 and 2, idle and loaded
     python benchmarks/main_job.py --seeds 5 --threads 1 2 4 --load 0

@@ -70,8 +70,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_bnsgd._compat import LightningCLI
 from lightning_bnsgd.__main__ import main_job_args
+from lightning_bnsgd._compat import LightningCLI
 from lightning_bnsgd.cli import BNSGDCLI, cli_main, packaged_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
