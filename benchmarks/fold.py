@@ -1,6 +1,7 @@
 """Eval inference time of models with BatchNorm folded away (`fold_batchnorm`) over the unfolded model, next to what
 torch's fx ``fuse`` (``torch.fx.experimental.optimization.fuse``: conv directly followed by BatchNorm only) gets on
-the same models, measured side by side in one run, with the largest output difference of each.
+the same models, measured side by side in one run, with the largest output difference of each. ``no BN`` is the
+model with its BatchNorm layers replaced by identity (not equivalent): the floor a fold can reach.
 
 Models: ``BNConvNet()`` at 28x28 (post-activation BatchNorm: only forward folds apply), the packaged 8x8 model
 (``padding="same"``), and ResNet-18 with torchvision's layout (torchvision's own when it imports, else the same
@@ -93,6 +94,16 @@ def trained_like(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm layer replaced by identity: not equivalent, the time floor a fold can reach."""
+    bare = copy.deepcopy(model).eval()
+    for module in list(bare.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, child_name, nn.Identity())
+    return bare
+
+
 def fx_fuse(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
@@ -128,7 +139,10 @@ def main() -> None:
         "ResNet-18 (torchvision layout) 64x64": (trained_like(resnet18()), (3, 64, 64), 2),
     }
     print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, {args.repeats} interleaved repeats")
-    print(f"{'model':38s} {'folded BN':>10s} {'folded/unfolded':>16s} {'fx fuse/unfolded':>17s} {'max diff':>18s}")
+    print(
+        f"{'model':38s} {'folded BN':>10s} {'folded/unfolded':>16s} {'fx fuse/unfolded':>17s} "
+        f"{'no BN/unfolded':>15s} {'max diff fold / fuse':>21s}"
+    )
     for name, (model, shape, inner) in models.items():
         x = torch.randn(args.batch, *shape)
         folded, report = fold_batchnorm(model, x)
@@ -136,18 +150,20 @@ def main() -> None:
         reference = model(x)
         diff_fold = float((folded(x) - reference).abs().max())
         diff_fuse = float((fused(x) - reference).abs().max())
+        bare = without_batchnorm(model)
         arms = {
             "unfolded": lambda m=model, x=x: m(x),
             "folded": lambda m=folded, x=x: m(x),
             "fx fuse": lambda m=fused, x=x: m(x),
+            "no BN": lambda m=bare, x=x: m(x),
         }
         for arm in arms.values():  # warm-up
             arm()
         ratios = median_ratios(arms, args.repeats, inner)
         count = f"{len(report.folded)}/{len(report.decisions)}"
         print(
-            f"{name:38s} {count:>10s} {ratios['folded']:16.3f} {ratios['fx fuse']:17.3f} "
-            f"{diff_fold:8.1e} / {diff_fuse:7.1e}"
+            f"{name:38s} {count:>10s} {ratios['folded']:16.3f} {ratios['fx fuse']:17.3f} {ratios['no BN']:15.3f} "
+            f"{diff_fold:11.1e} / {diff_fuse:7.1e}"
         )
 
 
