@@ -1,6 +1,6 @@
 """Overhead of ``WeightDynamicsMonitor``: fit time with the monitor divided by fit time without it, in one process.
 
-``resnet18`` (the default) is a ResNet-18 in torchvision's layout, built here (``BasicBlock``, ``[2, 2, 2, 2]``,
+``resnet18`` (the default) is a ResNet-18 in torchvision's layout, from `_models.py` (``BasicBlock``, ``[2, 2, 2, 2]``,
 64 to 512 channels, 7x7 stem and max pooling, 1000 classes; torchvision's own is used when it imports), fit with
 ``SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)`` on random ``3 x S x S`` images (``--image-size``, default 64),
 ``--batch-size`` 32. Its arms, timed interleaved (the order rotates every repeat), summarized by the median:
@@ -36,6 +36,7 @@ from typing import Any
 import _overhead
 import torch
 import torch.nn.functional as F
+from _models import resnet18
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -72,61 +73,6 @@ class TimedMonitor(WeightDynamicsMonitor):
         super()._detect(pl_module)
         self.probe_seconds += time.perf_counter() - start
         self.probe_cpu_seconds += time.process_time() - start_cpu
-
-
-class BasicBlock(nn.Module):
-    """torchvision's ``BasicBlock``: conv-bn-relu-conv-bn plus the shortcut (``downsample`` when the shape changes)."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class ResNet18(nn.Module):
-    """torchvision's ``resnet18`` layout: 7x7 stem, max pooling, four stages of two basic blocks, ``fc``."""
-
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        stages, inplanes = [], 64
-        for i, planes in enumerate((64, 128, 256, 512)):
-            stages.append(nn.Sequential(BasicBlock(inplanes, planes, 1 if i == 0 else 2), BasicBlock(planes, planes)))
-            inplanes = planes
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def resnet18() -> tuple[nn.Module, str]:
-    """torchvision's ``resnet18`` where torchvision loads, else the same layout built here."""
-    try:
-        from torchvision.models import resnet18 as torchvision_resnet18
-
-        return torchvision_resnet18(), "torchvision.models.resnet18"
-    except Exception:  # not installed, or its ops fail to register against this torch
-        return ResNet18(), "ResNet18 built in benchmarks/dynamics.py (torchvision's layout)"
 
 
 class Classifier(LightningModule):

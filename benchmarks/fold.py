@@ -21,65 +21,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from _models import resnet18
 from torch import nn
 
 from lightning_bnsgd.bn.fold import fold_batchnorm
 from lightning_bnsgd.models.cnn import BNConvNet
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-def resnet18(num_classes: int = 1000) -> nn.Module:
-    """torchvision's ResNet-18 when torchvision imports, else the same layers (names and order) built here."""
-    try:
-        from torchvision.models import resnet18 as tv_resnet18
-
-        return tv_resnet18(num_classes=num_classes)
-    except Exception:  # torchvision missing, or its operators do not load against this torch build
-        pass
-    net = nn.Module()
-    net.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    net.bn1 = nn.BatchNorm2d(64)
-    net.relu = nn.ReLU(inplace=True)
-    net.maxpool = nn.MaxPool2d(3, 2, 1)
-    cin = 64
-    for i, (cout, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], start=1):
-        setattr(net, f"layer{i}", nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)))
-        cin = cout
-    net.avgpool = nn.AdaptiveAvgPool2d(1)
-    net.fc = nn.Linear(512, num_classes)
-    return _Wrapped(net)
-
-
-class _Wrapped(nn.Module):
-    """A plain module around the hand-built ResNet (its forward is a method, so torch.fx traces it)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        for i in range(1, 5):
-            x = getattr(n, f"layer{i}")(x)
-        return n.fc(torch.flatten(n.avgpool(x), 1))
 
 
 def trained_like(model: nn.Module) -> nn.Module:
@@ -136,7 +82,7 @@ def main() -> None:
     models = {
         "BNConvNet() 28x28": (trained_like(BNConvNet()), (1, 28, 28), 20),
         "packaged 8x8 (padding same)": (trained_like(BNConvNet(input_size=8, padding="same")), (1, 8, 8), 50),
-        "ResNet-18 (torchvision layout) 64x64": (trained_like(resnet18()), (3, 64, 64), 2),
+        "ResNet-18 (torchvision layout) 64x64": (trained_like(resnet18()[0]), (3, 64, 64), 2),
     }
     print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, {args.repeats} interleaved repeats")
     print(
