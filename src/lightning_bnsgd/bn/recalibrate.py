@@ -43,6 +43,8 @@ MODES = ("train", "sequential")
 DROPOUT_MODES = ("eval", "train")
 NONFINITE_ACTIONS = ("raise", "skip")
 _EPS = 1e-5
+#: `RecalibrationReport.skipped`'s reason for a BatchNorm layer in eval mode in a model in train mode.
+_FROZEN = "eval mode (frozen)"
 #: Mode "sequential" with layers called several times per forward: a round of passes that moves no layer's
 #: statistics by more than this (`statistics_shift`, per channel) ends the rounds.
 _SETTLED = 1e-5
@@ -212,15 +214,37 @@ def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple
                 "its weights)."
             )
         elif not layer.training and not whole:
-            report.skipped[name] = "eval mode (frozen)"
+            report.skipped[name] = _FROZEN
         else:
             targets.append((name, layer))
     return targets
 
 
+def all_frozen(model: nn.Module) -> list[str]:
+    """The names of the BatchNorm layers ``recalibrate_bn`` would leave alone as frozen when they are the only ones
+    it could recalibrate (it then refuses the call); empty when some layer would be recalibrated, or when the model
+    has no BatchNorm layer that tracks running statistics.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> all_frozen(net)
+        []
+        >>> _ = net[1].eval()  # frozen, in a model in train mode
+        >>> all_frozen(net)
+        ['1']
+    """
+    report = RecalibrationReport(mode="train")
+    try:
+        if _select_targets(model, report):
+            return []
+    except ValueError:  # a layer recalibrate_bn refuses: it says so itself
+        return []
+    return [name for name, reason in report.skipped.items() if reason == _FROZEN]
+
+
 def _nothing_to_do(report: RecalibrationReport) -> None:
     """Warn when the model has no layer that could ever be recalibrated; raise when all of them are frozen."""
-    frozen = [name for name, reason in report.skipped.items() if reason == "eval mode (frozen)"]
+    frozen = [name for name, reason in report.skipped.items() if reason == _FROZEN]
     if frozen:
         raise ValueError(
             f"recalibrate_bn: every BatchNorm layer of `model` that tracks running statistics is in eval mode in a "
@@ -644,6 +668,7 @@ __all__ = [
     "Mode",
     "NonFinite",
     "RecalibrationReport",
+    "all_frozen",
     "batch_size_of",
     "default_forward",
     "recalibrate_bn",
