@@ -160,7 +160,8 @@ class BNRecalibration(Callback):
     Batches come from a fresh iterator over the trainer's train dataloader (each process its own shard under
     DDP), or from ``dataloader``; they are moved with the LightningModule's (or DataModule's) batch-transfer
     hooks and run under the Trainer's precision context on the unwrapped LightningModule. BatchNorm layers
-    that were in eval mode during training (frozen) are left alone. The forward is, in this order of
+    that were in eval mode during training (frozen) are left alone; while every one is frozen, each recalibration is
+    skipped (one warning per fit) and it recalibrates again once one trains. The forward is, in this order of
     preference, ``forward_fn(module, batch)``, the module's ``bn_recalibration_step(batch)`` if it defines
     one, or ``module(batch[0])`` (``module(batch)`` for a tensor batch).
 
