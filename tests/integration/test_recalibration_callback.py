@@ -352,3 +352,34 @@ def test_a_later_batch_without_a_tensor_names_the_callbacks_argument(small_train
     # called directly, recalibrate_bn names its own way out: it has `num_batches`
     with pytest.raises(TypeError, match=r"^recalibrate_bn: a sample budget .* Pass `num_batches` instead"):
         recalibrate_bn(_model(), batches, num_samples=4096, forward_fn=forward)
+
+
+def test_every_batchnorm_frozen_skips_with_one_warning_until_one_is_unfrozen(small_trainer: Any) -> None:
+    class FrozenAtFirst(ConvNetClassifier):
+        """Fine-tunes with every BatchNorm frozen for two epochs, then unfreezes them (as BackboneFinetuning may)."""
+
+        def on_train_epoch_start(self) -> None:
+            frozen = self.current_epoch < 2
+            for module in self.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.train(not frozen)
+
+    model = FrozenAtFirst(input_size=8, padding="same", channels=(8, 8))
+    initial = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    dm, probe = _data(), _Probe()
+    recal = BNRecalibration(num_samples=None, at_train_end=False)
+    trainer = small_trainer([recal, probe], max_epochs=3, limit_train_batches=1.0)
+    with pytest.warns(UserWarning, match="BNRecalibration") as caught:
+        trainer.fit(model, datamodule=dm)
+    frozen = [w for w in caught if "frozen" in str(w.message) and "BNRecalibration" in str(w.message)]
+    assert len(frozen) == 1, [str(w.message) for w in caught]  # once per fit, not once per epoch
+    message = str(frozen[0].message)
+    assert "train mode" in message and "model.eval()" not in message
+    # epochs 0 and 1: skipped, validation saw the untouched buffers; epoch 2: recalibrated, exactly
+    assert recal.recalibrations == 1 and recal.last_run is not None and recal.last_run[0] == 2
+    for seen in probe.seen[:2]:
+        torch.testing.assert_close(seen[0], initial["net.features.0.norm.running_mean"], rtol=0, atol=0)
+        torch.testing.assert_close(seen[1], initial["net.features.0.norm.running_var"], rtol=0, atol=0)
+    mean, var = _exact_first_layer(model, dm)
+    torch.testing.assert_close(probe.seen[2][0].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probe.seen[2][1].double(), var, rtol=1e-5, atol=1e-6)

@@ -95,3 +95,22 @@ def test_a_meta_model_or_device_gets_a_clear_error() -> None:
         recalibrate_bn(_net(), [torch.randn(4, 3)], device="meta")
     with pytest.raises(ValueError, match=r"recalibrate_bn: `device` must be None, a torch.device .* got 'gpux'"):
         recalibrate_bn(_net(), [torch.randn(4, 3)], device="gpux")
+
+
+@pytest.mark.parametrize("mode", ["train", "sequential"])
+def test_an_error_merging_the_last_records_is_raised_and_changes_nothing(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the flush after a pass comes after the pass's last agreement; in one process its error is raised as it is
+    from lightning_bnsgd.bn.collector import StatsCollector
+
+    def broken_flush(self: StatsCollector) -> None:
+        raise RuntimeError("recalibrate_bn: a BatchNorm layer replaced its running_mean/running_var buffer")
+
+    net = _net()
+    momentum = net[1].momentum
+    monkeypatch.setattr(StatsCollector, "flush", broken_flush)
+    with pytest.raises(RuntimeError, match="replaced its running_mean/running_var buffer"):
+        recalibrate_bn(net, [torch.randn(8, 3), torch.randn(5, 3)], mode=mode)  # type: ignore[arg-type]
+    assert _unchanged(net)
+    assert net.training and net[1].training and net[1].momentum == momentum

@@ -31,7 +31,7 @@ from lightning_bnsgd._validation import check_callable, check_choice, check_int
 from lightning_bnsgd.bn.batches import ForwardFn, batch_size_of, default_forward, take_samples
 from lightning_bnsgd.bn.buffers import FlatBuffers
 from lightning_bnsgd.bn.collector import StatsCollector
-from lightning_bnsgd.bn.distributed import broadcast_from_zero, gather_ints, world_size
+from lightning_bnsgd.bn.distributed import agree_on_failure, broadcast_from_zero, gather_ints, world_size
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.moments import Moments, all_gather_moments, variance_from_moments
 from lightning_bnsgd.bn.passes import PassRunner, PassStats
@@ -43,6 +43,8 @@ MODES = ("train", "sequential")
 DROPOUT_MODES = ("eval", "train")
 NONFINITE_ACTIONS = ("raise", "skip")
 _EPS = 1e-5
+#: `RecalibrationReport.skipped`'s reason for a BatchNorm layer in eval mode in a model in train mode.
+_FROZEN = "eval mode (frozen)"
 #: Mode "sequential" with layers called several times per forward: a round of passes that moves no layer's
 #: statistics by more than this (`statistics_shift`, per channel) ends the rounds.
 _SETTLED = 1e-5
@@ -212,15 +214,37 @@ def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple
                 "its weights)."
             )
         elif not layer.training and not whole:
-            report.skipped[name] = "eval mode (frozen)"
+            report.skipped[name] = _FROZEN
         else:
             targets.append((name, layer))
     return targets
 
 
+def all_frozen(model: nn.Module) -> list[str]:
+    """The names of the BatchNorm layers ``recalibrate_bn`` would leave alone as frozen when they are the only ones
+    it could recalibrate (it then refuses the call); empty when some layer would be recalibrated, or when the model
+    has no BatchNorm layer that tracks running statistics.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> all_frozen(net)
+        []
+        >>> _ = net[1].eval()  # frozen, in a model in train mode
+        >>> all_frozen(net)
+        ['1']
+    """
+    report = RecalibrationReport(mode="train")
+    try:
+        if _select_targets(model, report):
+            return []
+    except ValueError:  # a layer recalibrate_bn refuses: it says so itself
+        return []
+    return [name for name, reason in report.skipped.items() if reason == _FROZEN]
+
+
 def _nothing_to_do(report: RecalibrationReport) -> None:
     """Warn when the model has no layer that could ever be recalibrated; raise when all of them are frozen."""
-    frozen = [name for name, reason in report.skipped.items() if reason == "eval mode (frozen)"]
+    frozen = [name for name, reason in report.skipped.items() if reason == _FROZEN]
     if frozen:
         raise ValueError(
             f"recalibrate_bn: every BatchNorm layer of `model` that tracks running statistics is in eval mode in a "
@@ -274,12 +298,28 @@ def _set_attribute(module: nn.Module, name: str, value: object) -> None:
     object.__setattr__(module, name, value)
 
 
-def _check_nonfinite(collector: StatsCollector, nonfinite: str, pass_start: int) -> int:
-    """Count forwards with NaN/Inf statistics over all processes; raise on every process if ``"raise"``."""
-    bad = collector.bad_forwards()
-    count = int(bad.numel())
-    first = int(bad[0]) - pass_start if count else -1
-    total = sum(row[0] for row in gather_ints([count]))
+def _flushed(collector: StatsCollector) -> Exception | None:
+    """Merge the pass's last records (`StatsCollector.flush`); the error it raised, if any, for `_check_nonfinite`
+    to raise on every process (it comes after the pass's last agreement: the others are on their way there)."""
+    try:
+        collector.flush()
+    except Exception as err:
+        return err
+    return None
+
+
+def _check_nonfinite(collector: StatsCollector, nonfinite: str, pass_start: int, error: Exception | None) -> int:
+    """Count forwards with NaN/Inf statistics over all processes; raise on every process if ``"raise"``.
+
+    ``error``: what this process's last flush of the pass raised (or ``None``). Every process takes this step, after
+    every pass that reached a layer, failed or not: if one failed, every process raises here (`agree_on_failure`).
+    """
+    count, first = 0, -1
+    if error is None:
+        bad = collector.bad_forwards()
+        count = int(bad.numel())
+        first = int(bad[0]) - pass_start if count else -1
+    total = sum(row[0] for row in agree_on_failure([count], error, "recalibrate_bn"))
     if total and nonfinite == "raise":
         where = f"batch {first} on this process" if count else "another process"
         raise ValueError(
@@ -311,9 +351,9 @@ def _train_mode(run: _Run, collector: StatsCollector) -> _Outcome:
     for layer in collector.layers:
         layer.training = True
     stats = run.runner(collector, learn=True).run()
-    collector.flush()
+    error = _flushed(collector)
     collector.close()
-    bad = _check_nonfinite(collector, run.nonfinite, 0)
+    bad = _check_nonfinite(collector, run.nonfinite, 0, error)
     indices = list(range(len(collector.layers)))
     return _Outcome(_finalize(collector, indices), stats, 1, bad, indices)
 
@@ -381,12 +421,14 @@ def _layer_pass(
     collector.open_layer_pass(estimated, target)
     start = collector.forward_index
     stats = run.runner(collector, learn=False).run()
-    collector.flush()
+    error = _flushed(collector)
     tally.first, tally.passes = tally.first or stats, tally.passes + 1
-    index = collector.close_layer_pass()
+    index = collector.close_layer_pass()  # which layer the forwards reached: the flush does not change it
     if index is None:
+        if error is not None:  # no layer reached: nothing was recorded, so the flush had nothing to fail on
+            raise error
         return None
-    tally.bad = max(tally.bad, _check_nonfinite(collector, run.nonfinite, start))
+    tally.bad = max(tally.bad, _check_nonfinite(collector, run.nonfinite, start, error))
     collector.clear_bad()
     moments = _finalize(collector, [index])[0]
     count, mean, m2 = moments
@@ -644,6 +686,7 @@ __all__ = [
     "Mode",
     "NonFinite",
     "RecalibrationReport",
+    "all_frozen",
     "batch_size_of",
     "default_forward",
     "recalibrate_bn",

@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step, namespace_of
 from lightning_bnsgd._validation import check_bool, check_int, check_str
 from lightning_bnsgd.bn.batches import batch_size_of, default_forward
-from lightning_bnsgd.bn.distributed import agree_on_failure
+from lightning_bnsgd.bn.distributed import agree_on_failure, world_size
 from lightning_bnsgd.bn.passes import UncountableBatches
 from lightning_bnsgd.bn.recalibrate import (
     DropoutMode,
@@ -21,6 +21,7 @@ from lightning_bnsgd.bn.recalibrate import (
     Mode,
     NonFinite,
     RecalibrationReport,
+    all_frozen,
     recalibrate_bn,
     validate_recalibration_args,
 )
@@ -159,7 +160,8 @@ class BNRecalibration(Callback):
     Batches come from a fresh iterator over the trainer's train dataloader (each process its own shard under
     DDP), or from ``dataloader``; they are moved with the LightningModule's (or DataModule's) batch-transfer
     hooks and run under the Trainer's precision context on the unwrapped LightningModule. BatchNorm layers
-    that were in eval mode during training (frozen) are left alone. The forward is, in this order of
+    that were in eval mode during training (frozen) are left alone; while every one is frozen, each recalibration is
+    skipped (one warning per fit) and it recalibrates again once one trains. The forward is, in this order of
     preference, ``forward_fn(module, batch)``, the module's ``bn_recalibration_step(batch)`` if it defines
     one, or ``module(batch[0])`` (``module(batch)`` for a tensor batch).
 
@@ -258,6 +260,7 @@ class BNRecalibration(Callback):
         self._batch_checked = False
         self._calibrated_version: tuple[int, ...] | None = None
         self._quiet_outside_fit = False
+        self._warned_frozen = False
 
     @property
     @override
@@ -286,6 +289,7 @@ class BNRecalibration(Callback):
         self._quiet_outside_fit = True  # after a fit, its model carries the statistics this callback computed
         self._batch_checked = False
         self._calibrated_version = None
+        self._warned_frozen = False
         self._check_it_can_act(trainer)
         if self.dataloader is not None:
             self._agreed_source(trainer)  # its type and length, known now on every rank
@@ -407,13 +411,20 @@ class BNRecalibration(Callback):
 
         The random states it draws from (a DataLoader iterator draws shuffling and worker seeds) are restored
         afterwards, so the training run goes on exactly as it would have without it.
+
+        When every BatchNorm layer was in eval mode during training (frozen), there is nothing to recalibrate: it
+        does nothing (on every process alike) and returns a report that lists them as skipped, with one warning per
+        fit; it recalibrates again as soon as some layer trains (e.g. after ``BackboneFinetuning`` unfreezes it).
         """
-        loader = self._agreed_source(trainer)
-        limit = debug_batch_limit(trainer, from_trainer_loader=self.dataloader is None)
-        batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
         current = {module: module.training for module in pl_module.modules()}
-        self._apply_train_flags(pl_module)
         try:
+            self._apply_train_flags(pl_module)
+            frozen = all_frozen(pl_module)
+            loader, skip = self._agreed_source(trainer, frozen=bool(frozen))
+            if skip:
+                return self._skip_frozen(trainer, frozen)
+            limit = debug_batch_limit(trainer, from_trainer_loader=self.dataloader is None)
+            batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
             with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context(), own_forwards():
                 report = recalibrate_bn(
                     pl_module,
@@ -439,9 +450,29 @@ class BNRecalibration(Callback):
         self._log(trainer, report)
         return report
 
-    def _agreed_source(self, trainer: Trainer) -> Iterable[Any]:
+    def _skip_frozen(self, trainer: Trainer, frozen: list[str]) -> RecalibrationReport:
+        """Nothing to recalibrate, every BatchNorm layer being frozen: warn once per fit, change nothing."""
+        if not self._warned_frozen:
+            self._warned_frozen = True
+            rank_zero_warn(
+                f"{_OWNER}: every BatchNorm layer that tracks running statistics was in eval mode during training "
+                f"(frozen: {frozen}), and frozen layers are left alone by design, so there was nothing to "
+                f"recalibrate in epoch {trainer.current_epoch}: skipped, statistics unchanged. It skips "
+                "each recalibration while they stay frozen (this warning is shown once per fit) and recalibrates "
+                "again as soon as one trains. To have their statistics recalibrated, put those layers in train "
+                "mode during training (`layer.train()`, e.g. when you unfreeze them), or remove the callback."
+            )
+        return RecalibrationReport(
+            mode=self.mode, skipped=dict.fromkeys(frozen, "eval mode (frozen)"), world_size=world_size()
+        )
+
+    def _agreed_source(self, trainer: Trainer, frozen: bool = False) -> tuple[Iterable[Any], bool]:
         """The batches to recalibrate from, checked on every rank together: an error on one rank is raised on every
-        rank (naming it), and data that is empty on every rank is refused (one rank's empty shard is fine)."""
+        rank (naming it), and data that is empty on every rank is refused (one rank's empty shard is fine).
+
+        ``frozen``: every BatchNorm layer of this rank's model is frozen; the same agreement tells whether they are
+        on every rank (returned second: then every rank skips); ranks that disagree are an error on every rank.
+        """
         loader: Iterable[Any] = ()
         error, empty = None, False
         try:
@@ -455,11 +486,17 @@ class BNRecalibration(Callback):
             empty = length == 0
         except Exception as err:
             error = err
-        rows = agree_on_failure([int(empty)], error, _OWNER)
+        rows = agree_on_failure([int(empty), int(frozen)], error, _OWNER)
         if all(row[0] for row in rows):
             where = " on every rank" if len(rows) > 1 else ""
             raise ValueError(f"{_OWNER}: the dataloader is empty{where}; there is nothing to recalibrate from.")
-        return loader
+        frozen_on = [r for r, row in enumerate(rows) if row[1]]
+        if frozen_on and len(frozen_on) < len(rows):
+            raise ValueError(
+                f"{_OWNER}: every BatchNorm layer is frozen (in eval mode during training) on rank(s) {frozen_on} "
+                f"of {len(rows)} but not on the others; the ranks' models must have the same modes."
+            )
+        return loader, bool(frozen_on)
 
     def _source(self, trainer: Trainer) -> Iterable[Any]:
         if self.dataloader is None:
