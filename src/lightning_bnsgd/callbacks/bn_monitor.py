@@ -160,9 +160,9 @@ class BNStatsMonitor(Callback):
     for themselves (``WeightDynamicsMonitor``'s probe) are not recorded.
 
     Several monitors can share a Trainer, each with its own ``log_prefix`` (two with the same one are an error at
-    ``setup``: their summaries would overwrite each other): each is checkpointed under its own `state_key`. A
-    checkpointed state
-    that is not the monitor's own (wrong types, a negative count) is named in a warning and replaced by a fresh one.
+    ``setup``: their summaries would overwrite each other), each checkpointed under its own `state_key`. A
+    checkpointed state that is not the monitor's own (wrong types, a negative count) is named in a warning and
+    replaced by a fresh one.
 
     Each monitored step is also checked for anomalies: NaN/Inf in a buffer or affine parameter,
     ``running_var`` outside ``[min_running_var, max_running_var]``, a dead-channel fraction above
