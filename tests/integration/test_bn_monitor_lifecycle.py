@@ -3,6 +3,8 @@ by something else, resumed with ``Trainer.fit(ckpt_path=...)`` as a user does.""
 
 from __future__ import annotations
 
+import csv
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,12 +41,12 @@ def _fit(tmp_path: Path, callbacks: list[Any], ckpt_path: Path | None = None, **
 
 def _monitors() -> tuple[BNStatsMonitor, BNStatsMonitor]:
     return BNStatsMonitor(include=["net.bn1", "net.layer1.*"], log_every_n_steps=2), BNStatsMonitor(
-        include="net.layer2.*", log_every_n_steps=3
+        include="net.layer2.*", log_every_n_steps=3, log_prefix="bn_stage2"
     )
 
 
-def _steps(logger: MemoryLogger, layer: str) -> list[int]:
-    return [s for s, _ in logger.logged(f"bn/{layer}/")]
+def _steps(logger: MemoryLogger, layer: str, prefix: str = "bn") -> list[int]:
+    return [s for s, _ in logger.logged(f"{prefix}/{layer}/")]
 
 
 def test_two_monitors_in_one_trainer_are_each_checkpointed_and_restored(tmp_path: Path) -> None:
@@ -53,9 +55,9 @@ def test_two_monitors_in_one_trainer_are_each_checkpointed_and_restored(tmp_path
     trainer, messages = _fit(tmp_path / "a", [stem, stage2], logger=logger, max_steps=6)
     assert stem.state_key != stage2.state_key
     assert [m for m in messages if "was frozen" in m and "'net.bn1'" in m]  # the stem's monitor warned
-    assert len([m for m in messages if "2 monitors in one Trainer" in m]) == 1  # summary names are shared
-    assert _steps(logger, "net.bn1") == [1, 3, 5] and _steps(logger, "net.layer2.0.bn1") == [2, 5]
-    assert not any(k.startswith("bn/net.layer2") for _, m in logger.logged("bn/net.bn1/") for k in m)
+    assert _steps(logger, "net.bn1") == [1, 3, 5] and _steps(logger, "net.layer2.0.bn1", "bn_stage2") == [2, 5]
+    assert _steps(logger, "summary") == [1, 3, 5] and _steps(logger, "summary", "bn_stage2") == [2, 5]
+    assert not any(k.startswith(("bn/net.layer2", "bn_stage2/")) for _, m in logger.logged("bn/") for k in m)
     ckpt = tmp_path / "six.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)["callbacks"]
@@ -69,7 +71,74 @@ def test_two_monitors_in_one_trainer_are_each_checkpointed_and_restored(tmp_path
     assert stem2.state_dict()["warned"] == [["net.bn1", "frozen"]]
     assert stage2_2.state_dict()["warned"] == []
     assert _steps(resumed_logger, "net.bn1") == [7, 9, 11]
-    assert _steps(resumed_logger, "net.layer2.0.bn1") == [8, 11]
+    assert _steps(resumed_logger, "net.layer2.0.bn1", "bn_stage2") == [8, 11]
+
+
+def test_two_monitors_with_their_own_prefixes_log_their_own_summaries_at_the_same_step(tmp_path: Path) -> None:
+    """Two monitors of different layers at the same steps: each whole-model summary is its own monitor's (the worst of
+    its own layers), under its own names, at the same step; nothing is logged twice under one name at one step."""
+    stem = BNStatsMonitor(include=["net.bn1", "net.layer1.*"], log_every_n_steps=2, log_prefix="bn_stem")
+    stage2 = BNStatsMonitor(include="net.layer2.*", log_every_n_steps=2, log_prefix="bn_stage2")
+    logger = L.loggers.CSVLogger(tmp_path, name="csv")
+    _fit(tmp_path / "fit", [stem, stage2], logger=logger, max_steps=6)
+    by_step: dict[int, dict[str, float]] = {}  # each `log_metrics` call is one row of metrics.csv
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            step = by_step.setdefault(int(row.pop("step")), {})
+            for name, value in row.items():
+                if value:
+                    assert name not in step, f"{name} logged twice at one step"
+                    step[name] = float(value)
+    steps = {s: m for s, m in by_step.items() if any(name.startswith("bn_stem/") for name in m)}
+    assert sorted(steps) == [1, 3, 5]
+    for metrics in steps.values():
+        assert not any(name.startswith("bn/") for name in metrics)  # neither monitor uses the default names
+        for prefix, layers in (("bn_stem", STEM), ("bn_stage2", STAGE2)):
+            mine = {name.split("/")[1] for name in metrics if name.startswith(f"{prefix}/")}
+            assert mine == {*layers, "summary"}  # its own layers and its own summary
+            for stat in ("gap_mean_max", "gap_var_max"):
+                worst = max(metrics[f"{prefix}/{layer}/{stat}"] for layer in layers)
+                assert math.isclose(metrics[f"{prefix}/summary/{stat}"], worst, rel_tol=1e-6), (prefix, stat)
+
+
+def test_two_monitors_that_differ_only_by_prefix_are_each_checkpointed_and_restored(tmp_path: Path) -> None:
+    def monitors() -> list[BNStatsMonitor]:
+        return [BNStatsMonitor(log_every_n_steps=2), BNStatsMonitor(log_every_n_steps=2, log_prefix="bn_copy")]
+
+    first = monitors()
+    assert first[0].state_key != first[1].state_key  # Lightning refused one Trainer with both before
+    trainer, messages = _fit(tmp_path / "a", first, logger=MemoryLogger(), max_steps=6)
+    assert len([m for m in messages if "was frozen" in m]) == 2  # one warning per monitor
+    ckpt = tmp_path / "six.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert {k for k in saved if str(k).startswith("BNStatsMonitor")} == {m.state_key for m in first}
+
+    again, logger = monitors(), MemoryLogger()
+    _, messages = _fit(tmp_path / "b", again, ckpt, logger=logger, max_steps=10)
+    assert not [m for m in messages if "was frozen" in m]  # each remembered its warning, from its own state
+    assert [m.state_dict() for m in again] == [{**m.state_dict(), "batches_stepped": 10} for m in first]
+    assert _steps(logger, "summary") == _steps(logger, "summary", "bn_copy") == [7, 9]
+
+
+def test_two_monitors_with_the_same_prefix_are_an_error_at_setup(tmp_path: Path) -> None:
+    """Both would log their summary under ``bn/summary/...``: one value would overwrite the other."""
+    stem, stage2 = BNStatsMonitor(include="net.layer1.*"), BNStatsMonitor(include="net.layer2.*")
+    trainer = quiet_trainer(tmp_path, callbacks=[stem, stage2], max_steps=2)
+    with pytest.raises(
+        ValueError, match=r"BNStatsMonitor: two monitors in one Trainer have the same `log_prefix='bn'`"
+    ) as err:
+        trainer.fit(FrozenStemModel(), datamodule=UserDataModule())
+    assert stem.state_key in str(err.value) and stage2.state_key in str(err.value)  # both named
+    assert "log_prefix='bn_2'" in str(err.value)  # and what to do
+    assert trainer.global_step == 0  # before any training
+
+
+def test_log_prefix_is_checked_in_the_constructor() -> None:
+    with pytest.raises(ValueError, match=r"BNStatsMonitor: `log_prefix` must be a non-empty string, got ''"):
+        BNStatsMonitor(log_prefix="")
+    with pytest.raises(TypeError, match=r"BNStatsMonitor: `log_prefix` must be a non-empty string, got None"):
+        BNStatsMonitor(log_prefix=None)  # type: ignore[arg-type]
 
 
 def test_checkpoint_saved_under_the_old_key_still_loads(tmp_path: Path) -> None:

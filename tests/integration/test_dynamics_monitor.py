@@ -310,14 +310,18 @@ def test_resumed_run_keeps_the_batch_count(make_trainer, tmp_path):
 
 def test_two_monitors_of_different_layers_are_checkpointed_and_restored_each_as_its_own(make_trainer, tmp_path):
     def monitors() -> list[WeightDynamicsMonitor]:
-        return [WeightDynamicsMonitor(log_every_n_steps=3, include=name) for name in INVARIANT]
+        return [
+            WeightDynamicsMonitor(log_every_n_steps=3, include="net.0"),
+            WeightDynamicsMonitor(log_every_n_steps=3, include="net.4", log_prefix="dynamics_net4"),
+        ]
 
     first = monitors()
     logger = MemoryLogger()
     trainer = make_trainer(max_epochs=1, logger=logger, callbacks=list(first), enable_checkpointing=True)
     trainer.fit(Tiny(weight_decay=0.0))  # without weight decay each monitor records its layer's first norm
     assert [m.report.names for m in first if m.report] == [["net.0"], ["net.4"]]
-    assert {k.split("/")[1] for _, m in logger.logged("dynamics/") for k in m} == {"net.0", "net.4"}
+    names = {"/".join(k.split("/")[:2]) for _, m in logger.logged("dynamics") for k in m}
+    assert names == {"dynamics/net.0", "dynamics_net4/net.4"}
     ckpt = tmp_path / "two.ckpt"
     trainer.save_checkpoint(ckpt)
     states = torch.load(ckpt, weights_only=True)["callbacks"]
@@ -327,6 +331,80 @@ def test_two_monitors_of_different_layers_are_checkpointed_and_restored_each_as_
     make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=list(again)).fit(Tiny(weight_decay=0.0), ckpt_path=ckpt)
     for old, new in zip(first, again, strict=True):  # max_epochs=1 reached: restored, nothing trained
         assert new.state_dict() == old.state_dict()
+
+
+def _metrics_by_step(path: Any) -> dict[int, dict[str, float]]:
+    """``metrics.csv`` merged by step (each ``log_metrics`` call is a row); a name logged twice at one step fails."""
+    by_step: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = by_step.setdefault(int(row.pop("step")), {})
+            for name, value in row.items():
+                if value:
+                    assert name not in step, f"{name} logged twice at one step"
+                    step[name] = float(value)
+    return by_step
+
+
+def test_two_monitors_with_their_own_prefixes_log_their_own_summaries_at_the_same_step(make_trainer, tmp_path):
+    """Each monitor's ``grad_norm_ratio`` is its own first layer's over its own last layer's, under its own name,
+    at the same step as the other's; nothing is logged twice under one name at one step."""
+    front = WeightDynamicsMonitor(log_every_n_steps=3, include=["net.0", "net.4"], log_prefix="dyn_front")
+    back = WeightDynamicsMonitor(log_every_n_steps=3, include=["net.4", "net.10"], log_prefix="dyn_back")
+    trainer = make_trainer(max_epochs=1, logger=loggers.CSVLogger(tmp_path), callbacks=[front, back])
+    trainer.fit(Tiny())
+    by_step = _metrics_by_step(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")
+    steps = {s: m for s, m in by_step.items() if "dyn_front/summary/grad_norm_ratio" in m}
+    assert sorted(steps) == [2, 5]  # every 3rd of 8 batches
+    for metrics in steps.values():
+        assert not any(name.startswith("dynamics/") for name in metrics)  # neither uses the default names
+        assert {n.split("/")[1] for n in metrics if n.startswith("dyn_front/")} == {"net.0", "net.4", "summary"}
+        assert {n.split("/")[1] for n in metrics if n.startswith("dyn_back/")} == {"net.4", "net.10", "summary"}
+        front_ratio = metrics["dyn_front/net.0/grad_norm"] / metrics["dyn_front/net.4/grad_norm"]
+        back_ratio = metrics["dyn_back/net.4/grad_norm"] / metrics["dyn_back/net.10/grad_norm"]
+        assert metrics["dyn_front/summary/grad_norm_ratio"] == pytest.approx(front_ratio)
+        assert metrics["dyn_back/summary/grad_norm_ratio"] == pytest.approx(back_ratio)
+        assert metrics["dyn_front/net.4/grad_norm"] == metrics["dyn_back/net.4/grad_norm"]  # one layer, one step
+
+
+def test_two_monitors_that_differ_only_by_prefix_are_each_checkpointed_and_restored(make_trainer, tmp_path):
+    def monitors() -> list[WeightDynamicsMonitor]:
+        return [WeightDynamicsMonitor(log_every_n_steps=3), WeightDynamicsMonitor(log_every_n_steps=3, log_prefix="d2")]
+
+    first = monitors()
+    assert first[0].state_key != first[1].state_key  # Lightning refused one Trainer with both before
+    trainer = make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=list(first), enable_checkpointing=True)
+    trainer.fit(Tiny(weight_decay=0.0))
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert {k for k in states if str(k).startswith("WeightDynamicsMonitor")} == {m.state_key for m in first}
+    again, logger = monitors(), MemoryLogger()
+    make_trainer(max_epochs=2, logger=logger, callbacks=list(again)).fit(Tiny(weight_decay=0.0), ckpt_path=str(ckpt))
+    for prefix in ("dynamics/", "d2/"):  # batches 9, 12 and 15 of the whole run: each batch count was restored
+        assert [s for s, _ in logger.logged(prefix)] == [8, 11, 14]
+    for old, new in zip(first, again, strict=True):
+        assert new.state_dict()["first_inv_norm2"] == old.state_dict()["first_inv_norm2"]  # restored, not re-recorded
+        assert new.state_dict()["batches"] == 16
+
+
+def test_two_monitors_with_the_same_prefix_are_an_error_at_setup(make_trainer):
+    """Both would log their ``grad_norm_ratio`` under ``dynamics/summary/``: one value would overwrite the other."""
+    front, back = WeightDynamicsMonitor(include="net.0"), WeightDynamicsMonitor(include="net.4")
+    trainer = make_trainer(max_epochs=1, logger=MemoryLogger(), callbacks=[front, back])
+    match = r"WeightDynamicsMonitor: two monitors in one Trainer have the same `log_prefix='dynamics'`"
+    with pytest.raises(ValueError, match=match) as err:
+        trainer.fit(Tiny())
+    assert front.state_key in str(err.value) and back.state_key in str(err.value)  # both named
+    assert "log_prefix='dynamics_2'" in str(err.value)  # and what to do
+    assert trainer.global_step == 0  # before any training
+
+
+def test_log_prefix_is_checked_in_the_constructor():
+    with pytest.raises(ValueError, match=r"WeightDynamicsMonitor: `log_prefix` must be a non-empty string, got ''"):
+        WeightDynamicsMonitor(log_prefix="")
+    with pytest.raises(TypeError, match=r"WeightDynamicsMonitor: `log_prefix` must be a non-empty string, got 3"):
+        WeightDynamicsMonitor(log_prefix=3)  # type: ignore[arg-type]
 
 
 def test_a_checkpoint_with_the_state_under_the_old_key_still_loads(make_trainer, tmp_path):

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, logging_step, namespace_name, namespace_of
-from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, is_int
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, check_str, is_int
 from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max, is_distributed
 from lightning_bnsgd.bn.inspect import (
     ANOMALIES,
@@ -51,7 +51,7 @@ _eager_holders: set[int] = set()  # the monitors that run compiled code eagerly 
 _eager_stance: Any = None  # the "force_eager" stance set for them; closing it restores the one before
 _LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
 _ACTIONS = ("warn", "raise", "ignore")
-#: Every per-layer statistic ``BNStatsMonitor`` can log (``bn/<layer name>/<statistic>``).
+#: Every per-layer statistic ``BNStatsMonitor`` can log (``<log_prefix>/<layer name>/<statistic>``, ``bn/`` by default).
 STATS: tuple[str, ...] = (*BUFFER_STATS, *GAP_STATS, "samples_per_channel", *RANK_STATS)
 _HISTOGRAM_TENSORS = ("running_mean", "running_var", "weight")
 _ANOMALY_TEXT = {
@@ -138,7 +138,7 @@ def _check_stats(stats: Sequence[str] | None) -> tuple[str, ...]:
 class BNStatsMonitor(Callback):
     """Log BatchNorm health every ``log_every_n_steps`` training steps to every logger of the Trainer.
 
-    Per BatchNorm layer it logs ``bn/<layer name>/<statistic>`` for the statistics in `STATS`
+    Per BatchNorm layer it logs ``bn/<layer name>/<statistic>`` (``bn`` is `log_prefix`) for the statistics in `STATS`
     (running statistics, affine parameters, dead-channel fraction, effective gain, the gap between the current
     training batch's statistics and the running ones, samples per channel, and across DDP ranks the largest
     difference of the running statistics), plus a whole-model summary ``bn/summary/...``: the worst layer's
@@ -159,8 +159,10 @@ class BNStatsMonitor(Callback):
     layer and never enter a compiled graph; the other steps run compiled. Forwards that the plugin's callbacks run
     for themselves (``WeightDynamicsMonitor``'s probe) are not recorded.
 
-    Several monitors can share a Trainer: each is checkpointed under its own `state_key`. A checkpointed state
-    that is not the monitor's own (wrong types, a negative count) is named in a warning and replaced by a fresh one.
+    Several monitors can share a Trainer, each with its own ``log_prefix`` (two with the same one are an error at
+    ``setup``: their summaries would overwrite each other), each checkpointed under its own `state_key`. A
+    checkpointed state that is not the monitor's own (wrong types, a negative count) is named in a warning and
+    replaced by a fresh one.
 
     Each monitored step is also checked for anomalies: NaN/Inf in a buffer or affine parameter,
     ``running_var`` outside ``[min_running_var, max_running_var]``, a dead-channel fraction above
@@ -194,6 +196,8 @@ class BNStatsMonitor(Callback):
         log_histograms: also log histograms of ``running_mean``, ``running_var`` and ``weight`` per layer
             through the ``TensorBoardLogger`` (of either Lightning namespace); other loggers are skipped with
             one warning.
+        log_prefix: the first part of every logged name (``<log_prefix>/<layer name>/<statistic>``,
+            ``<log_prefix>/summary/...``, the histograms'): give each monitor of one Trainer its own.
 
     Raises:
         TypeError: for an argument of the wrong type.
@@ -226,6 +230,7 @@ class BNStatsMonitor(Callback):
         on_anomaly: AnomalyAction = "warn",
         min_samples_per_channel: int = 16,
         log_histograms: bool = False,
+        log_prefix: str = "bn",
     ) -> None:
         self.log_every_n_steps: int | None = check_int(
             "log_every_n_steps", log_every_n_steps, allow_none=True, owner=_OWNER
@@ -257,6 +262,7 @@ class BNStatsMonitor(Callback):
             "min_samples_per_channel", min_samples_per_channel, 0, owner=_OWNER
         )
         self.log_histograms: bool = check_bool("log_histograms", log_histograms, owner=_OWNER)
+        self.log_prefix: str = check_str("log_prefix", log_prefix, owner=_OWNER)
 
         self._interval = log_every_n_steps or 1
         self._layers: list[_Layer] = []
@@ -285,13 +291,7 @@ class BNStatsMonitor(Callback):
                 f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
                 f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
             )
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)]
-        if stage == "fit" and len(monitors) > 1 and monitors[0] is self:
-            rank_zero_warn(
-                f"{_OWNER}: {len(monitors)} monitors in one Trainer each log their own whole-model summary under "
-                "the same names `bn/summary/...`: at a step that more than one monitors, a logger gets one value "
-                "per monitor under each summary name. Their per-layer values (`bn/<layer>/...`) are unambiguous."
-            )
+        _check_prefixes([cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)])
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -613,11 +613,12 @@ class BNStatsMonitor(Callback):
             hist = hist[torch.isfinite(hist)]
             if hist.numel():
                 for logger in self._histogram_loggers:
-                    logger.experiment.add_histogram(f"bn/{layer}/{name}", hist.numpy(), global_step=step)
+                    logger.experiment.add_histogram(f"{self.log_prefix}/{layer}/{name}", hist.numpy(), global_step=step)
 
     def _metrics(self, values: StepValues) -> dict[str, float]:
-        """``bn/<layer>/<statistic>`` for the selected statistics each layer has, and the ``bn/summary/...`` values."""
-        selected = set(self.stats)
+        """``<log_prefix>/<layer>/<statistic>`` for the selected statistics each layer has, and the
+        ``<log_prefix>/summary/...`` values."""
+        selected, prefix = set(self.stats), self.log_prefix
         metrics: dict[str, float] = {}
         worst: dict[str, float] = {}
         nonfinite, dead, channels = 0.0, 0.0, 0
@@ -643,11 +644,11 @@ class BNStatsMonitor(Callback):
                     key.startswith(("weight_", "bias_", "dead_")) and not has_affine
                 )
                 if key in selected and not absent:
-                    metrics[f"bn/{layer.name}/{key}"] = value
-        metrics["bn/summary/nonfinite_count"] = nonfinite
+                    metrics[f"{prefix}/{layer.name}/{key}"] = value
+        metrics[f"{prefix}/summary/nonfinite_count"] = nonfinite
         if channels:
-            metrics["bn/summary/dead_frac"] = dead / channels
-        metrics.update({f"bn/summary/{key}": value for key, value in worst.items()})
+            metrics[f"{prefix}/summary/dead_frac"] = dead / channels
+        metrics.update({f"{prefix}/summary/{key}": value for key, value in worst.items()})
         return metrics
 
     def _warn_frozen_changes(self, changed: list[float], step: int) -> None:
@@ -703,14 +704,18 @@ class BNStatsMonitor(Callback):
     @override
     def state_key(self) -> str:
         """The key of this monitor's state in a checkpoint: the class name and the arguments that tell monitors of
-        one Trainer apart (which layers, how often), so several monitors are each saved and restored as their own.
+        one Trainer apart (which layers, how often, under which names), so several monitors are each saved and
+        restored as their own.
 
         Examples:
-            >>> BNStatsMonitor(include="backbone.*").state_key
-            "BNStatsMonitor{'include': 'backbone.*', 'exclude': None, 'log_every_n_steps': None}"
-        """
+            >>> BNStatsMonitor(include="backbone.*", log_prefix="bn_backbone").state_key
+            "BNStatsMonitor{'include': 'backbone.*', 'exclude': None, 'log_every_n_steps': None, 'log_prefix': 'bn_backbone'}"
+        """  # noqa: E501
         return self._generate_state_key(
-            include=self.include, exclude=self.exclude, log_every_n_steps=self.log_every_n_steps
+            include=self.include,
+            exclude=self.exclude,
+            log_every_n_steps=self.log_every_n_steps,
+            log_prefix=self.log_prefix,
         )
 
     @override
@@ -766,6 +771,22 @@ def _warn_bad_state(state_key: str, key: str | None, value: object, allowed: str
         f"{_OWNER}: the checkpoint's {what} of {state_key!r} must be {allowed}, got {value!r}; it is ignored: "
         f"{fallback}."
     )
+
+
+def _check_prefixes(monitors: list[BNStatsMonitor]) -> None:
+    """Two monitors of one Trainer with one `log_prefix` would log under the same names (the summary's at least): at a
+    step both monitor, one value would overwrite the other in the logger."""
+    for i, first in enumerate(monitors):
+        for second in monitors[i + 1 :]:
+            if first.log_prefix == second.log_prefix:
+                prefix = first.log_prefix
+                raise ValueError(
+                    f"{_OWNER}: two monitors in one Trainer have the same `log_prefix={prefix!r}`: "
+                    f"{first.state_key} and {second.state_key}. Both would log under `{prefix}/...` (the whole-model "
+                    f"summary `{prefix}/summary/...` at least), so at a step both monitor one value would overwrite "
+                    f"the other in the logger. Give each its own `log_prefix`, e.g. `{_OWNER}(..., "
+                    f"log_prefix={prefix + '_2'!r})` for the second."
+                )
 
 
 def _hold_eager(holder: object) -> None:

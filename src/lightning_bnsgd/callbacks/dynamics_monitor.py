@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step
-from lightning_bnsgd._validation import check_bool, check_int, check_number
+from lightning_bnsgd._validation import check_bool, check_int, check_number, check_str
 from lightning_bnsgd.bn.dynamics import (
     ScaleInvarianceReport,
     ScaleInvariantGroup,
@@ -31,7 +31,8 @@ from lightning_bnsgd.callbacks._own_forwards import own_forwards
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
 _OWNER = "WeightDynamicsMonitor"
-#: Per scale-invariant layer: ``dynamics/<layer name>/<statistic>`` (``angular_update_eq`` and ``_ratio``: SGD only).
+#: Per scale-invariant layer: ``<log_prefix>/<layer name>/<statistic>`` (``dynamics/`` by default; ``angular_update_eq``
+#: and ``_ratio``: SGD only).
 INVARIANT_STATS: tuple[str, ...] = (
     "weight_norm",
     "effective_lr",
@@ -124,7 +125,7 @@ class WeightDynamicsMonitor(Callback):
     inputs that batch fed to the model: a conv or linear weight, or weight and bias, whose scale the output does
     not depend on because a BatchNorm normalizes it) and records the order in which layers run. Then every
     ``log_every_n_steps`` training batches it reads, at that batch's optimizer step, per scale-invariant layer
-    (``dynamics/<layer name>/...``):
+    (``dynamics/<layer name>/...``; ``dynamics`` is `log_prefix`):
 
     * ``weight_norm``: ``||w||`` (weight and bias together when they are invariant together);
     * ``effective_lr``: ``lr / ||w||^2``, the LR that counts for a scale-invariant weight (van Laarhoven 2017;
@@ -169,6 +170,9 @@ class WeightDynamicsMonitor(Callback):
         max_norm_growth: without weight decay, warn when ``||w||^2`` grew more than this factor (> 1).
         patience: monitored steps in a row a layer must rotate above ``max_angular_update`` before the warning.
         warn_off_equilibrium: ``False`` disables the equilibrium warnings.
+        log_prefix: the first part of every logged name (``<log_prefix>/<layer name>/<statistic>``,
+            ``<log_prefix>/summary/grad_norm_ratio``): give each monitor of one Trainer its own (two with the same
+            one are an error at ``setup``: their summaries would overwrite each other).
 
     Raises:
         ValueError: for invalid arguments (TypeError for a wrong type).
@@ -177,8 +181,8 @@ class WeightDynamicsMonitor(Callback):
         >>> monitor = WeightDynamicsMonitor(log_every_n_steps=10, include="net.features.*")
         >>> monitor.log_every_n_steps, monitor.max_angular_update
         (10, 0.2)
-        >>> WeightDynamicsMonitor(include="backbone.*").state_key  # two monitors of different layers can coexist
-        "WeightDynamicsMonitor{'include': 'backbone.*', 'exclude': None}"
+        >>> WeightDynamicsMonitor(include="backbone.*", log_prefix="dynamics_backbone").state_key  # one of two
+        "WeightDynamicsMonitor{'include': 'backbone.*', 'exclude': None, 'log_prefix': 'dynamics_backbone'}"
         >>> WeightDynamicsMonitor(max_norm_growth=0.5)
         Traceback (most recent call last):
         ...
@@ -197,6 +201,7 @@ class WeightDynamicsMonitor(Callback):
         max_norm_growth: float = 10.0,
         patience: int = 5,
         warn_off_equilibrium: bool = True,
+        log_prefix: str = "dynamics",
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, allow_none=True, owner=_OWNER)
         self._include = compile_name_patterns(include, "include", owner=_OWNER)
@@ -210,6 +215,7 @@ class WeightDynamicsMonitor(Callback):
         check_int("patience", patience, owner=_OWNER)
         self.probe_samples = check_int("probe_samples", probe_samples, minimum=2, owner=_OWNER)
         check_bool("warn_off_equilibrium", warn_off_equilibrium, owner=_OWNER)
+        self.log_prefix = check_str("log_prefix", log_prefix, owner=_OWNER)
         self.log_every_n_steps = log_every_n_steps
         self.include = include
         self.exclude = exclude
@@ -235,6 +241,7 @@ class WeightDynamicsMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        _check_prefixes([cb for cb in trainer.callbacks if isinstance(cb, WeightDynamicsMonitor)])
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -374,26 +381,26 @@ class WeightDynamicsMonitor(Callback):
             metrics.update(self._group_metrics(g, host[2 * i], host[2 * i + 1]))
         grad_values = host[2 * len(tracked) :]
         for (name, _), value in zip(grads, grad_values, strict=True):
-            metrics[f"dynamics/{name}/grad_norm"] = value
+            metrics[f"{self.log_prefix}/{name}/grad_norm"] = value
         if self.log_grad_flow and len(grad_values) > 1 and grad_values[-1] > 0:
-            metrics["dynamics/summary/grad_norm_ratio"] = grad_values[0] / grad_values[-1]
+            metrics[f"{self.log_prefix}/summary/grad_norm_ratio"] = grad_values[0] / grad_values[-1]
         step = logging_step(trainer)  # the step of the module's own self.log metrics for this batch
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     def _group_metrics(self, g: _Group, norm: float, angle: float) -> dict[str, float]:
         assert g.hyper is not None
-        lr = float(g.hyper["lr"])
+        lr, prefix = float(g.hyper["lr"]), f"{self.log_prefix}/{g.name}"
         metrics = {
-            f"dynamics/{g.name}/weight_norm": norm,
-            f"dynamics/{g.name}/effective_lr": effective_lr(lr, norm),
-            f"dynamics/{g.name}/angular_update": angle,
+            f"{prefix}/weight_norm": norm,
+            f"{prefix}/effective_lr": effective_lr(lr, norm),
+            f"{prefix}/angular_update": angle,
         }
         predicted = sgd_group_equilibrium(g.hyper)
         if predicted is not None:
-            metrics[f"dynamics/{g.name}/angular_update_eq"] = predicted
+            metrics[f"{prefix}/angular_update_eq"] = predicted
         if predicted:
-            metrics[f"dynamics/{g.name}/angular_update_ratio"] = angle / predicted
+            metrics[f"{prefix}/angular_update_ratio"] = angle / predicted
         if self.warn_off_equilibrium and math.isfinite(angle) and norm > 0:
             self._check_equilibrium(g.name, angle, predicted, norm, lr, float(g.hyper.get("weight_decay") or 0.0))
         return metrics
@@ -444,10 +451,10 @@ class WeightDynamicsMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        """The key of this monitor's state in a checkpoint: the class name and the layers it watches, so that two
-        monitors of different layers (``include="backbone.*"``, ``include="head.*"``) in one Trainer are
-        checkpointed and restored each as its own."""
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
+        """The key of this monitor's state in a checkpoint: the class name, the layers it watches and its
+        `log_prefix`, so that two monitors of different layers (``include="backbone.*"``, ``include="head.*"``) or
+        names in one Trainer are checkpointed and restored each as its own."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude, log_prefix=self.log_prefix)
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -501,6 +508,22 @@ def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
         raise TypeError(f"{where}: `{key}` must be a dict from layer names to numbers, got {value!r}.")
     return value
+
+
+def _check_prefixes(monitors: list[WeightDynamicsMonitor]) -> None:
+    """Two monitors of one Trainer with one `log_prefix` would log under the same names (the summary's at least): at a
+    step both monitor, one value would overwrite the other in the logger."""
+    for i, first in enumerate(monitors):
+        for second in monitors[i + 1 :]:
+            if first.log_prefix == second.log_prefix:
+                prefix = first.log_prefix
+                raise ValueError(
+                    f"{_OWNER}: two monitors in one Trainer have the same `log_prefix={prefix!r}`: "
+                    f"{first.state_key} and {second.state_key}. Both would log under `{prefix}/...` (the whole-model "
+                    f"summary `{prefix}/summary/grad_norm_ratio` at least), so at a step both monitor one value would "
+                    f"overwrite the other in the logger. Give each its own `log_prefix`, e.g. `{_OWNER}(..., "
+                    f"log_prefix={prefix + '_2'!r})` for the second."
+                )
 
 
 def _startup_line(invariant: list[str], others: list[str], grad_flow: bool) -> str:
