@@ -121,17 +121,21 @@ def test_two_monitors_that_differ_only_by_prefix_are_each_checkpointed_and_resto
     assert _steps(logger, "summary") == _steps(logger, "summary", "bn_copy") == [7, 9]
 
 
-def test_two_monitors_with_the_same_prefix_are_an_error_at_setup(tmp_path: Path) -> None:
-    """Both would log their summary under ``bn/summary/...``: one value would overwrite the other."""
+def test_two_monitors_of_the_issue_s_example_work_the_second_under_its_own_prefix(tmp_path: Path) -> None:
+    """``BNStatsMonitor(include=A)`` and ``BNStatsMonitor(include=B)``, both with the default prefix: the second logs
+    under ``bn_2/`` and says so, so the two summaries never overwrite each other."""
     stem, stage2 = BNStatsMonitor(include="net.layer1.*"), BNStatsMonitor(include="net.layer2.*")
-    trainer = quiet_trainer(tmp_path, callbacks=[stem, stage2], max_steps=2)
-    with pytest.raises(
-        ValueError, match=r"BNStatsMonitor: two monitors in one Trainer have the same `log_prefix='bn'`"
-    ) as err:
-        trainer.fit(FrozenStemModel(), datamodule=UserDataModule())
-    assert stem.state_key in str(err.value) and stage2.state_key in str(err.value)  # both named
-    assert "log_prefix='bn_2'" in str(err.value)  # and what to do
-    assert trainer.global_step == 0  # before any training
+    logger = MemoryLogger()
+    _, messages = _fit(tmp_path, [stem, stage2], logger=logger, max_steps=4, log_every_n_steps=2)
+    renamed = [m for m in messages if "logs under `bn_2/`" in m]
+    assert len(renamed) == 1 and stage2.state_key in renamed[0]
+    steps = {s for s, _ in logger.logged("bn/summary/")}
+    assert steps and steps == {s for s, _ in logger.logged("bn_2/summary/")}  # both summaries, same steps
+    names = {k for _, m in logger.calls for k in m}
+    assert not {k for k in names if k.startswith("bn/net.layer2")}  # each monitor's layers under its own prefix
+    assert not {k for k in names if k.startswith("bn_2/net.layer1")}
+    assert {k for k in names if k.startswith("bn_2/net.layer2")}
+    assert stem.state_key != stage2.state_key
 
 
 def test_log_prefix_is_checked_in_the_constructor() -> None:

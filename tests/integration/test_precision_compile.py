@@ -159,9 +159,11 @@ def test_two_monitors_hand_compiled_code_back_compiled(tmp_path: Path) -> None:
         both.append(len(gm.graph.nodes))
         return gm.forward
 
-    monitors = [BNStatsMonitor(log_every_n_steps=2, include="net.layer1.*"), BNStatsMonitor(log_every_n_steps=2)]
-    with pytest.warns(UserWarning, match="2 monitors in one Trainer"):
-        _fit_user_model(tmp_path / "two", CompiledNetModel(backend), *monitors)
+    monitors = [
+        BNStatsMonitor(log_every_n_steps=2, include="net.layer1.*", log_prefix="bn_layer1"),
+        BNStatsMonitor(log_every_n_steps=2),
+    ]
+    _fit_user_model(tmp_path / "two", CompiledNetModel(backend), *monitors)
     assert both == graphs  # the same compiled graphs as with one monitor: the unmonitored steps ran compiled
 
     later: list[int] = []

@@ -30,6 +30,7 @@ from lightning_bnsgd.bn.inspect import (
     gap_summaries,
     summarize_layers,
 )
+from lightning_bnsgd.callbacks._log_prefix import resolve_prefixes
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
 from lightning_bnsgd.callbacks._name_patterns import (
     COMPILED_WRAPPER_NAME,
@@ -159,8 +160,9 @@ class BNStatsMonitor(Callback):
     layer and never enter a compiled graph; the other steps run compiled. Forwards that the plugin's callbacks run
     for themselves (``WeightDynamicsMonitor``'s probe) are not recorded.
 
-    Several monitors can share a Trainer, each with its own ``log_prefix`` (two with the same one are an error at
-    ``setup``: their summaries would overwrite each other), each checkpointed under its own `state_key`. A
+    Several monitors can share a Trainer, each checkpointed under its own `state_key` and logging under its own
+    ``log_prefix``: when two ask for the same one, the later in the callback list logs under ``<log_prefix>_2`` and
+    says so at ``setup`` (the two would otherwise write their summaries under one name). A
     checkpointed state that is not the monitor's own (wrong types, a negative count) is named in a warning and
     replaced by a fresh one.
 
@@ -197,7 +199,8 @@ class BNStatsMonitor(Callback):
             through the ``TensorBoardLogger`` (of either Lightning namespace); other loggers are skipped with
             one warning.
         log_prefix: the first part of every logged name (``<log_prefix>/<layer name>/<statistic>``,
-            ``<log_prefix>/summary/...``, the histograms'): give each monitor of one Trainer its own.
+            ``<log_prefix>/summary/...``, the histograms'). A second monitor of the Trainer asking for the same one
+            logs under ``<log_prefix>_2`` (said at ``setup``).
 
     Raises:
         TypeError: for an argument of the wrong type.
@@ -263,6 +266,7 @@ class BNStatsMonitor(Callback):
         )
         self.log_histograms: bool = check_bool("log_histograms", log_histograms, owner=_OWNER)
         self.log_prefix: str = check_str("log_prefix", log_prefix, owner=_OWNER)
+        self._prefix = self.log_prefix  # what the names start with: `log_prefix`, unless another monitor has it
 
         self._interval = log_every_n_steps or 1
         self._layers: list[_Layer] = []
@@ -291,7 +295,7 @@ class BNStatsMonitor(Callback):
                 f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
                 f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
             )
-        _check_prefixes([cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)])
+        resolve_prefixes([cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)], _OWNER, self)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -613,12 +617,12 @@ class BNStatsMonitor(Callback):
             hist = hist[torch.isfinite(hist)]
             if hist.numel():
                 for logger in self._histogram_loggers:
-                    logger.experiment.add_histogram(f"{self.log_prefix}/{layer}/{name}", hist.numpy(), global_step=step)
+                    logger.experiment.add_histogram(f"{self._prefix}/{layer}/{name}", hist.numpy(), global_step=step)
 
     def _metrics(self, values: StepValues) -> dict[str, float]:
         """``<log_prefix>/<layer>/<statistic>`` for the selected statistics each layer has, and the
         ``<log_prefix>/summary/...`` values."""
-        selected, prefix = set(self.stats), self.log_prefix
+        selected, prefix = set(self.stats), self._prefix
         metrics: dict[str, float] = {}
         worst: dict[str, float] = {}
         nonfinite, dead, channels = 0.0, 0.0, 0
@@ -771,22 +775,6 @@ def _warn_bad_state(state_key: str, key: str | None, value: object, allowed: str
         f"{_OWNER}: the checkpoint's {what} of {state_key!r} must be {allowed}, got {value!r}; it is ignored: "
         f"{fallback}."
     )
-
-
-def _check_prefixes(monitors: list[BNStatsMonitor]) -> None:
-    """Two monitors of one Trainer with one `log_prefix` would log under the same names (the summary's at least): at a
-    step both monitor, one value would overwrite the other in the logger."""
-    for i, first in enumerate(monitors):
-        for second in monitors[i + 1 :]:
-            if first.log_prefix == second.log_prefix:
-                prefix = first.log_prefix
-                raise ValueError(
-                    f"{_OWNER}: two monitors in one Trainer have the same `log_prefix={prefix!r}`: "
-                    f"{first.state_key} and {second.state_key}. Both would log under `{prefix}/...` (the whole-model "
-                    f"summary `{prefix}/summary/...` at least), so at a step both monitor one value would overwrite "
-                    f"the other in the logger. Give each its own `log_prefix`, e.g. `{_OWNER}(..., "
-                    f"log_prefix={prefix + '_2'!r})` for the second."
-                )
 
 
 def _hold_eager(holder: object) -> None:

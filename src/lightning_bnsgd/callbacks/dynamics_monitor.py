@@ -26,6 +26,7 @@ from lightning_bnsgd.bn.dynamics import (
     sgd_group_equilibrium,
     weight_layers,
 )
+from lightning_bnsgd.callbacks._log_prefix import resolve_prefixes
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
 from lightning_bnsgd.callbacks._own_forwards import own_forwards
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
@@ -171,8 +172,8 @@ class WeightDynamicsMonitor(Callback):
         patience: monitored steps in a row a layer must rotate above ``max_angular_update`` before the warning.
         warn_off_equilibrium: ``False`` disables the equilibrium warnings.
         log_prefix: the first part of every logged name (``<log_prefix>/<layer name>/<statistic>``,
-            ``<log_prefix>/summary/grad_norm_ratio``): give each monitor of one Trainer its own (two with the same
-            one are an error at ``setup``: their summaries would overwrite each other).
+            ``<log_prefix>/summary/grad_norm_ratio``). A second monitor of the Trainer asking for the same one logs
+            under ``<log_prefix>_2`` (said at ``setup``: the two would otherwise write their summary under one name).
 
     Raises:
         ValueError: for invalid arguments (TypeError for a wrong type).
@@ -216,6 +217,7 @@ class WeightDynamicsMonitor(Callback):
         self.probe_samples = check_int("probe_samples", probe_samples, minimum=2, owner=_OWNER)
         check_bool("warn_off_equilibrium", warn_off_equilibrium, owner=_OWNER)
         self.log_prefix = check_str("log_prefix", log_prefix, owner=_OWNER)
+        self._prefix = self.log_prefix  # what the names start with: `log_prefix`, unless another monitor has it
         self.log_every_n_steps = log_every_n_steps
         self.include = include
         self.exclude = exclude
@@ -241,7 +243,7 @@ class WeightDynamicsMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
-        _check_prefixes([cb for cb in trainer.callbacks if isinstance(cb, WeightDynamicsMonitor)])
+        resolve_prefixes([cb for cb in trainer.callbacks if isinstance(cb, WeightDynamicsMonitor)], _OWNER, self)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -381,16 +383,16 @@ class WeightDynamicsMonitor(Callback):
             metrics.update(self._group_metrics(g, host[2 * i], host[2 * i + 1]))
         grad_values = host[2 * len(tracked) :]
         for (name, _), value in zip(grads, grad_values, strict=True):
-            metrics[f"{self.log_prefix}/{name}/grad_norm"] = value
+            metrics[f"{self._prefix}/{name}/grad_norm"] = value
         if self.log_grad_flow and len(grad_values) > 1 and grad_values[-1] > 0:
-            metrics[f"{self.log_prefix}/summary/grad_norm_ratio"] = grad_values[0] / grad_values[-1]
+            metrics[f"{self._prefix}/summary/grad_norm_ratio"] = grad_values[0] / grad_values[-1]
         step = logging_step(trainer)  # the step of the module's own self.log metrics for this batch
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     def _group_metrics(self, g: _Group, norm: float, angle: float) -> dict[str, float]:
         assert g.hyper is not None
-        lr, prefix = float(g.hyper["lr"]), f"{self.log_prefix}/{g.name}"
+        lr, prefix = float(g.hyper["lr"]), f"{self._prefix}/{g.name}"
         metrics = {
             f"{prefix}/weight_norm": norm,
             f"{prefix}/effective_lr": effective_lr(lr, norm),
@@ -508,22 +510,6 @@ def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
         raise TypeError(f"{where}: `{key}` must be a dict from layer names to numbers, got {value!r}.")
     return value
-
-
-def _check_prefixes(monitors: list[WeightDynamicsMonitor]) -> None:
-    """Two monitors of one Trainer with one `log_prefix` would log under the same names (the summary's at least): at a
-    step both monitor, one value would overwrite the other in the logger."""
-    for i, first in enumerate(monitors):
-        for second in monitors[i + 1 :]:
-            if first.log_prefix == second.log_prefix:
-                prefix = first.log_prefix
-                raise ValueError(
-                    f"{_OWNER}: two monitors in one Trainer have the same `log_prefix={prefix!r}`: "
-                    f"{first.state_key} and {second.state_key}. Both would log under `{prefix}/...` (the whole-model "
-                    f"summary `{prefix}/summary/grad_norm_ratio` at least), so at a step both monitor one value would "
-                    f"overwrite the other in the logger. Give each its own `log_prefix`, e.g. `{_OWNER}(..., "
-                    f"log_prefix={prefix + '_2'!r})` for the second."
-                )
 
 
 def _startup_line(invariant: list[str], others: list[str], grad_flow: bool) -> str:
