@@ -69,6 +69,16 @@ def batch_signature(batch: Any) -> tuple[Any, ...]:
     return tuple(found)
 
 
+def _run_hooked(run: Callable[[], Any], handles: list[Any]) -> None:
+    """``run()`` (a forward that a hook may end early with `StopForward`), then remove the hooks ``handles``."""
+    try:
+        with contextlib.suppress(StopForward):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class StatsCollector:
     """Per-forward records of the target layers' batch statistics and their exact merge (see the module doc).
 
@@ -199,12 +209,7 @@ class StatsCollector:
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(self._sequential_pre_hook(i, called)))
             handles.append(layer.register_forward_hook(self._sequential_hook(i, calls)))
-        try:
-            with contextlib.suppress(StopForward):
-                run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(run, handles)
         if trace is None:
             self.traces[signature] = called
             self._call_counts[signature] = [called.count(i) for i in range(len(self.layers))]
@@ -297,12 +302,7 @@ class StatsCollector:
         handles = []
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_hook(self._record_hook(i, calls)))
-        try:
-            with contextlib.suppress(StopForward):
-                run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(run, handles)
         return calls
 
     def _record_hook(self, index: int, calls: list[tuple[int, int]]) -> Callable[..., None]:

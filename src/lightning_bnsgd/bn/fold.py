@@ -383,7 +383,7 @@ def _random_like(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[A
 
 
 @torch.no_grad()
-def _difference(reference: nn.Module, folded: nn.Module, inputs: Sequence[tuple[Any, ...]]) -> float | None:
+def output_difference(reference: nn.Module, folded: nn.Module, inputs: Sequence[tuple[Any, ...]]) -> float | None:
     """The largest output difference, or ``None`` when an output is outside the tolerance."""
     worst = 0.0
     for args in inputs:
@@ -465,7 +465,7 @@ def fold_batchnorm(
     checks = [inputs, *(_random_like(inputs, generator) for _ in range(random_checks))]
 
     def check(folded: nn.Module) -> float | None:
-        return _difference(reference, folded, checks)
+        return output_difference(reference, folded, checks)
 
     folded = _apply(model, plans)
     worst = check(folded)

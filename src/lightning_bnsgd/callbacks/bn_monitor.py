@@ -125,6 +125,29 @@ class _Layer:
     frozen: _Frozen | None = None
 
 
+def _check_bounds(
+    dead_threshold: object, min_running_var: object, max_running_var: object, max_dead_fraction: object
+) -> tuple[float, float | None, float | None, float | None]:
+    """The anomaly bounds, checked: a bound that could never flag anything is refused (``None`` turns a check off).
+
+    Examples:
+        >>> _check_bounds(0.01, 1e-8, 1e6, None)
+        (0.01, 1e-08, 1000000.0, None)
+    """
+    positive: dict[str, Any] = {"minimum": 0.0, "min_open": True, "owner": _OWNER}
+    dead = check_number("dead_threshold", dead_threshold, **positive)
+    low = check_number("min_running_var", min_running_var, allow_none=True, **positive)
+    high = check_number("max_running_var", max_running_var, allow_none=True, **positive)
+    fraction = check_number(
+        "max_dead_fraction", max_dead_fraction, 0.0, 1.0, max_open=True, allow_none=True, owner=_OWNER
+    )
+    if low is not None and high is not None and low >= high:
+        raise ValueError(
+            f"{_OWNER}: `min_running_var` ({min_running_var!r}) must be below `max_running_var` ({max_running_var!r})."
+        )
+    return dead, low, high, fraction
+
+
 def _check_stats(stats: Sequence[str] | None) -> tuple[str, ...]:
     if stats is None:
         return STATS
@@ -243,23 +266,9 @@ class BNStatsMonitor(Callback):
         self.include = include
         self.exclude = exclude
         self.stats: tuple[str, ...] = _check_stats(stats)
-        # Bounds that could never flag anything are refused: None is the way to turn a check off.
-        positive: dict[str, Any] = {"minimum": 0.0, "min_open": True, "owner": _OWNER}
-        self.dead_threshold: float = check_number("dead_threshold", dead_threshold, **positive)
-        self.min_running_var: float | None = check_number(
-            "min_running_var", min_running_var, allow_none=True, **positive
+        self.dead_threshold, self.min_running_var, self.max_running_var, self.max_dead_fraction = _check_bounds(
+            dead_threshold, min_running_var, max_running_var, max_dead_fraction
         )
-        self.max_running_var: float | None = check_number(
-            "max_running_var", max_running_var, allow_none=True, **positive
-        )
-        self.max_dead_fraction: float | None = check_number(
-            "max_dead_fraction", max_dead_fraction, 0.0, 1.0, max_open=True, allow_none=True, owner=_OWNER
-        )
-        if None not in (self.min_running_var, self.max_running_var) and min_running_var >= max_running_var:  # type: ignore[operator]
-            raise ValueError(
-                f"{_OWNER}: `min_running_var` ({min_running_var!r}) must be below `max_running_var` "
-                f"({max_running_var!r})."
-            )
         self.on_anomaly: AnomalyAction = check_choice("on_anomaly", on_anomaly, _ACTIONS, owner=_OWNER)
         self.min_samples_per_channel: int = check_int(
             "min_samples_per_channel", min_samples_per_channel, 0, owner=_OWNER

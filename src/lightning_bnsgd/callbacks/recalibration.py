@@ -98,6 +98,30 @@ def _renamed(err: Exception, num_samples: int | None) -> Exception:
     return renamed
 
 
+def _check_callback_args(
+    every_n_epochs: object, before_validation: object, at_train_end: object, dataloader: object, forward_fn: object
+) -> None:
+    """The arguments only the callback has (``recalibrate_bn``'s own are checked by `validate_recalibration_args`)."""
+    check_int("every_n_epochs", every_n_epochs, owner=_OWNER)
+    check_bool("before_validation", before_validation, owner=_OWNER)
+    check_bool("at_train_end", at_train_end, owner=_OWNER)
+    if not before_validation and not at_train_end:
+        raise ValueError(
+            f"{_OWNER}: `before_validation=False` and `at_train_end=False` leave it no moment to recalibrate: it "
+            "would never act. Set one of them to True, or remove the callback."
+        )
+    if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
+        raise TypeError(
+            f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, got {dataloader!r}."
+        )
+    if forward_fn is not None and not takes_two_positional(forward_fn):  # type: ignore[arg-type]
+        raise TypeError(
+            f"{_OWNER}: `forward_fn` is called as `forward_fn(module, batch)` (two positional arguments), but "
+            f"{forward_fn!r} cannot take them. For a forward of the batch alone, define "
+            f"`{STEP_METHOD}(self, batch)` on your LightningModule instead."
+        )
+
+
 _STATE_OWNER = f"{_OWNER} checkpoint state"
 _STATE_KEYS = ("recalibrations", "last_run")
 
@@ -218,27 +242,9 @@ class BNRecalibration(Callback):
         validate_recalibration_args(
             _OWNER, num_samples=num_samples, mode=mode, dropout=dropout, nonfinite=nonfinite, forward_fn=forward_fn
         )
-        check_int("every_n_epochs", every_n_epochs, owner=_OWNER)
-        check_bool("before_validation", before_validation, owner=_OWNER)
-        check_bool("at_train_end", at_train_end, owner=_OWNER)
+        _check_callback_args(every_n_epochs, before_validation, at_train_end, dataloader, forward_fn)
         check_bool("verbose", verbose, owner=_OWNER)
-        if not before_validation and not at_train_end:
-            raise ValueError(
-                f"{_OWNER}: `before_validation=False` and `at_train_end=False` leave it no moment to recalibrate: it "
-                "would never act. Set one of them to True, or remove the callback."
-            )
-        if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
-            raise TypeError(
-                f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, "
-                f"got {dataloader!r}."
-            )
         check_str("log_prefix", log_prefix, owner=_OWNER)
-        if forward_fn is not None and not takes_two_positional(forward_fn):
-            raise TypeError(
-                f"{_OWNER}: `forward_fn` is called as `forward_fn(module, batch)` (two positional arguments), but "
-                f"{forward_fn!r} cannot take them. For a forward of the batch alone, define "
-                f"`{STEP_METHOD}(self, batch)` on your LightningModule instead."
-            )
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.before_validation = before_validation
