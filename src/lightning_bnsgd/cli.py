@@ -27,7 +27,9 @@ def _instantiate_data(data_config: Namespace) -> Any:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     config = parser.parse_object({"data": data_config.clone().as_dict()})
-    return parser.instantiate_classes(config).data
+    # `instantiate` since jsonargparse 4.49; `instantiate_classes`, deprecated since and removed in 5.0, before it.
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return instantiate(config).data
 
 
 def link_data_into_model(config: Namespace) -> list[str]:

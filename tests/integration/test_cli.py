@@ -268,3 +268,25 @@ def test_print_config_still_prints_a_template_whose_data_module_cannot_be_built(
         run=False,
     )
     assert cli.model.hparams.num_classes == 7
+
+
+def test_linking_calls_no_deprecated_jsonargparse_api():
+    """The data module built to read its linked attributes goes through jsonargparse's current API: no
+    DeprecationWarning from our own code (LightningCLI's calls are its own)."""
+    import warnings
+
+    from jsonargparse import Namespace
+
+    from lightning_bnsgd.cli import link_data_into_model
+
+    config = Namespace(
+        model=Namespace(class_path="lightning_bnsgd.ConvNetClassifier", init_args=Namespace()),
+        data=Namespace(class_path="lightning_bnsgd.DigitsDataModule", init_args=Namespace(batch_size=8)),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        linked = link_data_into_model(config)
+    assert linked == ["in_channels", "input_size", "num_classes"]
+    assert config.model.init_args.num_classes == 10
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert not [m for m in deprecations if "jsonargparse" in m or "instantiate" in m], deprecations
