@@ -182,6 +182,14 @@ def logging_step(trainer: object) -> int:
     return int(getattr(trainer, "global_step", 0))
 
 
+def forget_config_dump(cli: object) -> None:
+    """Drop the config dump a ``LightningCLI`` caches (``config_dump``, written the first time its instantiator
+    builds a model or data module, and used as their saved hyperparameters), so that the next build dumps the config
+    again, e.g. after the CLI changed it in place."""
+    if "config_dump" in vars(cli):
+        del vars(cli)["config_dump"]
+
+
 __all__ = [
     "BACKEND",
     "ENV_VAR",
@@ -193,6 +201,7 @@ __all__ = [
     "LightningModule",
     "SaveConfigCallback",
     "Trainer",
+    "forget_config_dump",
     "loggers",
     "logging_step",
     "namespace_name",

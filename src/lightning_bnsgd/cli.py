@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import os
 import sys
+import weakref
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -16,10 +17,23 @@ import torch
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt, import_object
 
-from lightning_bnsgd._compat import LightningArgumentParser, LightningCLI, LightningDataModule, LightningModule
+from lightning_bnsgd._compat import (
+    LightningArgumentParser,
+    LightningCLI,
+    LightningDataModule,
+    LightningModule,
+    forget_config_dump,
+)
 
 #: Data-module attributes copied into the model's arguments of the same name, when both sides have them.
 LINKED_ARGUMENTS = ("in_channels", "input_size", "num_classes")
+
+
+def _instantiate(parser: ArgumentParser, config: Namespace) -> Namespace:
+    """``parser.instantiate(config)``: jsonargparse's ``instantiate`` since 4.49; ``instantiate_classes``, deprecated
+    since and removed in 5.0, before it."""
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return instantiate(config)
 
 
 def _instantiate_data(data_config: Namespace) -> Any:
@@ -27,30 +41,60 @@ def _instantiate_data(data_config: Namespace) -> Any:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     config = parser.parse_object({"data": data_config.clone().as_dict()})
-    # `instantiate` since jsonargparse 4.49; `instantiate_classes`, deprecated since and removed in 5.0, before it.
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    return instantiate(config).data
+    return _instantiate(parser, config).data
 
 
-def link_data_into_model(config: Namespace) -> list[str]:
-    """Copy the data module's ``in_channels``, ``input_size`` and ``num_classes`` into the model's ``init_args``,
-    each only when the model's class takes an argument of that name and the data module has that attribute (a
-    user's own classes need neither). Returns the names copied.
-    """
+def linkable_names(config: Namespace) -> list[str]:
+    """The names of `LINKED_ARGUMENTS` that the ``model:`` config's class takes, when the config has both a model
+    and a data class (a user's own classes may take none)."""
     data_config, model_config = config.get("data"), config.get("model")
     if not isinstance(data_config, Namespace) or not isinstance(model_config, Namespace):
         return []
     if not model_config.get("class_path") or not data_config.get("class_path"):
         return []
     accepted = inspect.signature(import_object(model_config.class_path)).parameters
-    wanted = [name for name in LINKED_ARGUMENTS if name in accepted]
-    if not wanted:
-        return []
-    data = _instantiate_data(data_config)
-    linked = [name for name in wanted if hasattr(data, name)]
+    return [name for name in LINKED_ARGUMENTS if name in accepted]
+
+
+def copy_links(config: Namespace, data: object, names: Sequence[str]) -> list[str]:
+    """Copy each of ``names`` that ``data`` has into the model's ``init_args``; returns the names copied."""
+    linked = [name for name in names if hasattr(data, name)]
     for name in linked:
-        model_config.init_args[name] = getattr(data, name)
+        config.model.init_args[name] = getattr(data, name)
     return linked
+
+
+def link_data_into_model(config: Namespace) -> list[str]:
+    """Copy the data module's ``in_channels``, ``input_size`` and ``num_classes`` into the model's ``init_args``,
+    each only when the model's class takes an argument of that name and the data module has that attribute (a
+    user's own classes need neither). Builds the data module to read them; returns the names copied.
+    """
+    names = linkable_names(config)
+    return copy_links(config, _instantiate_data(config.data), names) if names else []
+
+
+class _Prebuilt:
+    """A jsonargparse instantiator that hands out, once, the data module the CLI already built to read its links,
+    instead of building it a second time; any other data module is built as usual."""
+
+    def __init__(self, data: object) -> None:
+        self.data: object | None = data
+
+    def __call__(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
+        data, self.data = self.data, None
+        if data is not None and type(data) is class_type:
+            return data
+        return class_type(*args, **kwargs)
+
+
+#: The configs a CLI run linked in place (the whole config and its subcommand's section), by ``id``: any parser
+#: dumps them as they are (the root parser for Lightning's saved hyperparameters, the subcommand's for
+#: ``config.yaml``), without building the data module again.
+_LINKED: weakref.WeakValueDictionary[int, Namespace] = weakref.WeakValueDictionary()
+
+
+def _is_linked(cfg: Namespace) -> bool:
+    return _LINKED.get(id(cfg)) is cfg
 
 
 class LinkingArgumentParser(LightningArgumentParser):
@@ -65,8 +109,11 @@ class LinkingArgumentParser(LightningArgumentParser):
     required arguments missing) is printed as it is.
     """
 
+    #: While True, ``dump`` links nothing (the CLI is building the data module the links come from).
+    defer_links = False
+
     def dump(self, cfg: Namespace | None = None, *args: Any, **kwargs: Any) -> str:
-        if isinstance(cfg, Namespace):
+        if isinstance(cfg, Namespace) and not self.defer_links and not _is_linked(cfg):
             cfg = cfg.clone()
             subcommand = cfg.get("subcommand")
             section = cfg.get(subcommand) if isinstance(subcommand, str) else cfg
@@ -122,8 +169,33 @@ class BNSGDCLI(LightningCLI):
             threads = config.get("torch_threads")
             if threads is not None:
                 torch.set_num_threads(int(threads))
-            link_data_into_model(config)
+            self._link_from_data(config)
         super().instantiate_classes()
+
+    def _link_from_data(self, config: Namespace) -> None:
+        """Build the data module once, the way the run builds it (Lightning's instantiator, so its hyperparameters
+        are recorded as usual), copy its linked attributes into the model's config in place, and have the run use
+        that same instance: a user's data module that downloads or prints in ``__init__`` runs it once."""
+        names = linkable_names(config)
+        if not names:
+            return
+        subcommand = self.config.get("subcommand")
+        only_data = Namespace(data=config.data)
+        partial = Namespace(subcommand=subcommand, **{subcommand: only_data}) if subcommand else only_data
+        parser = self.parser
+        if isinstance(parser, LinkingArgumentParser):
+            parser.defer_links = True
+        try:
+            built = _instantiate(parser, partial)
+        finally:
+            if isinstance(parser, LinkingArgumentParser):
+                parser.defer_links = False
+        data = (built.get(subcommand) if subcommand else built).data
+        copy_links(config, data, names)
+        for linked in (self.config, config):
+            _LINKED[id(linked)] = linked
+        forget_config_dump(self)  # dumped while building the data module, before the links: dump it again
+        parser.add_instantiator(_Prebuilt(data), LightningDataModule, subclasses=True, prepend=True)
 
     def after_fit(self) -> None:
         config = self.config.get(str(self.subcommand), {})

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_bnsgd import DigitsDataModule
 from lightning_bnsgd._compat import LightningDataModule, LightningModule
 from lightning_bnsgd.cli import cli_main, main, packaged_config
 
@@ -290,3 +291,47 @@ def test_linking_calls_no_deprecated_jsonargparse_api():
     assert config.model.init_args.num_classes == 10
     deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert not [m for m in deprecations if "jsonargparse" in m or "instantiate" in m], deprecations
+
+
+class CountedDigits(DigitsDataModule):
+    """A user's data module whose ``__init__`` has a side effect (a download, a print): counted here."""
+
+    builds = 0
+
+    def __init__(self, batch_size: int = 64) -> None:
+        type(self).builds += 1
+        super().__init__(batch_size=batch_size)
+
+
+@pytest.mark.parametrize("run", [True, False], ids=["fit", "run=False"])
+def test_the_cli_builds_the_data_module_once(tmp_path, monkeypatch, run):
+    """The data module the model's arguments are linked from is the one the run uses, built once (it was built
+    three times in a fit: to link, to dump the saved hyperparameters, and by LightningCLI), and the run's saved
+    ``config.yaml``, the model's hyperparameters and the data module's are those of a run that built it three
+    times."""
+    monkeypatch.setattr(CountedDigits, "builds", 0)
+    args = [
+        "--config",
+        str(packaged_config()),
+        f"--data={__name__}.CountedDigits",
+        "--data.init_args.batch_size=32",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        *QUIET,
+        "--trainer.enable_checkpointing=true",
+    ]
+    cli = cli_main(["fit", *args] if run else args, run=run)
+    assert CountedDigits.builds == 1
+    assert cli.datamodule.batch_size == 32 and cli.model.hparams.num_classes == 10
+    assert cli.model.hparams["_class_path"] == "lightning_bnsgd.ConvNetClassifier"
+    if not run:
+        return
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())
+    assert saved["model"]["init_args"]["num_classes"] == 10 and saved["model"]["init_args"]["input_size"] == 8
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 10
+    assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == 32
+    assert checkpoint["datamodule_hyper_parameters"]["_class_path"].endswith("CountedDigits")
