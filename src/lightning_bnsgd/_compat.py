@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 ENV_VAR = "LIGHTNING_BNSGD_BACKEND"
 _MODULES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
@@ -190,6 +191,24 @@ def forget_config_dump(cli: object) -> None:
         del vars(cli)["config_dump"]
 
 
+def instantiate_cli_classes(cli: Any, instantiators: list[tuple[Callable[..., Any], type, bool]]) -> None:
+    """``LightningCLI.instantiate_classes`` (the body of Lightning 2.1 to 2.6) with ``instantiators`` tried first:
+    jsonargparse's ``instantiate(config, instantiators=...)`` where it has it (4.49 and later, which deprecate
+    ``instantiate_classes`` and ``add_instantiator``), else those two."""
+    parser = cli.parser
+    instantiate = getattr(parser, "instantiate", None)
+    if instantiate is not None and "instantiators" in inspect.signature(instantiate).parameters:
+        cli.config_init = instantiate(cli.config, instantiators=instantiators)
+    else:  # pragma: no cover - jsonargparse before 4.49
+        for instantiator, class_type, subclasses in instantiators:
+            parser.add_instantiator(instantiator, class_type, subclasses=subclasses, prepend=True)
+        cli.config_init = parser.instantiate_classes(cli.config)
+    cli.datamodule = cli._get(cli.config_init, "data")
+    cli.model = cli._get(cli.config_init, "model")
+    cli._add_configure_optimizers_method_to_model(cli.subcommand)
+    cli.trainer = cli.instantiate_trainer()
+
+
 __all__ = [
     "BACKEND",
     "ENV_VAR",
@@ -202,6 +221,7 @@ __all__ = [
     "SaveConfigCallback",
     "Trainer",
     "forget_config_dump",
+    "instantiate_cli_classes",
     "loggers",
     "logging_step",
     "namespace_name",

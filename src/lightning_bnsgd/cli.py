@@ -23,6 +23,7 @@ from lightning_bnsgd._compat import (
     LightningDataModule,
     LightningModule,
     forget_config_dump,
+    instantiate_cli_classes,
 )
 
 #: Data-module attributes copied into the model's arguments of the same name, when both sides have them.
@@ -169,16 +170,19 @@ class BNSGDCLI(LightningCLI):
             threads = config.get("torch_threads")
             if threads is not None:
                 torch.set_num_threads(int(threads))
-            self._link_from_data(config)
+            data = self._link_from_data(config)
+            if data is not None:
+                instantiate_cli_classes(self, [(_Prebuilt(data), LightningDataModule, True)])
+                return
         super().instantiate_classes()
 
-    def _link_from_data(self, config: Namespace) -> None:
+    def _link_from_data(self, config: Namespace) -> object | None:
         """Build the data module once, the way the run builds it (Lightning's instantiator, so its hyperparameters
         are recorded as usual), copy its linked attributes into the model's config in place, and have the run use
         that same instance: a user's data module that downloads or prints in ``__init__`` runs it once."""
         names = linkable_names(config)
         if not names:
-            return
+            return None
         subcommand = self.config.get("subcommand")
         only_data = Namespace(data=config.data)
         partial = Namespace(subcommand=subcommand, **{subcommand: only_data}) if subcommand else only_data
@@ -195,7 +199,7 @@ class BNSGDCLI(LightningCLI):
         for linked in (self.config, config):
             _LINKED[id(linked)] = linked
         forget_config_dump(self)  # dumped while building the data module, before the links: dump it again
-        parser.add_instantiator(_Prebuilt(data), LightningDataModule, subclasses=True, prepend=True)
+        return data
 
     def after_fit(self) -> None:
         config = self.config.get(str(self.subcommand), {})

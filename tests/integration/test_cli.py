@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import filecmp
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -323,8 +324,12 @@ def test_the_cli_builds_the_data_module_once(tmp_path, monkeypatch, run):
         *QUIET,
         "--trainer.enable_checkpointing=true",
     ]
-    cli = cli_main(["fit", *args] if run else args, run=run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main(["fit", *args] if run else args, run=run)
     assert CountedDigits.builds == 1
+    ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "lightning_bnsgd" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
     assert cli.datamodule.batch_size == 32 and cli.model.hparams.num_classes == 10
     assert cli.model.hparams["_class_path"] == "lightning_bnsgd.ConvNetClassifier"
     if not run:
