@@ -44,7 +44,8 @@ from _common import (
 )
 from torch import nn
 
-from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup, batchnorm_layers
+from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup
+from lightning_bnsgd.bn import batchnorm_layers
 
 NAME = "dropout_variance_shift"
 BN_EPS = 1e-5  # BatchNorm2d's default eps

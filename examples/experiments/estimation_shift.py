@@ -58,8 +58,8 @@ from lightning_bnsgd import (
     ConvNetClassifier,
     DigitsDataModule,
     SGDWarmup,
-    batchnorm_layers,
 )
+from lightning_bnsgd.bn import batchnorm_layers
 
 NAME = "estimation_shift"
 BN_EPS = 1e-5  # BatchNorm2d's default eps

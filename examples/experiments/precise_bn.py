@@ -51,8 +51,8 @@ from _common import (
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup, batchnorm_layers
-from lightning_bnsgd.bn import statistics_shift
+from lightning_bnsgd import ConvNetClassifier, DigitsDataModule, SGDWarmup
+from lightning_bnsgd.bn import batchnorm_layers, statistics_shift
 
 NAME = "precise_bn"
 PEAK_LR = 0.2
