@@ -78,14 +78,26 @@ def conditions(smoke: bool) -> list[tuple[str, int, float]]:
     return grid
 
 
+def split_tensors(data: DigitsDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(images, labels)`` tensors of one split (``"train"`` or ``"test"``) of ``data``."""
+    loader = data.train_dataloader() if split == "train" else data.test_dataloader()
+    dataset = loader.dataset
+    if not isinstance(dataset, TensorDataset):
+        raise TypeError(
+            f"expected DigitsDataModule's {split} split to be a TensorDataset, got {type(dataset).__name__}"
+        )
+    images, labels = dataset.tensors
+    return images, labels
+
+
 def shifted_test_images(shift: str, severity: int, param: float, raw: DigitsDataModule) -> torch.Tensor:
     """The test images under ``shift`` at ``param``, standardized with the training set's pixel mean and std.
 
     ``raw`` is the data module with ``normalize=False`` (same split): pixels in [0, 1]. The noise of
     ``gaussian_noise`` is seeded by the severity, so every training seed sees the same corrupted test set.
     """
-    train_x = raw.train_dataloader().dataset.tensors[0]
-    test_x = raw.test_dataloader().dataset.tensors[0]
+    train_x, _ = split_tensors(raw, "train")
+    test_x, _ = split_tensors(raw, "test")
     if shift == "gaussian_noise":
         images = gaussian_noise(test_x, param, seed=severity)
     elif shift == "none":
@@ -122,7 +134,7 @@ def evaluate_seed(
     net = train(seed, epochs)
     data = DigitsDataModule(batch_size=EVAL_BATCH)
     raw = DigitsDataModule(batch_size=EVAL_BATCH, normalize=False)
-    clean_x, labels = data.test_dataloader().dataset.tensors
+    clean_x, labels = split_tensors(data, "test")
     if not torch.allclose(shifted_test_images("none", 0, 0.0, raw), clean_x, atol=1e-5):
         raise RuntimeError("the unshifted test images do not match DigitsDataModule's standardized test set")
     precise, _ = recalibrated_copy(net, DataLoader(data.train_dataloader().dataset, batch_size=EVAL_BATCH))
