@@ -21,7 +21,6 @@ Three rules keep every piece right whichever the user's Trainer is:
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import os
 import sys
@@ -29,15 +28,10 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from lightning_utilities.core.imports import package_available
+
 ENV_VAR = "LIGHTNING_BNSGD_BACKEND"
 _MODULES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def select_backend(
@@ -77,7 +71,7 @@ def select_backend(
     if has_l:  # both imported: the unified package's namespace
         return "lightning"
     if installed is None:
-        installed = {"pytorch_lightning": _installed("pytorch_lightning"), "lightning": _installed("lightning")}
+        installed = {name: package_available(name) for name in ("pytorch_lightning", "lightning")}
     if installed.get("lightning", False) or not installed.get("pytorch_lightning", False):
         return "lightning"
     return "pytorch_lightning"
@@ -183,6 +177,15 @@ def logging_step(trainer: object) -> int:
     return int(getattr(trainer, "global_step", 0))
 
 
+def batches_done_in_interrupted_epoch(trainer: Any) -> int:
+    """Batches of the current epoch already trained when ``fit`` resumes from a mid-epoch checkpoint, else 0 (the
+    fit loop's ``restarting`` flag and its epoch loop's completed-batch counter)."""
+    fit_loop = trainer.fit_loop
+    if not fit_loop.restarting:
+        return 0
+    return int(fit_loop.epoch_loop.batch_progress.current.completed)
+
+
 def forget_config_dump(cli: object) -> None:
     """Drop the config dump a ``LightningCLI`` caches (``config_dump``, written the first time its instantiator
     builds a model or data module, and used as their saved hyperparameters), so that the next build dumps the config
@@ -220,6 +223,7 @@ __all__ = [
     "LightningModule",
     "SaveConfigCallback",
     "Trainer",
+    "batches_done_in_interrupted_epoch",
     "forget_config_dump",
     "instantiate_cli_classes",
     "loggers",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lightning_bnsgd._compat import LightningDataModule
+from lightning_bnsgd._compat import LightningDataModule, batches_done_in_interrupted_epoch
 from lightning_bnsgd._validation import check_bool, check_int, check_number
 
 _PIXEL_MAX = 16.0  # the digits are grey levels 0..16
@@ -242,10 +242,7 @@ class DigitsDataModule(LightningDataModule):
 
     def _batches_done_in_interrupted_epoch(self) -> int:
         """Batches of the current epoch already trained when fit resumes from a mid-epoch checkpoint (else 0)."""
-        trainer = self.trainer
-        if trainer is None or not trainer.fit_loop.restarting:
-            return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        return 0 if self.trainer is None else batches_done_in_interrupted_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
