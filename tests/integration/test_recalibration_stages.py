@@ -166,6 +166,17 @@ def test_every_batchnorm_frozen_by_train_skips_with_a_warning(make_trainer: Any)
     assert recal.last_report is None
 
 
+class _Modes(Callback):
+    """Every module's ``training`` flag at the first test batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        if batch_idx == 0:
+            self.seen = [m.training for m in pl_module.modules()]
+
+
 def test_the_train_modes_come_from_train_not_from_a_training_batch(make_trainer: Any) -> None:
     # one layer frozen by the user's train(): left alone; the other recalibrated; no "no training batch" warning
     class _HalfFrozen(_Net):
@@ -175,15 +186,16 @@ def test_the_train_modes_come_from_train_not_from_a_training_batch(make_trainer:
             return self
 
     recal = _stage_only(before_test="test_data")
+    modes = _Modes()
     model = _HalfFrozen()
     before = _statistics(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(callbacks=[recal]).test(model, datamodule=_Data(), verbose=False)
+        make_trainer(callbacks=[recal, modes]).test(model, datamodule=_Data(), verbose=False)
     assert not [w for w in caught if "no training batch" in str(w.message)]
     report = recal.last_report
     assert report is not None and report.layers == ["net.1"] and report.skipped == {"net.4": "eval mode (frozen)"}
-    assert not model.training  # the modes Lightning set for the test, back after it
+    assert modes.seen == [False] * len(list(model.modules()))  # the test ran in the modes Lightning set
     assert all(torch.equal(before[k], v) for k, v in _statistics(model).items())
 
 
@@ -291,7 +303,10 @@ def test_cli_test_with_before_test_from_a_config_file(tmp_path: Path) -> None:
                 }
             ],
         },
-        "model": {"class_path": "lightning_bnsgd.ConvNetClassifier", "init_args": {"channels": [8, 8]}},
+        "model": {
+            "class_path": "lightning_bnsgd.ConvNetClassifier",
+            "init_args": {"channels": [8, 8], "padding": "same"},
+        },
         "data": {"class_path": "lightning_bnsgd.DigitsDataModule"},
     }
     path = tmp_path / "test.yaml"
@@ -313,6 +328,7 @@ def test_cli_test_with_before_test_from_a_config_file(tmp_path: Path) -> None:
         [
             "test",
             "--model=lightning_bnsgd.ConvNetClassifier",
+            "--model.init_args.padding=same",
             "--data=lightning_bnsgd.DigitsDataModule",
             *flags,
             *common,
