@@ -703,7 +703,8 @@ class BNRecalibration(Callback):
             self._stage_saved = [saved[name] for name in report.layers if name in saved]
         self.last_report = report
         self._log(trainer, report, f"{self.log_prefix}/{stage}")
-        rank_zero_info(_stage_line(stage, report, self.keep_stage_statistics))
+        if report.layers:  # else recalibrate_bn warned that the model has no BatchNorm layer to recalibrate
+            rank_zero_info(_stage_line(stage, report, self.keep_stage_statistics))
         return report
 
     def _restore_stage_statistics(self) -> None:
