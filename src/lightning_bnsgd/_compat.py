@@ -212,6 +212,65 @@ def instantiate_cli_classes(cli: Any, instantiators: list[tuple[Callable[..., An
     cli.trainer = cli.instantiate_trainer()
 
 
+def _submodule(trainer: object, name: str) -> ModuleType:
+    """``<the Trainer's namespace>.<name>``, e.g. ``lightning.pytorch.trainer.states``."""
+    return importlib.import_module(f"{namespace_of(trainer).__name__}.{name}")
+
+
+def request_train_dataloaders(trainer: object) -> object | None:
+    """The train dataloader(s) of the Trainer's data source, requested outside ``fit`` the way Lightning's fit loop
+    requests them: ``train_dataloader()`` of the DataModule (or LightningModule) the run was given, or the
+    ``train_dataloaders`` a ``fit`` was given. ``None`` when the source defines none.
+
+    Lightning sets up train data only in ``fit``; in ``test`` and ``predict`` it still records the source (its
+    fit loop's ``_data_source``, a private attribute: the only such read, kept here). A ``CombinedLoader`` is
+    returned as the collection it combines.
+    """
+    source = trainer.fit_loop._data_source  # type: ignore[attr-defined]
+    if not source.is_defined():
+        return None
+    connector = _submodule(trainer, "trainer.connectors.data_connector")
+    loaders = connector._request_dataloader(source)
+    combined = _submodule(trainer, "utilities.combined_loader").CombinedLoader
+    return loaders.iterables if isinstance(loaders, combined) else loaders
+
+
+def prepare_train_dataloader(trainer: object, loader: object) -> tuple[object, int | float]:
+    """``loader`` (one train dataloader from `request_train_dataloaders`) prepared as Lightning's fit loop prepares
+    its train dataloaders (Lightning's private ``_process_dataloader``: a ``DistributedSampler`` injected under DDP
+    when ``use_distributed_sampler``, the strategy's processing, the worker seeding), and the number of batches the
+    Trainer's ``limit_train_batches`` leaves of it (``inf`` for a loader without a length).
+
+    The length is this process's own (no collective: a caller that must agree across processes does so itself).
+    """
+    connector = _submodule(trainer, "trainer.connectors.data_connector")
+    states = _submodule(trainer, "trainer.states")
+    fit, training = states.TrainerFn.FITTING, states.RunningStage.TRAINING
+    connector._check_dataloader_iterable(loader, trainer.fit_loop._data_source, fit)  # type: ignore[attr-defined]
+    loader = connector._process_dataloader(trainer, fit, training, loader)
+    try:
+        length: int | float = len(loader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        length = float("inf")
+    return loader, connector._parse_num_batches(training, length, trainer.limit_train_batches)  # type: ignore[attr-defined]
+
+
+def index_wrapped_batch_sampler(loader: object) -> object | None:
+    """The batch sampler that Lightning's predict loop wrapped to record the indices it yields (its private
+    ``_IndexBatchSamplerWrapper``), or ``None`` when ``loader``'s batch sampler is no such wrapper.
+
+    The wrapper is its own iterator: a second iteration of the same loader would restart the one the predict loop
+    is reading, so a reader that must not disturb it iterates the wrapped batch sampler instead.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for namespace in NAMESPACES:
+        overrides = importlib.import_module(f"{namespace.__name__}.overrides.distributed")
+        wrapper = getattr(overrides, "_IndexBatchSamplerWrapper", None)
+        if isinstance(wrapper, type) and isinstance(batch_sampler, wrapper):
+            return getattr(batch_sampler, "_batch_sampler", None)
+    return None
+
+
 __all__ = [
     "BACKEND",
     "ENV_VAR",
@@ -225,11 +284,14 @@ __all__ = [
     "Trainer",
     "batches_done_in_interrupted_epoch",
     "forget_config_dump",
+    "index_wrapped_batch_sampler",
     "instantiate_cli_classes",
     "loggers",
     "logging_step",
     "namespace_name",
     "namespace_of",
     "pl",
+    "prepare_train_dataloader",
+    "request_train_dataloaders",
     "select_backend",
 ]

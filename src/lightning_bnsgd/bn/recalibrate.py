@@ -90,6 +90,8 @@ class RecalibrationReport:
         agreement: how the processes agreed on the forwards: ``"local"`` (one process), ``"planned"`` (once, from
             the loaders' lengths) or ``"per_batch"`` (before every forward: a loader without a length, or
             SyncBatchNorm).
+        data: where the batches came from, in the words of the caller that set it (``BNRecalibration`` does, e.g.
+            ``"test data (the test dataloader, labels unused)"``); ``None`` from ``recalibrate_bn`` itself.
 
     Examples:
         >>> report = RecalibrationReport(mode="train")
@@ -111,6 +113,7 @@ class RecalibrationReport:
     joined_batches: int = 0
     left_out_samples: int = 0
     agreement: str = "local"
+    data: str | None = None
 
     def max_shift(self) -> tuple[float, float]:
         """The largest ``(mean, var)`` shift over the recalibrated layers (zeros when there are none)."""

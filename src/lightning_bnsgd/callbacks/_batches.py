@@ -40,6 +40,18 @@ def without_persistent_workers(loader: DataLoader) -> DataLoader:
     """A DataLoader over the same data whose iterator cannot reset the one the training loop is using."""
     if loader.num_workers == 0 or not loader.persistent_workers:
         return loader
+    return rebuilt_loader(loader)
+
+
+def rebuilt_loader(loader: DataLoader, batch_sampler: Any = None) -> DataLoader:
+    """A new DataLoader over ``loader``'s data, with its workers, collation and generator, never persistent
+    workers, and ``batch_sampler`` instead of its own when given.
+
+    Examples:
+        >>> loader = DataLoader(range(6), batch_size=4)
+        >>> [b.tolist() for b in rebuilt_loader(loader)]
+        [[0, 1, 2, 3], [4, 5]]
+    """
     common: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
@@ -50,6 +62,8 @@ def without_persistent_workers(loader: DataLoader) -> DataLoader:
         "generator": loader.generator,
         "persistent_workers": False,
     }
+    if batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=batch_sampler, **common)
     if isinstance(loader.dataset, IterableDataset):
         return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **common)
     if loader.batch_sampler is not None:
