@@ -10,7 +10,14 @@ from lightning_bnsgd.bn import (
     recalibrate_bn,
     statistics_shift,
 )
-from lightning_bnsgd.callbacks import BNAnomalyError, BNRecalibration, BNStatsMonitor, WeightDynamicsMonitor
+from lightning_bnsgd.callbacks import (
+    BNAnomalyError,
+    BNFoldExport,
+    BNRecalibration,
+    BNStatsMonitor,
+    FoldExportResult,
+    WeightDynamicsMonitor,
+)
 from lightning_bnsgd.data import DigitsDataModule
 from lightning_bnsgd.models import BNConvNet, ConvNetClassifier
 from lightning_bnsgd.optim import SGDWarmup, WarmupLR, param_groups
@@ -20,10 +27,12 @@ __version__ = "0.2.1"
 __all__ = [
     "BNAnomalyError",
     "BNConvNet",
+    "BNFoldExport",
     "BNRecalibration",
     "BNStatsMonitor",
     "ConvNetClassifier",
     "DigitsDataModule",
+    "FoldExportResult",
     "LayerShift",
     "RecalibrationReport",
     "SGDWarmup",
