@@ -17,6 +17,7 @@ from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt, import_object
 
 from lightning_bnsgd._compat import LightningArgumentParser, LightningCLI, LightningDataModule, LightningModule
+from lightning_bnsgd.checkpoint_export import BNSGDTrainer
 
 #: Data-module attributes copied into the model's arguments of the same name, when both sides have them.
 LINKED_ARGUMENTS = ("in_channels", "input_size", "num_classes")
@@ -97,7 +98,14 @@ class BNSGDCLI(LightningCLI):
     trains and evaluates: Lightning prints its table of every test metric, and the CLI adds a line
     ``test accuracy: ...`` when there is an accuracy (``test/acc``, or the first metric whose name contains
     ``acc``).
+
+    ``export --ckpt_path PATH`` (`BNSGDTrainer.export`) folds the checkpoint's model and writes it as a
+    ``torch.export`` program that loads with torch alone, checked in a fresh process.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -159,6 +167,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
     # automatic --optimizer/--lr_scheduler would step schedulers per epoch.
     kwargs.setdefault("auto_configure_optimizers", False)
     kwargs.setdefault("parser_class", LinkingArgumentParser)
+    kwargs.setdefault("trainer_class", BNSGDTrainer)  # Lightning's Trainer with `export` (the export subcommand)
     return BNSGDCLI(
         LightningModule,
         LightningDataModule,
