@@ -13,7 +13,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_bnsgd.bn.batches import default_forward
+from lightning_bnsgd.bn.batches import default_forward, default_forward_problem
 from lightning_bnsgd.bn.export import ExportResult, check_in_fresh_process, export_folded
 from lightning_bnsgd.callbacks._batches import trial_forward
 from lightning_bnsgd.callbacks._own_forwards import own_forwards
@@ -53,6 +53,27 @@ def batch_forward(forward_fn: ForwardFn | None) -> ForwardFn:
     """How a batch runs through the LightningModule: ``forward_fn(module, batch)``, else ``module(batch)`` for a
     tensor and ``module(batch[0])`` for a tuple/list (`default_forward`)."""
     return forward_fn if forward_fn is not None else default_forward
+
+
+def unfeedable(batch: Any, owner: str) -> TypeError | None:
+    """The error for a batch the default forward cannot feed (``None`` when it can).
+
+    Examples:
+        >>> print(unfeedable({"image": torch.zeros(2)}, "BNFoldExport"))
+        BNFoldExport: without `example_input` or an `example_input_array`, the example input is taken from the first training batch, but the default forward cannot feed it (it is a dict; it runs `module(batch)` for a tensor, `module(batch[0])` for a tuple or list). Pass `forward_fn=lambda module, batch: module(batch['x'])` (with your batch's key), `example_input=`, or set `example_input_array` on the LightningModule.
+        >>> unfeedable((torch.zeros(2), 1), "BNFoldExport") is None
+        True
+    """
+    problem = default_forward_problem(batch)
+    if problem is None:
+        return None
+    return TypeError(
+        f"{owner}: without `example_input` or an `example_input_array`, the example input is taken from the first "
+        f"training batch, but the default forward cannot feed it (it is {problem}; it runs `module(batch)` for a "
+        "tensor, `module(batch[0])` for a tuple or list). Pass `forward_fn=lambda module, batch: "
+        "module(batch['x'])` (with your batch's key), `example_input=`, or set `example_input_array` on the "
+        "LightningModule."
+    )
 
 
 def _detached(value: Any) -> Any:
@@ -135,6 +156,9 @@ def example_inputs(
             f"{owner}: no example input: `example_input` is None, the LightningModule has no "
             "`example_input_array` and there is no training batch to take one from. Pass `example_input=`."
         )
+    error = unfeedable(first, owner) if forward_fn is None else None
+    if error is not None:
+        raise error
     return capture_inputs(pl_module, target, batch_forward(forward_fn), first, owner), "the first batch"
 
 

@@ -22,6 +22,7 @@ from lightning_bnsgd.callbacks._export_parts import (
     example_inputs,
     export_and_check,
     target_module,
+    unfeedable,
 )
 
 _OWNER = "BNFoldExport"
@@ -96,6 +97,7 @@ class BNFoldExport(Callback):
 
     Examples:
         >>> from pytorch_lightning import Trainer  # or: from lightning.pytorch import Trainer
+        >>> from lightning_bnsgd import BNRecalibration
         >>> callback = BNFoldExport(module_name="net", filename="digits")
         >>> callback.state_key
         "BNFoldExport{'filename': 'digits', 'module_name': 'net'}"
@@ -134,6 +136,7 @@ class BNFoldExport(Callback):
         self.verbose = verbose
         #: What the last export wrote and how it was checked (on every rank), ``None`` before the first.
         self.last_export: FoldExportResult | None = None
+        self._batch_checked = False
 
     @property
     @override
@@ -144,6 +147,7 @@ class BNFoldExport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._batch_checked = False
         target_module(pl_module, self.module_name, _OWNER)
         strategies = namespace_of(trainer).strategies
         sharded = tuple(cls for cls in (getattr(strategies, n, None) for n in _SHARDED) if isinstance(cls, type))
@@ -155,6 +159,17 @@ class BNFoldExport(Callback):
             )
         if self.dirpath is not None and self.dirpath.exists() and not self.dirpath.is_dir():
             raise ValueError(f"{_OWNER}: `dirpath={str(self.dirpath)!r}` is a file, not a folder.")
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Fail at the first training batch, not after training, when the export could not take its example input
+        # from a batch; every rank raises together (the check is a collective under DDP).
+        if self._batch_checked:
+            return
+        self._batch_checked = True
+        needs_batch = self.example_input is None and getattr(pl_module, "example_input_array", None) is None
+        error = unfeedable(batch, _OWNER) if needs_batch and self.forward_fn is None else None
+        agree_on_failure([], error, _OWNER)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
