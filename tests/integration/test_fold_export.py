@@ -182,6 +182,7 @@ def test_ddp_spawn_writes_one_file_from_rank_zero(tmp_path: Path, make_trainer):
     model = _model()
     trainer.fit(model, datamodule=DigitsDataModule())
     assert sorted(p.name for p in out.iterdir()) == ["folded.pt2"]
+    assert export.last_export is None  # set in the spawned processes' copies of the callback, not in this one
     # ddp_spawn hands rank zero's weights and buffers back to this process: the file gives their outputs
     x = _test_images(5)
     assert fresh_difference(out / "folded.pt2", x, _eval(model.net, x), tmp_path) < 1e-4
@@ -223,9 +224,7 @@ def test_cli_export_of_a_checkpoint_with_recalibration(tmp_path: Path, capsys, m
     run = tmp_path / "digits" / "version_0"
     (ckpt,) = (run / "checkpoints").glob("*.ckpt")
     capsys.readouterr()
-    cli = cli_main(
-        ["export", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--recalibrate", "true"]
-    )
+    cli = cli_main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--recalibrate", "true"])
     printed = capsys.readouterr().out
     program = ckpt.with_suffix(".pt2")  # the default: next to the checkpoint
     assert program.is_file()

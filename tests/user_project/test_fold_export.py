@@ -13,7 +13,15 @@ import torch
 
 from lightning_bnsgd import BNFoldExport, BNRecalibration
 
-from .project import PIXEL_MEAN, PIXEL_STD, ShapesDataset, UserDataModule, UserModel, quiet_trainer, recalibration_forward
+from .project import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    ShapesDataset,
+    UserDataModule,
+    UserModel,
+    quiet_trainer,
+    recalibration_forward,
+)
 
 LOAD = textwrap.dedent(
     """

@@ -59,8 +59,11 @@ def unfeedable(batch: Any, owner: str) -> TypeError | None:
     """The error for a batch the default forward cannot feed (``None`` when it can).
 
     Examples:
-        >>> print(unfeedable({"image": torch.zeros(2)}, "BNFoldExport"))
-        BNFoldExport: without `example_input` or an `example_input_array`, the example input is taken from the first training batch, but the default forward cannot feed it (it is a dict; it runs `module(batch)` for a tensor, `module(batch[0])` for a tuple or list). Pass `forward_fn=lambda module, batch: module(batch['x'])` (with your batch's key), `example_input=`, or set `example_input_array` on the LightningModule.
+        >>> error = unfeedable({"image": torch.zeros(2)}, "BNFoldExport")
+        >>> str(error)[:96]
+        'BNFoldExport: without `example_input` or an `example_input_array`, the example input is taken fr'
+        >>> "(it is a dict;" in str(error) and "Pass `forward_fn=" in str(error)
+        True
         >>> unfeedable((torch.zeros(2), 1), "BNFoldExport") is None
         True
     """

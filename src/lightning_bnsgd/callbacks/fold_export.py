@@ -30,9 +30,7 @@ _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFS
 
 
 def _check_example_input(value: object) -> None:
-    ok = isinstance(value, Tensor) or (
-        isinstance(value, tuple) and value and any(isinstance(v, Tensor) for v in value)
-    )
+    ok = isinstance(value, Tensor) or (isinstance(value, tuple) and value and any(isinstance(v, Tensor) for v in value))
     if value is not None and not ok:
         raise TypeError(
             f"{_OWNER}: `example_input` must be None, a tensor or a tuple of the exported module's positional "
@@ -67,19 +65,21 @@ class BNFoldExport(Callback):
     It acts in ``on_fit_end``, which Lightning runs after every callback's ``on_train_end``: `BNRecalibration`'s
     final recalibration is in the exported model wherever the two stand in ``callbacks=[...]``. By then Lightning
     has moved the model to the CPU (and unwrapped DDP, reverted SyncBatchNorm); the program is exported from a CPU
-    copy in float32 (the model's dtype), so it holds CPU tensors and runs on the CPU, whatever device trained. The
-    trained model is not changed. A ``fit`` that stops on an error or an interrupt exports nothing.
+    copy in the model's dtype, so it holds CPU tensors and runs on the CPU, whatever device trained. The trained
+    model is not changed. A ``fit`` that stops on an error or an interrupt exports nothing.
 
     The exported module is the LightningModule's forward (``module_name=None``) or the submodule named by
     ``module_name`` (e.g. ``"net"``). Its example inputs, which fix the program's input shapes (the batch dimension
     stays dynamic with ``dynamic_batch``) and are the inputs of both checks, are, in this order: ``example_input``
     (the exported module's own input); the LightningModule's ``example_input_array`` (its forward's input); the
     first batch of the train dataloader, moved with the batch-transfer hooks and run through ``forward_fn(module,
-    batch)``, else ``module(batch[0])`` (``module(batch)`` for a tensor). For a submodule, the inputs are the ones the forward passes to it. Both checks use `fold_batchnorm`'s
-    tolerance (float32 rounding); a mismatch is an error.
+    batch)``, else ``module(batch[0])`` (``module(batch)`` for a tensor). For a submodule, the inputs are the ones
+    the forward passes to it. Both checks use `fold_batchnorm`'s tolerance (float32 rounding); a mismatch is an
+    error.
 
     Only rank zero exports; every rank waits for it and raises if it failed (no rank hangs), and every rank gets
-    the result in ``last_export``. It has no state to restore: a resumed ``fit`` exports again at its end.
+    the result in ``last_export`` (with ``ddp_spawn``, in the spawned processes: the launching process's callback
+    object is not updated, the file is there). It has no state to restore: a resumed ``fit`` exports again at its end.
 
     Args:
         dirpath: folder of the file (created); ``None``: the Trainer's ``log_dir`` (the logger's version folder,
