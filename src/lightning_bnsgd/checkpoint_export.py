@@ -125,20 +125,26 @@ def export_checkpoint(
         raise ValueError(f"{_OWNER}: `recalibrate=True` needs a `datamodule` whose train loader to recalibrate on.")
     target = target_module(model, module_name, _OWNER)  # before the checkpoint is read: a wrong name fails fast
     load_weights(model, ckpt_path, weights_only)
-    batches = _train_batches(datamodule, model) if datamodule is not None else None
+    loaded: list[TransferredBatches] = []
+
+    def batches() -> TransferredBatches:  # the data module is set up only when its batches are needed
+        assert datamodule is not None
+        if not loaded:
+            loaded.append(_train_batches(datamodule, model))
+        return loaded[0]
+
     report = None
     if recalibrate:
-        assert batches is not None
         model.train()
         report = recalibrate_bn(
-            model, batches, num_samples=num_samples, forward_fn=_recalibration_forward(model, forward_fn)
+            model, batches(), num_samples=num_samples, forward_fn=_recalibration_forward(model, forward_fn)
         )
     path = Path(output) if output is not None else Path(ckpt_path).with_suffix(".pt2")
     inputs, origin = example_inputs(
         model,
         target,
         example_input=example_input,
-        batch=lambda: first_batch(batches) if batches is not None else None,
+        batch=lambda: first_batch(batches()) if datamodule is not None else None,
         forward_fn=forward_fn,
         owner=_OWNER,
     )

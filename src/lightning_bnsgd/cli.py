@@ -160,7 +160,8 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--config", "digits.yaml"]``.
         run: run the subcommand (``False`` only instantiates, as LightningCLI's ``run`` does).
-        **kwargs: passed on to ``LightningCLI`` (e.g. ``save_config_kwargs``).
+        **kwargs: passed on to ``LightningCLI`` (e.g. ``save_config_kwargs``). A ``trainer_class`` of your own
+            must derive from `BNSGDTrainer` (its ``export`` method is the ``export`` subcommand).
     """
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     # The model's own configure_optimizers (SGDWarmup, stepped per batch) is the one to use; LightningCLI's

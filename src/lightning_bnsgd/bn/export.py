@@ -107,10 +107,15 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     path, data, rtol, atol = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
     program = torch.export.load(path).module()
     inputs, expected = torch.load(data, weights_only=True)
+    def flat(value):
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in flat(v)]
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in flat(v)]
+        return [value] if isinstance(value, torch.Tensor) else []
     with torch.no_grad():
-        out = program(*inputs)
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    assert len(outs) == len(expected), f"{len(outs)} output(s), expected {len(expected)}"
+        outs = flat(program(*inputs))
+    assert len(outs) == len(expected), f"{len(outs)} output tensor(s), expected {len(expected)}"
     worst = 0.0
     for a, e in zip(outs, expected):
         assert a.shape == e.shape, f"output shape {tuple(a.shape)}, expected {tuple(e.shape)}"
@@ -128,14 +133,14 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def _as_outputs(value: Any) -> list[Tensor]:
+    """The tensors of a model's output, depth-first through dicts (in key order), tuples and lists."""
     if isinstance(value, Tensor):
         return [value]
-    if isinstance(value, (tuple, list)) and all(isinstance(v, Tensor) for v in value):
-        return list(value)
-    raise TypeError(
-        f"check_in_fresh_process: `expected` must be a tensor or a tuple/list of tensors (the program's outputs), "
-        f"got {type(value).__name__}."
-    )
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _as_outputs(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _as_outputs(v)]
+    return []
 
 
 def check_in_fresh_process(
@@ -149,8 +154,8 @@ def check_in_fresh_process(
     Args:
         path: a program written by `export_folded` (or ``torch.export.save``).
         example_inputs: a tensor, or a tuple of the program's positional input tensors.
-        expected: the outputs the program must give: a tensor or a tuple/list of tensors (e.g. the trained eval
-            model's outputs on ``example_inputs``).
+        expected: the outputs the program must give (a tensor, or tensors in tuples, lists, dicts), e.g. the
+            trained eval model's outputs on ``example_inputs``.
         timeout: seconds the process may take.
 
     Returns:
