@@ -9,7 +9,13 @@ from typing import Any
 from lightning_bnsgd import bn
 from lightning_bnsgd._moved import moved_attribute
 from lightning_bnsgd.bn import RecalibrationReport, recalibrate_bn
-from lightning_bnsgd.callbacks import BNAnomalyError, BNRecalibration, BNStatsMonitor, WeightDynamicsMonitor
+from lightning_bnsgd.callbacks import (
+    BNAnomalyError,
+    BNFoldExport,
+    BNRecalibration,
+    BNStatsMonitor,
+    WeightDynamicsMonitor,
+)
 from lightning_bnsgd.data import DigitsDataModule
 from lightning_bnsgd.models import BNConvNet, ConvNetClassifier
 from lightning_bnsgd.optim import SGDWarmup, WarmupLR, param_groups
@@ -35,6 +41,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BNAnomalyError",
     "BNConvNet",
+    "BNFoldExport",
     "BNRecalibration",
     "BNStatsMonitor",
     "ConvNetClassifier",

@@ -25,6 +25,7 @@ from lightning_bnsgd._compat import (
     forget_config_dump,
     instantiate_cli_classes,
 )
+from lightning_bnsgd.checkpoint_export import BNSGDTrainer
 
 #: Data-module attributes copied into the model's arguments of the same name, when both sides have them.
 LINKED_ARGUMENTS = ("in_channels", "input_size", "num_classes")
@@ -147,7 +148,14 @@ class BNSGDCLI(LightningCLI):
     trains and evaluates: Lightning prints its table of every test metric, and the CLI adds a line
     ``test accuracy: ...`` when there is an accuracy (``test/acc``, or the first metric whose name contains
     ``acc``).
+
+    ``export --ckpt_path PATH`` (`BNSGDTrainer.export`) folds the checkpoint's model and writes it as a
+    ``torch.export`` program that loads with torch alone, checked in a fresh process.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -230,13 +238,15 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--config", "digits.yaml"]``.
         run: run the subcommand (``False`` only instantiates, as LightningCLI's ``run`` does).
-        **kwargs: passed on to ``LightningCLI`` (e.g. ``save_config_kwargs``).
+        **kwargs: passed on to ``LightningCLI`` (e.g. ``save_config_kwargs``). A ``trainer_class`` of your own
+            must derive from `BNSGDTrainer` (its ``export`` method is the ``export`` subcommand).
     """
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     # The model's own configure_optimizers (SGDWarmup, stepped per batch) is the one to use; LightningCLI's
     # automatic --optimizer/--lr_scheduler would step schedulers per epoch.
     kwargs.setdefault("auto_configure_optimizers", False)
     kwargs.setdefault("parser_class", LinkingArgumentParser)
+    kwargs.setdefault("trainer_class", BNSGDTrainer)  # Lightning's Trainer with `export` (the export subcommand)
     return BNSGDCLI(
         LightningModule,
         LightningDataModule,

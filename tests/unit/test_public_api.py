@@ -28,6 +28,7 @@ def test_the_top_level_lists_what_goes_into_a_trainer_an_optimizer_or_a_yaml_fil
         [
             "BNAnomalyError",
             "BNConvNet",
+            "BNFoldExport",
             "BNRecalibration",
             "BNStatsMonitor",
             "ConvNetClassifier",

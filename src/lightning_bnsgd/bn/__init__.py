@@ -10,7 +10,7 @@ from lightning_bnsgd.bn.dynamics import (
     sgd_group_equilibrium,
     weight_layers,
 )
-from lightning_bnsgd.bn.export import ExportResult, export_folded
+from lightning_bnsgd.bn.export import ExportResult, check_in_fresh_process, export_folded
 from lightning_bnsgd.bn.fold import FoldDecision, FoldReport, fold_batchnorm
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.recalibrate import LayerShift, RecalibrationReport, recalibrate_bn, statistics_shift
@@ -25,6 +25,7 @@ __all__ = [
     "ScaleInvariantGroup",
     "angular_update",
     "batchnorm_layers",
+    "check_in_fresh_process",
     "effective_lr",
     "equilibrium_angular_update",
     "export_folded",

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_bnsgd.bn.fold import FoldReport, fold_batchnorm, output_difference
+from lightning_bnsgd.bn.fold import ATOL, RTOL, FoldReport, fold_batchnorm, output_difference
 
 
 @dataclass(frozen=True)
@@ -95,4 +99,98 @@ def export_folded(
     return ExportResult(target, report, worst)
 
 
-__all__ = ["ExportResult", "export_folded"]
+#: The script `check_in_fresh_process` runs: torch alone loads the program, runs the inputs and compares the outputs.
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    path, data, rtol, atol = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    program = torch.export.load(path).module()
+    inputs, expected = torch.load(data, weights_only=True)
+    def flat(value):
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in flat(v)]
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in flat(v)]
+        return [value] if isinstance(value, torch.Tensor) else []
+    with torch.no_grad():
+        outs = flat(program(*inputs))
+    assert len(outs) == len(expected), f"{len(outs)} output tensor(s), expected {len(expected)}"
+    worst = 0.0
+    for a, e in zip(outs, expected):
+        assert a.shape == e.shape, f"output shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        a, e = a.double(), e.double()
+        diff = (a - e).abs()
+        if diff.numel():
+            bound = rtol * e.abs() + atol * float(e.abs().max().clamp(min=1.0))
+            assert bool((diff <= bound).all()), f"largest difference {float(diff.max()):.3e} is outside the tolerance"
+            worst = max(worst, float(diff.max()))
+    imported = sorted(m for m in sys.modules if m.split(".")[0] == "lightning_bnsgd")
+    assert not imported, f"loading the program imported {imported}"
+    print(worst)
+    """
+)
+
+
+def _as_outputs(value: Any) -> list[Tensor]:
+    """The tensors of a model's output, depth-first through dicts (in key order), tuples and lists."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _as_outputs(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _as_outputs(v)]
+    return []
+
+
+def check_in_fresh_process(
+    path: str | os.PathLike[str], example_inputs: Any, expected: Any, *, timeout: float = 300.0
+) -> float:
+    """Load the program at ``path`` in a new Python process (``sys.executable``) that imports torch alone, run it
+    on ``example_inputs`` and check its outputs against ``expected`` within `fold_batchnorm`'s tolerance.
+
+    The process fails the check if it imports ``lightning_bnsgd`` (the program must not need this package).
+
+    Args:
+        path: a program written by `export_folded` (or ``torch.export.save``).
+        example_inputs: a tensor, or a tuple of the program's positional input tensors.
+        expected: the outputs the program must give (a tensor, or tensors in tuples, lists, dicts), e.g. the
+            trained eval model's outputs on ``example_inputs``.
+        timeout: seconds the process may take.
+
+    Returns:
+        The largest absolute output difference.
+
+    Raises:
+        RuntimeError: when the process fails (the file does not load, an output differs beyond the tolerance, or
+            it imported this package), with the process's error output.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> x = torch.randn(6, 3)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     result = export_folded(net, x, f"{tmp}/net.pt2")
+        ...     worst = check_in_fresh_process(result.path, x, net.eval()(x))
+        >>> worst < 1e-4
+        True
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    outputs = [t.detach().cpu() for t in _as_outputs(expected)]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "io.pt"
+        torch.save(([x.detach().cpu() if isinstance(x, Tensor) else x for x in inputs], outputs), data)
+        command = [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(Path(path).resolve()), str(data), repr(RTOL)]
+        command.append(repr(ATOL))
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(f"check_in_fresh_process: loading {path} took more than {timeout} s.") from err
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"check_in_fresh_process: a fresh Python process with torch alone could not reproduce the outputs of "
+            f"{path} (allowed: {FoldReport().tolerance}):\n{done.stderr.strip()[-3000:]}"
+        )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+__all__ = ["FRESH_PROCESS_SCRIPT", "ExportResult", "check_in_fresh_process", "export_folded"]
