@@ -28,11 +28,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from lightning_bnsgd._validation import check_callable, check_choice, check_int
+from lightning_bnsgd.bn._modes import preserved_modes, set_attribute
 from lightning_bnsgd.bn.batches import ForwardFn, batch_size_of, default_forward, take_samples
 from lightning_bnsgd.bn.buffers import FlatBuffers
 from lightning_bnsgd.bn.collector import StatsCollector
 from lightning_bnsgd.bn.distributed import agree_on_failure, broadcast_from_zero, gather_ints, world_size
-from lightning_bnsgd.bn.inspect import batchnorm_layers
+from lightning_bnsgd.bn.inspect import batchnorm_layers, normalized_shift
 from lightning_bnsgd.bn.moments import Moments, all_gather_moments, variance_from_moments
 from lightning_bnsgd.bn.passes import PassRunner, PassStats
 
@@ -270,32 +271,23 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
     The layers' own buffers are swapped out for the duration (`FlatBuffers`), so they are never touched before
     the final commit: any exception, ``KeyboardInterrupt`` included, leaves them exactly as they were.
     """
-    flags = [(module, module.training) for module in model.modules()]
     momenta = [layer.momentum for layer in layers]
     buffers = FlatBuffers(layers)
     try:
-        with torch.no_grad(), buffers.installed():
+        with torch.no_grad(), buffers.installed(), preserved_modes(model) as modules:
             if not model.training:
-                for module, _ in flags:
-                    _set_attribute(module, "training", True)
+                for module in modules:
+                    set_attribute(module, "training", True)
             if dropout == "eval":
-                for module, _ in flags:
+                for module in modules:
                     if not isinstance(module, _BatchNorm):
-                        _set_attribute(module, "training", False)
+                        set_attribute(module, "training", False)
             for layer in layers:
-                _set_attribute(layer, "momentum", 1.0)
+                set_attribute(layer, "momentum", 1.0)
             yield buffers
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
-            _set_attribute(layer, "momentum", momentum)
-        for module, flag in flags:
-            _set_attribute(module, "training", flag)
-
-
-def _set_attribute(module: nn.Module, name: str, value: object) -> None:
-    """``setattr`` for a plain attribute (not a parameter, buffer or submodule), without ``Module.__setattr__``'s
-    checks, which cost more than a small layer's forward on models with hundreds of layers."""
-    object.__setattr__(module, name, value)
+            set_attribute(layer, "momentum", momentum)
 
 
 def _flushed(collector: StatsCollector) -> Exception | None:
@@ -498,11 +490,8 @@ def _why_no_sample(report: RecalibrationReport) -> str:
 
 
 def _channel_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
-    """Per channel, ``[|new_mean - old_mean| / sqrt(new_var + eps); |log(new_var + eps) - log(old_var + eps)|]``."""
-    new_var = new_var.double()
-    mean = (new_mean.double() - old_mean.double()).abs() / (new_var + _EPS).sqrt()
-    var = ((new_var + _EPS).log() - (old_var.double().clamp_min(0) + _EPS).log()).abs()
-    return torch.stack((mean, var))
+    """`normalized_shift` of the old statistics from the new ones, in float64 with BatchNorm's default eps."""
+    return normalized_shift(old_mean.double(), old_var.double().clamp_min(0), new_mean.double(), new_var.double(), _EPS)
 
 
 def statistics_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
