@@ -437,4 +437,4 @@ class StatsCollector:
         self._bad.clear()
 
 
-__all__ = ["FLUSH_EVERY", "ShapePlan", "StatsCollector", "StopForward", "batch_signature"]
+__all__ = ["StatsCollector"]

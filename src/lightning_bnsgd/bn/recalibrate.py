@@ -29,7 +29,12 @@ from torch.nn.parameter import UninitializedBuffer
 
 from lightning_bnsgd._validation import check_callable, check_choice, check_int
 from lightning_bnsgd.bn._modes import preserved_modes, set_attribute
-from lightning_bnsgd.bn.batches import ForwardFn, batch_size_of, default_forward, take_samples
+
+# batch_size_of, take_samples and ForwardFn stay importable from here (older imports)
+from lightning_bnsgd.bn.batches import ForwardFn as ForwardFn
+from lightning_bnsgd.bn.batches import batch_size_of as batch_size_of
+from lightning_bnsgd.bn.batches import default_forward as default_forward
+from lightning_bnsgd.bn.batches import take_samples as take_samples
 from lightning_bnsgd.bn.buffers import FlatBuffers
 from lightning_bnsgd.bn.collector import StatsCollector
 from lightning_bnsgd.bn.distributed import agree_on_failure, broadcast_from_zero, gather_ints, world_size
@@ -666,20 +671,13 @@ def _check_device(device: object, owner: str) -> torch.device | None:
 
 
 __all__ = [
-    "DROPOUT_MODES",
-    "MODES",
-    "NONFINITE_ACTIONS",
     "DropoutMode",
-    "ForwardFn",
     "LayerShift",
     "Mode",
     "NonFinite",
     "RecalibrationReport",
     "all_frozen",
-    "batch_size_of",
-    "default_forward",
     "recalibrate_bn",
     "statistics_shift",
-    "take_samples",
     "validate_recalibration_args",
 ]
