@@ -29,8 +29,7 @@ from torch.nn.parameter import UninitializedBuffer
 
 from lightning_bnsgd._validation import check_callable, check_choice, check_int
 from lightning_bnsgd.bn._modes import preserved_modes, set_attribute
-
-# batch_size_of, take_samples and ForwardFn stay importable from here (older imports)
+from lightning_bnsgd.bn._sequential import SequentialCollector
 from lightning_bnsgd.bn.batches import ForwardFn as ForwardFn
 from lightning_bnsgd.bn.batches import batch_size_of as batch_size_of
 from lightning_bnsgd.bn.batches import default_forward as default_forward
@@ -355,7 +354,7 @@ def _train_mode(run: _Run, collector: StatsCollector) -> _Outcome:
     return _Outcome(_finalize(collector, indices), stats, 1, bad, indices)
 
 
-def _sequential_mode(run: _Run, collector: StatsCollector) -> _Outcome:
+def _sequential_mode(run: _Run, collector: SequentialCollector) -> _Outcome:
     """Estimate the layers one pass each, in forward order, every earlier layer in eval mode with its new statistics.
 
     When some layer runs several times in one forward (a siamese branch, a head shared across feature maps), a
@@ -411,7 +410,7 @@ class _PassTally:
 
 
 def _layer_pass(
-    run: _Run, collector: StatsCollector, estimated: set[int], target: int | None, tally: _PassTally
+    run: _Run, collector: SequentialCollector, estimated: set[int], target: int | None, tally: _PassTally
 ) -> tuple[int, Moments] | None:
     """One pass estimating ``target`` (or the first layer reached that is not in ``estimated``); its new statistics
     are installed, so later passes see them. ``None`` when the forwards reached no such layer."""
@@ -600,9 +599,11 @@ def recalibrate_bn(
     names = [name for name, _ in targets]
     layers = [layer for _, layer in targets]
     with _recalibration_state(model, layers, run.dropout) as buffers:
-        collector = StatsCollector(layers, buffers, reset_after_read=run.nonfinite == "skip")
+        reset = run.nonfinite == "skip"
+        sequential = SequentialCollector(layers, buffers, reset) if run.mode == "sequential" else None
+        collector = sequential or StatsCollector(layers, buffers, reset)
         try:
-            outcome = (_train_mode if run.mode == "train" else _sequential_mode)(run, collector)
+            outcome = _train_mode(run, collector) if sequential is None else _sequential_mode(run, sequential)
         finally:
             collector.close()
         report._record_pass(outcome.first_pass)
