@@ -22,6 +22,7 @@ def _random_model(rng: random.Random) -> tuple[nn.Module, tuple[int, ...]]:
     the input shape of one sample."""
     dim = rng.choice([0, 1, 2, 3])  # 0: linear layers with BatchNorm1d on (N, C)
     channels = rng.randint(1, 4)
+    sample = (channels,) if dim == 0 else (channels, *[rng.randint(2, 4)] * dim)
     layers: list[nn.Module] = []
     for _ in range(rng.randint(1, 4)):
         out = rng.randint(1, 5)
@@ -33,7 +34,6 @@ def _random_model(rng: random.Random) -> tuple[nn.Module, tuple[int, ...]]:
         bn = _BN[max(dim, 1)](out, affine=rng.random() < 0.5, momentum=rng.choice([None, 0.1, 0.5]))
         layers += [bn, nn.ReLU()]
         channels = out
-    sample = (layers[0].in_features,) if dim == 0 else (layers[0].in_channels, *[rng.randint(2, 4)] * dim)  # type: ignore[union-attr]
     return nn.Sequential(*layers), sample
 
 
