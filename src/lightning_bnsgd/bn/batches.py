@@ -20,6 +20,19 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 _END = object()
 
 
+def length_or_none(batches: Iterable[Any]) -> int | None:
+    """``len(batches)``, or ``None`` for an iterable without a length.
+
+    Examples:
+        >>> length_or_none([1, 2, 3]), length_or_none(iter([1]))
+        (3, None)
+    """
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
+
+
 def default_forward_problem(batch: Any) -> str | None:
     """Why the default forward cannot feed ``batch`` to a model (``None`` when it can).
 
@@ -296,7 +309,7 @@ __all__ = [
     "default_forward",
     "default_forward_problem",
     "join_batches",
-    "meta_tensor_problem",
+    "length_or_none",
     "move_batch",
     "take_samples",
 ]

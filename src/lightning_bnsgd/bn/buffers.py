@@ -167,4 +167,4 @@ class FlatBuffers:
         copy_all(targets, [*means.split(sizes), *variances.split(sizes)])
 
 
-__all__ = ["NOT_RUN", "FlatBuffers", "copy_all", "counts_itself"]
+__all__ = ["FlatBuffers"]

@@ -6,10 +6,8 @@ buffers are views into one flat tensor (`FlatBuffers`), so one copy per forward 
 forwards). What a copy cannot know is each layer's element count, which depends only on the input's shape: the
 first forward of each new batch shape runs with forward hooks that measure it, and records which layers it
 reached and the last one, where later forwards of that shape stop. Hooks also serve the cases a copy cannot: a
-layer called several times in one forward, SyncBatchNorm (whose counts are global), and mode ``"sequential"``,
-where every call of the layer being estimated is recorded and the forward ends after its last call (the first
-forward of each batch shape runs to the end and notes the calls: `StatsCollector.traces`; with SyncBatchNorm
-every forward runs to the end, so all processes run the same layers).
+layer called several times in one forward and SyncBatchNorm (whose counts are global). Mode ``"sequential"``
+records through hooks only (`SequentialCollector`, a subclass).
 After each fast forward, the variances left at `NOT_RUN` tell which layers did not run (a layer skipped by the
 forward contributes nothing), so a forward that runs a layer its shape's first forward did not reach is an
 error, never a wrong count. Records are merged in float64 every `FLUSH_EVERY` forwards. Pure torch, no Lightning.
@@ -25,7 +23,6 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_bnsgd.bn.buffers import NOT_RUN, FlatBuffers
@@ -90,6 +87,13 @@ class StatsCollector:
             forwards start from armed buffers anyway).
     """
 
+    #: How mode "train" reads the forwards after a batch shape's first one: ``"flat"`` (one copy of the flat
+    #: buffers, ending each forward after the last layer: the fast reader) or ``"hooks"`` (a forward hook per layer,
+    #: as every shape's first forward is read: the reference the fast reader is tested against). Measured on
+    #: ``benchmarks/recalibration.py``: hooks alone cost 1.5x the plain forwards on 100 small BatchNorm layers,
+    #: the flat reader 0.96x.
+    READER = "flat"
+
     def __init__(self, layers: list[_BatchNorm], buffers: FlatBuffers, reset_after_read: bool) -> None:
         self.layers = layers
         self.buffers = buffers
@@ -103,7 +107,7 @@ class StatsCollector:
         self._plans: dict[tuple[Any, ...], ShapePlan] = {}
         self._calls: list[tuple[int, int, Tensor, Tensor]] = []  # (forward, layer, count, stats (2, C))
         # fast forwards (one copy reads every layer) need one flat tensor and no SyncBatchNorm (global counts)
-        self._readable = buffers.stats is not None and not self.lockstep
+        self._readable = buffers.stats is not None and not self.lockstep and self.READER == "flat"
         self._slots = buffers.stats.new_empty((FLUSH_EVERY, *buffers.stats.shape)) if self._readable else None  # type: ignore[union-attr]
         self._slot_tracked = buffers.tracked.new_empty((FLUSH_EVERY, len(layers)))
         self._slot_info: list[tuple[int, ShapePlan]] = []  # (forward, its shape's plan)
@@ -117,61 +121,11 @@ class StatsCollector:
         self._stop_hooks: dict[int, Any] = {}
         # the layer whose forward hook ends the forward (hooked forwards), or whose stop hook does (fast forwards)
         self._stop_after: int | None = None
-        # mode "sequential": the layers already estimated, while a layer pass is open (else None)
-        self._estimated: set[int] | None = None
-        self._target: int | None = None  # the layer the open pass must estimate (None: the first one left)
-        self._claimed: int | None = None  # the layer the open pass estimates, once a forward reached it
-        self._held: Tensor | None = None  # that layer's statistics before the pass ([mean; var])
-        self._claimed_calls = 0  # its calls in the current forward
-        self._inner = False  # a forward of the claimed layer run by our own hook (not recorded)
-        #: Mode "sequential": per batch signature, the target layers the shape's first forward called, in order.
-        self.traces: dict[tuple[Any, ...], list[int]] = {}
-        self._call_counts: dict[tuple[Any, ...], list[int]] = {}  # per signature: calls of each target layer
-
-    # -------------------------------------------------------------------------------- sequential passes
-
-    def open_layer_pass(self, estimated: set[int], target: int | None = None) -> None:
-        """Mode "sequential": the next pass estimates ``target``, or (``None``) the first layer its forwards reach
-        that is not in ``estimated``. It alone runs in train mode; every forward ends right after its last call
-        (as many calls as the first forward of the same batch shape made: `traces`)."""
-        self._estimated = estimated
-        self._target = target
-        self._claimed = None
-        if target is not None:
-            self._parts[target].clear()  # a new estimate replaces the previous one
-
-    def close_layer_pass(self) -> int | None:
-        """End the layer pass: the estimated layer goes back to eval mode; returns its index (``None``: the
-        forwards reached no layer left to estimate)."""
-        index = self._claimed
-        if index is not None:
-            self.layers[index].training = False
-        self._estimated = None
-        self._target = None
-        self._claimed = None
-        self._held = None
-        return index
-
-    def repeated_layers(self) -> bool:
-        """Mode "sequential": whether a forward called some target layer more than once (a shared layer)."""
-        return any(len(trace) != len(set(trace)) for trace in self.traces.values())
-
-    def _claim(self, index: int) -> None:
-        if self._estimated is None or self._claimed is not None:
-            return
-        if index == self._target or (self._target is None and index not in self._estimated):
-            self._claimed = index
-            self._held = self.buffers.view(index).clone()
-            self.layers[index].training = True
 
     # ------------------------------------------------------------------------------------------- forwards
 
     def forward(self, run: Callable[[], Any], batch: Any, learn: bool) -> None:
         """One forward of ``batch`` (``run()`` does it); ``learn``: fast forwards after a shape's first one."""
-        if self._estimated is not None:
-            self._sequential_forward(run, batch)
-            self._next_forward()
-            return
         signature = batch_signature(batch) if learn else ()
         plan = self._plans.get(signature) if learn else None
         if plan is not None and plan.fast and self._readable:
@@ -192,71 +146,6 @@ class StatsCollector:
         self.forward_index += 1
         if self.forward_index - self._window_start >= FLUSH_EVERY:
             self.flush()
-
-    # ----------------------------------------------------------------------------------- sequential forwards
-
-    def _sequential_forward(self, run: Callable[[], Any], batch: Any) -> None:
-        """One forward of a layer pass: the claimed layer's every call is recorded; the forward ends after its last
-        call, as the shape's first forward (which runs to the end and is traced) counted them."""
-        signature = batch_signature(batch)
-        trace = self.traces.get(signature)
-        # With SyncBatchNorm every process must run the same layers in every step (their collectives pair up), but
-        # each traces its own new batch shapes: forwards then run to the end, on every process alike.
-        calls = None if trace is None or self.lockstep else self._call_counts[signature]
-        called: list[int] = []
-        self._claimed_calls = 0
-        handles = []
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(self._sequential_pre_hook(i, called)))
-            handles.append(layer.register_forward_hook(self._sequential_hook(i, calls)))
-        _run_hooked(run, handles)
-        if trace is None:
-            self.traces[signature] = called
-            self._call_counts[signature] = [called.count(i) for i in range(len(self.layers))]
-
-    def _sequential_pre_hook(self, index: int, called: list[int]) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            if self._inner:
-                return
-            called.append(index)
-            self._claim(index)
-
-        return hook
-
-    def _sequential_hook(self, index: int, counts: list[int] | None) -> Callable[..., Any]:
-        calls = None if counts is None else counts[index]
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if self._inner or index != self._claimed:
-                return None
-            self._record(index, args[0])
-            self._claimed_calls += 1
-            if calls is not None and self._claimed_calls >= calls:
-                raise StopForward
-            # The forward goes on, maybe to another call of this layer: what follows sees this call's output as at
-            # inference, normalized with the layer's statistics from before the pass (the later rounds of mode
-            # "sequential" bring them to their final values).
-            assert self._held is not None
-            self.buffers.view(index).copy_(self._held)
-            return self._eval_output(index, args)
-
-        return hook
-
-    def _eval_output(self, index: int, args: Any) -> Any:
-        """The claimed layer's output at inference for these inputs (torch's kernel for its own layers and for
-        synchronizing ones, whose forward may hold collectives; the layer's own forward for other subclasses)."""
-        layer = self.layers[index]
-        layer.training = False
-        self._inner = True
-        try:
-            if type(layer).forward is _BatchNorm.forward or self.synced[index]:
-                return F.batch_norm(
-                    args[0], layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
-                )
-            return layer(*args)
-        finally:
-            self._inner = False
-            layer.training = True
 
     def _record(self, index: int, inputs: Tensor) -> None:
         """Record the batch statistics the layer's train-mode forward left in its buffers (momentum 1.0)."""
@@ -437,4 +326,4 @@ class StatsCollector:
         self._bad.clear()
 
 
-__all__ = ["FLUSH_EVERY", "ShapePlan", "StatsCollector", "StopForward", "batch_signature"]
+__all__ = ["StatsCollector"]

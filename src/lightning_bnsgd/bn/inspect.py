@@ -187,6 +187,22 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
     return mean, var, samples
 
 
+def normalized_shift(mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor, eps: Tensor | float) -> Tensor:
+    """How far per-channel statistics are from reference ones, per channel: ``(2, C)`` rows
+    ``|mean - ref_mean| / sqrt(ref_var + eps)`` (the shift in units of the reference standard deviation) and
+    ``|log((var + eps) / (ref_var + eps))|`` (the log-ratio of the variances BatchNorm would divide by).
+
+    The one definition behind the monitor's batch-versus-running gaps and ``recalibrate_bn``'s shifts.
+
+    Examples:
+        >>> normalized_shift(torch.ones(1), torch.ones(1), torch.zeros(1), torch.ones(1), 0.0).tolist()
+        [[1.0], [0.0]]
+    """
+    return torch.stack(
+        [(mean - ref_mean).abs() / torch.sqrt(ref_var + eps), torch.log((var + eps) / (ref_var + eps)).abs()]
+    )
+
+
 def gap_summaries(
     batch_mean: Tensor,
     batch_var: Tensor,
@@ -213,7 +229,7 @@ def gap_summaries(
     """
     dtype = _compute_dtype([batch_mean, batch_var, running_mean, running_var])
     bm, bv, rm, rv, e = (t.detach().to(dtype) for t in (batch_mean, batch_var, running_mean, running_var, eps))
-    gaps = torch.stack([(bm - rm).abs() / torch.sqrt(rv + e), torch.log((bv + e) / (rv + e)).abs()])
+    gaps = normalized_shift(bm, bv, rm, rv, e)
     means, maxes = segments.mean(gaps), segments.max(gaps)
     return torch.stack([means[0], maxes[0], means[1], maxes[1]], dim=1).float()
 

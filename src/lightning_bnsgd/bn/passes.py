@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lightning_bnsgd.bn.batches import BatchStream, take_samples
+from lightning_bnsgd.bn.batches import BatchStream, length_or_none, take_samples
 from lightning_bnsgd.bn.distributed import agree_on_failure, is_agreed, mark_agreed, rank, world_size
 
 Agreement = str  # "local" | "planned" | "per_batch"
@@ -84,13 +84,6 @@ class PassStats:
     empty_forwards: int = 0
 
 
-def _length(batches: Iterable[Any]) -> int | None:
-    try:
-        return len(batches)  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):
-        return None
-
-
 def split_budget(budget: int, capacities: list[int]) -> list[int]:
     """Split ``budget`` samples over processes as evenly as their ``capacities`` allow, never a share of one.
 
@@ -132,7 +125,7 @@ class PassRunner:
         lockstep: bool,
     ) -> None:
         self.stream = BatchStream(batches, device, num_batches)
-        self.length = _length(batches)
+        self.length = length_or_none(batches)
         if self.length is not None and num_batches is not None:
             self.length = min(self.length, num_batches)
         self.budget = budget
@@ -272,4 +265,4 @@ class PassRunner:
             self.stats.stopped_by = "num_batches"
 
 
-__all__ = ["PassRunner", "PassStats", "UncountableBatches", "split_budget"]
+__all__ = ["PassRunner", "PassStats", "UncountableBatches"]

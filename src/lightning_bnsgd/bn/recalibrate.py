@@ -28,11 +28,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from lightning_bnsgd._validation import check_callable, check_choice, check_int
-from lightning_bnsgd.bn.batches import ForwardFn, batch_size_of, default_forward, take_samples
+from lightning_bnsgd.bn._modes import preserved_modes, set_attribute
+from lightning_bnsgd.bn._sequential import SequentialCollector
+from lightning_bnsgd.bn.batches import ForwardFn as ForwardFn
+from lightning_bnsgd.bn.batches import batch_size_of as batch_size_of
+from lightning_bnsgd.bn.batches import default_forward as default_forward
+from lightning_bnsgd.bn.batches import take_samples as take_samples
 from lightning_bnsgd.bn.buffers import FlatBuffers
 from lightning_bnsgd.bn.collector import StatsCollector
 from lightning_bnsgd.bn.distributed import agree_on_failure, broadcast_from_zero, gather_ints, world_size
-from lightning_bnsgd.bn.inspect import batchnorm_layers
+from lightning_bnsgd.bn.inspect import batchnorm_layers, normalized_shift
 from lightning_bnsgd.bn.moments import Moments, all_gather_moments, variance_from_moments
 from lightning_bnsgd.bn.passes import PassRunner, PassStats
 
@@ -273,32 +278,23 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
     The layers' own buffers are swapped out for the duration (`FlatBuffers`), so they are never touched before
     the final commit: any exception, ``KeyboardInterrupt`` included, leaves them exactly as they were.
     """
-    flags = [(module, module.training) for module in model.modules()]
     momenta = [layer.momentum for layer in layers]
     buffers = FlatBuffers(layers)
     try:
-        with torch.no_grad(), buffers.installed():
+        with torch.no_grad(), buffers.installed(), preserved_modes(model) as modules:
             if not model.training:
-                for module, _ in flags:
-                    _set_attribute(module, "training", True)
+                for module in modules:
+                    set_attribute(module, "training", True)
             if dropout == "eval":
-                for module, _ in flags:
+                for module in modules:
                     if not isinstance(module, _BatchNorm):
-                        _set_attribute(module, "training", False)
+                        set_attribute(module, "training", False)
             for layer in layers:
-                _set_attribute(layer, "momentum", 1.0)
+                set_attribute(layer, "momentum", 1.0)
             yield buffers
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
-            _set_attribute(layer, "momentum", momentum)
-        for module, flag in flags:
-            _set_attribute(module, "training", flag)
-
-
-def _set_attribute(module: nn.Module, name: str, value: object) -> None:
-    """``setattr`` for a plain attribute (not a parameter, buffer or submodule), without ``Module.__setattr__``'s
-    checks, which cost more than a small layer's forward on models with hundreds of layers."""
-    object.__setattr__(module, name, value)
+            set_attribute(layer, "momentum", momentum)
 
 
 def _flushed(collector: StatsCollector) -> Exception | None:
@@ -361,7 +357,7 @@ def _train_mode(run: _Run, collector: StatsCollector) -> _Outcome:
     return _Outcome(_finalize(collector, indices), stats, 1, bad, indices)
 
 
-def _sequential_mode(run: _Run, collector: StatsCollector) -> _Outcome:
+def _sequential_mode(run: _Run, collector: SequentialCollector) -> _Outcome:
     """Estimate the layers one pass each, in forward order, every earlier layer in eval mode with its new statistics.
 
     When some layer runs several times in one forward (a siamese branch, a head shared across feature maps), a
@@ -417,7 +413,7 @@ class _PassTally:
 
 
 def _layer_pass(
-    run: _Run, collector: StatsCollector, estimated: set[int], target: int | None, tally: _PassTally
+    run: _Run, collector: SequentialCollector, estimated: set[int], target: int | None, tally: _PassTally
 ) -> tuple[int, Moments] | None:
     """One pass estimating ``target`` (or the first layer reached that is not in ``estimated``); its new statistics
     are installed, so later passes see them. ``None`` when the forwards reached no such layer."""
@@ -501,11 +497,8 @@ def _why_no_sample(report: RecalibrationReport) -> str:
 
 
 def _channel_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
-    """Per channel, ``[|new_mean - old_mean| / sqrt(new_var + eps); |log(new_var + eps) - log(old_var + eps)|]``."""
-    new_var = new_var.double()
-    mean = (new_mean.double() - old_mean.double()).abs() / (new_var + _EPS).sqrt()
-    var = ((new_var + _EPS).log() - (old_var.double().clamp_min(0) + _EPS).log()).abs()
-    return torch.stack((mean, var))
+    """`normalized_shift` of the old statistics from the new ones, in float64 with BatchNorm's default eps."""
+    return normalized_shift(old_mean.double(), old_var.double().clamp_min(0), new_mean.double(), new_var.double(), _EPS)
 
 
 def statistics_shift(old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
@@ -609,9 +602,11 @@ def recalibrate_bn(
     names = [name for name, _ in targets]
     layers = [layer for _, layer in targets]
     with _recalibration_state(model, layers, run.dropout) as buffers:
-        collector = StatsCollector(layers, buffers, reset_after_read=run.nonfinite == "skip")
+        reset = run.nonfinite == "skip"
+        sequential = SequentialCollector(layers, buffers, reset) if run.mode == "sequential" else None
+        collector = sequential or StatsCollector(layers, buffers, reset)
         try:
-            outcome = (_train_mode if run.mode == "train" else _sequential_mode)(run, collector)
+            outcome = _train_mode(run, collector) if sequential is None else _sequential_mode(run, sequential)
         finally:
             collector.close()
         report._record_pass(outcome.first_pass)
@@ -680,20 +675,13 @@ def _check_device(device: object, owner: str) -> torch.device | None:
 
 
 __all__ = [
-    "DROPOUT_MODES",
-    "MODES",
-    "NONFINITE_ACTIONS",
     "DropoutMode",
-    "ForwardFn",
     "LayerShift",
     "Mode",
     "NonFinite",
     "RecalibrationReport",
     "all_frozen",
-    "batch_size_of",
-    "default_forward",
     "recalibrate_bn",
     "statistics_shift",
-    "take_samples",
     "validate_recalibration_args",
 ]
