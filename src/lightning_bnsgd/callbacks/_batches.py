@@ -18,22 +18,11 @@ from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_bnsgd._compat import namespace_of
+from lightning_bnsgd.bn._modes import preserved_modes
+from lightning_bnsgd.bn.batches import length_or_none
 from lightning_bnsgd.callbacks._own_forwards import own_forwards
 
 _TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
-
-
-def loader_length(loader: Iterable[Any]) -> int | None:
-    """``len(loader)``, or ``None`` for a loader without a length.
-
-    Examples:
-        >>> loader_length([1, 2, 3]), loader_length(iter([1]))
-        (3, None)
-    """
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):
-        return None
 
 
 def without_persistent_workers(loader: DataLoader) -> DataLoader:
@@ -146,7 +135,7 @@ class TransferredBatches:
             yield self.move(batch)
 
     def __len__(self) -> int:
-        length = loader_length(self.loader)
+        length = length_or_none(self.loader)
         if length is None:
             raise TypeError("the underlying loader has no length")
         return length if self.limit is None else min(length, self.limit)
@@ -246,13 +235,9 @@ def trial_forward(
     """
     if any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
         return
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in flags:
+    with preserved_modes(module) as modules:
+        for m in modules:
             if dropout == "eval" or isinstance(m, _BatchNorm):
                 m.training = False
         with torch.no_grad(), own_forwards(), preserved_rng(), context():
             forward(module, batch)
-    finally:
-        for m, flag in flags:
-            m.training = flag

@@ -23,7 +23,7 @@ from lightning_bnsgd._compat import (
     request_train_dataloaders,
 )
 from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_str
-from lightning_bnsgd.bn.batches import batch_size_of, default_forward
+from lightning_bnsgd.bn.batches import batch_size_of, default_forward, length_or_none
 from lightning_bnsgd.bn.distributed import agree_on_failure, world_size
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.passes import UncountableBatches
@@ -43,7 +43,6 @@ from lightning_bnsgd.callbacks._batches import (
     default_forward_accepts,
     first_batch,
     loader_generators,
-    loader_length,
     preserved_rng,
     rebuilt_loader,
     takes_two_positional,
@@ -804,7 +803,7 @@ class BNRecalibration(Callback):
         error, empty = None, False
         try:
             loader, limit = read() if read is not None else self._fit_source(trainer)
-            length = loader_length(loader)
+            length = length_or_none(loader)
             if length is None and self.num_samples is None:
                 raise ValueError(
                     f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
