@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,9 +36,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-#: Relative and absolute (times the largest output magnitude) tolerance of the exactness check: float32 rounding.
-RTOL = 1e-4
-ATOL = 1e-5
+from lightning_bnsgd.bn.fold_check import ATOL, RTOL, output_difference, random_like
 
 Action = Literal["backward", "forward", "kept"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -119,8 +117,8 @@ class _Tracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class _Plan:
-    bn: str  # the BatchNorm node's name
-    layer: str  # the BatchNorm module's qualified name
+    target: str  # the BatchNorm module's qualified name in the traced model
+    layer: str  # the BatchNorm layer's qualified name in the model (the same unless separated)
     action: Action
     into: str | None  # the conv/linear module's qualified name
     reason: str
@@ -279,18 +277,18 @@ def _plan(gm: fx.GraphModule) -> list[_Plan]:
         if why is None and calls[str(node.target)] != 1:
             why = "it is called more than once in a forward"
         if why is not None:
-            plans.append(_Plan(node.name, layer, "kept", None, why))
+            plans.append(_Plan(str(node.target), layer, "kept", None, why))
             continue
         s, _ = _affine(bn)
         into, reason = _backward_target(gm, node, calls)
         if into is not None:
-            plans.append(_Plan(node.name, layer, "backward", into, reason))
+            plans.append(_Plan(str(node.target), layer, "backward", into, reason))
             continue
         into_f, reason_f, repeat = _forward_target(gm, node, s, calls)
         if into_f is not None:
-            plans.append(_Plan(node.name, layer, "forward", into_f, reason_f, repeat))
+            plans.append(_Plan(str(node.target), layer, "forward", into_f, reason_f, repeat))
         else:
-            plans.append(_Plan(node.name, layer, "kept", None, f"backward: {reason}; forward: {reason_f}"))
+            plans.append(_Plan(str(node.target), layer, "kept", None, f"backward: {reason}; forward: {reason_f}"))
     return plans
 
 
@@ -334,11 +332,11 @@ def _set(layer: Any, weight: Tensor, bias: Tensor) -> None:
 def _apply(model: nn.Module, plans: Sequence[_Plan]) -> fx.GraphModule:
     """A traced eval copy of ``model`` with the folds of ``plans`` (not ``"kept"``) applied."""
     gm = _trace(copy.deepcopy(model).eval())
-    nodes = {node.name: node for node in gm.graph.nodes}
+    nodes = {str(node.target): node for node in gm.graph.nodes if node.op == "call_module"}
     for plan in plans:
         if plan.action == "kept" or plan.into is None:
             continue
-        node = nodes[plan.bn]
+        node = nodes[plan.target]  # a folded BatchNorm is called once
         bn = gm.get_submodule(str(node.target))
         assert isinstance(bn, _BatchNorm)
         s, t = _affine(bn)
@@ -355,55 +353,6 @@ def _apply(model: nn.Module, plans: Sequence[_Plan]) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
-def _random_like(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[Any, ...]:
-    def replace(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
-            return (noise * value.double().std().clamp(min=1e-3) + value.double().mean()).to(value)
-        if isinstance(value, (list, tuple)):
-            return type(value)(replace(v) for v in value)
-        if isinstance(value, dict):
-            return {k: replace(v) for k, v in value.items()}
-        return value
-
-    return tuple(replace(v) for v in inputs)
-
-
-@torch.no_grad()
-def output_difference(reference: nn.Module, folded: nn.Module, inputs: Sequence[tuple[Any, ...]]) -> float | None:
-    """The largest output difference, or ``None`` when an output is outside the tolerance."""
-    worst = 0.0
-    for args in inputs:
-        expected, actual = list(_tensors(reference(*args))), list(_tensors(folded(*args)))
-        if len(expected) != len(actual):
-            return None
-        for e, a in zip(expected, actual, strict=True):
-            if e.shape != a.shape:
-                return None
-            if not e.is_floating_point():
-                if not torch.equal(e, a):
-                    return None
-                continue
-            e64, a64 = e.double(), a.double()
-            diff = (a64 - e64).abs()
-            bound = RTOL * e64.abs() + ATOL * float(e64.abs().max().clamp(min=1.0)) if e64.numel() else e64
-            if diff.numel() and not bool((diff <= bound).all()):
-                return None
-            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
-    return worst
 
 
 def fold_batchnorm(
@@ -462,7 +411,7 @@ def fold_batchnorm(
         return reference, FoldReport([FoldDecision(n, "kept", None, reason) for n in names])
     plans = _plan(traced)
     generator = torch.Generator().manual_seed(seed)
-    checks = [inputs, *(_random_like(inputs, generator) for _ in range(random_checks))]
+    checks = [inputs, *(random_like(inputs, generator) for _ in range(random_checks))]
 
     def check(folded: nn.Module) -> float | None:
         return output_difference(reference, folded, checks)
@@ -478,7 +427,7 @@ def fold_batchnorm(
             trial = _apply(model, [*accepted, plan])
             if check(trial) is None:
                 reason = f"the {plan.action} fold into {plan.into} did not pass the exactness check; undone"
-                plans[i] = _Plan(plan.bn, plan.layer, "kept", None, reason)
+                plans[i] = _Plan(plan.target, plan.layer, "kept", None, reason)
                 accepted.append(plans[i])
             else:
                 accepted.append(plan)
@@ -489,4 +438,4 @@ def fold_batchnorm(
     return folded, report
 
 
-__all__ = ["ATOL", "RTOL", "FoldDecision", "FoldReport", "fold_batchnorm"]
+__all__ = ["ATOL", "RTOL", "FoldDecision", "FoldReport", "fold_batchnorm", "output_difference"]
