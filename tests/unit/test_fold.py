@@ -298,10 +298,11 @@ def test_a_fold_that_fails_the_check_is_undone(monkeypatch):
 
 
 def test_report_text_and_arguments():
-    model = trained_like(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
+    model = trained_like(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2)))
     _, report = fold_batchnorm(model, torch.randn(2, 1, 5, 5))
     text = str(report)
-    assert "1 of 1 BatchNorm layer(s) folded" in text and "1: backward into 0" in text
+    assert "1 of 2 BatchNorm layer(s) folded" in text and "\n  1: backward into 0: 0 -> BatchNorm\n" in text
+    assert "\n  3: kept: backward: the operation before it (2) is not a convolution" in text
     assert report.max_abs_diff < 1e-4
     with pytest.raises(TypeError, match=r"`model` must be an nn\.Module"):
         fold_batchnorm("net", torch.randn(1))  # type: ignore[arg-type]

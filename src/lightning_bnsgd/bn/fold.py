@@ -107,8 +107,8 @@ class FoldReport:
             f"(max output difference {self.max_abs_diff:.2e}; {self.tolerance})"
         ]
         for d in self.decisions:
-            where = f"into {d.into}" if d.into else "kept"
-            lines.append(f"  {d.layer}: {d.action} {where}: {d.reason}")
+            where = f" into {d.into}" if d.into else ""
+            lines.append(f"  {d.layer}: {d.action}{where}: {d.reason}")
         return "\n".join(lines)
 
 
