@@ -436,3 +436,10 @@ def test_a_separated_fold_that_fails_the_check_is_undone_and_the_layer_restored(
     assert report.decisions[0].action == "kept"
     assert "did not pass the exactness check" in report.decisions[0].reason
     assert type(folded.get_submodule("1")) is NormAct
+
+
+def test_a_norm_act_subclass_in_double_precision_separates_on_probes_of_its_dtype():
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), NormAct(4, act=nn.SiLU()))).double()
+    folded, report = check_exact(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert [(d.action, d.into) for d in report.decisions] == [("backward", "0")]
+    assert folded.get_submodule("0").weight.dtype == torch.float64

@@ -77,7 +77,8 @@ def separable(gm: fx.GraphModule, generator: torch.Generator, checks: int = 2) -
         if meta is None or not hasattr(meta, "shape"):
             refused[target] = f"{type(bn).__name__} has a forward of its own and its input is not one tensor"
             continue
-        probes = [(torch.randn(meta.shape, generator=generator).to(meta.dtype),) for _ in range(checks)]
+        device = next(iter([*bn.buffers(recurse=False), *bn.parameters(recurse=False)]), torch.empty(0)).device
+        probes = [(torch.randn(meta.shape, generator=generator).to(device, meta.dtype),) for _ in range(checks)]
         why = f"{type(bn).__name__}'s forward is not its normalization followed by {children}"
         try:
             if output_difference(bn, separated, probes) is None:
