@@ -1,4 +1,5 @@
-"""Models the benchmarks share: ResNet-18 in torchvision's layout (torchvision's own where it loads)."""
+"""Models the benchmarks share: ResNet-18 in torchvision's layout (torchvision's own where it loads), torchvision's
+resnet18 and mobilenet_v3_small."""
 
 from __future__ import annotations
 
@@ -59,3 +60,13 @@ def resnet18() -> tuple[nn.Module, str]:
         return torchvision_resnet18(), "torchvision.models.resnet18"
     except Exception:  # not installed, or its ops fail to register against this torch
         return ResNet18(), "ResNet18 built in benchmarks/_models.py (torchvision's layout)"
+
+
+def torchvision_models() -> dict[str, nn.Module] | str:
+    """torchvision's ``resnet18`` and ``mobilenet_v3_small`` (random init), or why torchvision does not load."""
+    try:
+        from torchvision.models import mobilenet_v3_small
+        from torchvision.models import resnet18 as torchvision_resnet18
+    except Exception as err:  # not installed, or its ops fail to register against this torch
+        return f"{type(err).__name__}: {err}"
+    return {"resnet18": torchvision_resnet18(), "mobilenet_v3_small": mobilenet_v3_small()}

@@ -4,8 +4,9 @@ the same models, measured side by side in one run, with the largest output diffe
 model with its BatchNorm layers replaced by identity (not equivalent): the floor a fold can reach.
 
 Models: ``BNConvNet()`` at 28x28 (post-activation BatchNorm: only forward folds apply), the packaged 8x8 model
-(``padding="same"``), and ResNet-18 with torchvision's layout (torchvision's own when it imports, else the same
-layers built here). One thread, batch 64 (``--batch``), the three arms interleaved over the repeats (the order
+(``padding="same"``), and where torchvision imports its ``resnet18`` and ``mobilenet_v3_small`` at 64x64 (random
+init); where it does not, a ResNet-18 with torchvision's layout built in ``_models.py`` instead (the run says which).
+One thread, batch 64 (``--batch``), the three arms interleaved over the repeats (the order
 rotates), each cell the median over repeats of the ratio to the unfolded model of the same repeat.
 
     python benchmarks/fold.py               # 30 repeats
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _models import resnet18
+from _models import ResNet18, torchvision_models
 from torch import nn
 
 from lightning_bnsgd.bn.fold import fold_batchnorm
@@ -82,9 +83,16 @@ def main() -> None:
     models = {
         "BNConvNet() 28x28": (trained_like(BNConvNet()), (1, 28, 28), 20),
         "packaged 8x8 (padding same)": (trained_like(BNConvNet(input_size=8, padding="same")), (1, 8, 8), 50),
-        "ResNet-18 (torchvision layout) 64x64": (trained_like(resnet18()[0]), (3, 64, 64), 2),
     }
-    print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, {args.repeats} interleaved repeats")
+    vision = torchvision_models()
+    if isinstance(vision, dict):
+        models["torchvision resnet18 64x64"] = (trained_like(vision["resnet18"]), (3, 64, 64), 2)
+        models["torchvision mobilenet_v3_small 64x64"] = (trained_like(vision["mobilenet_v3_small"]), (3, 64, 64), 10)
+        ran = "torchvision's own resnet18 and mobilenet_v3_small"
+    else:
+        models["ResNet-18 (built here) 64x64"] = (trained_like(ResNet18()), (3, 64, 64), 2)
+        ran = f"torchvision does not load ({vision}): a ResNet-18 in its layout built here, no MobileNetV3"
+    print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, {args.repeats} interleaved repeats; {ran}")
     print(
         f"{'model':38s} {'folded BN':>10s} {'folded/unfolded':>16s} {'fx fuse/unfolded':>17s} "
         f"{'no BN/unfolded':>15s} {'max diff fold / fuse':>21s}"

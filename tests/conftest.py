@@ -9,6 +9,21 @@ import torch
 
 from lightning_bnsgd._compat import BACKEND, NAMESPACES, Callback, Trainer
 
+#: tests/vision (fold_batchnorm on torchvision's and timm's models) needs torchvision and timm, whose wheels need
+#: another torch than the main environments' (docs/contributing.md): collected only with BNSGD_VISION=1, as in CI's
+#: third environment, where a failure to import them is an error. Every run's header says which.
+VISION = os.environ.get("BNSGD_VISION") == "1"
+collect_ignore = [] if VISION else ["vision"]
+
+
+def pytest_report_header(config):
+    if VISION:
+        return "tests/vision: collected (BNSGD_VISION=1: torchvision and timm must import)"
+    return (
+        "tests/vision: NOT collected (torchvision/timm models; they run with BNSGD_VISION=1 in an environment with "
+        "the vision extra: CI's third environment)"
+    )
+
 
 def pytest_sessionstart(session):
     """With ``BNSGD_EXPECT_BACKEND`` set (CI does), refuse to run on another Lightning namespace."""

@@ -298,12 +298,148 @@ def test_a_fold_that_fails_the_check_is_undone(monkeypatch):
 
 
 def test_report_text_and_arguments():
-    model = trained_like(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
+    model = trained_like(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2)))
     _, report = fold_batchnorm(model, torch.randn(2, 1, 5, 5))
     text = str(report)
-    assert "1 of 1 BatchNorm layer(s) folded" in text and "1: backward into 0" in text
+    assert "1 of 2 BatchNorm layer(s) folded" in text and "\n  1: backward into 0: 0 -> BatchNorm\n" in text
+    assert "\n  3: kept: backward: the operation before it (2) is not a convolution" in text
     assert report.max_abs_diff < 1e-4
     with pytest.raises(TypeError, match=r"`model` must be an nn\.Module"):
         fold_batchnorm("net", torch.randn(1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`random_checks` must be an integer >= 0, got -1"):
         fold_batchnorm(model, torch.randn(2, 1, 5, 5), random_checks=-1)
+
+
+class NormAct(nn.BatchNorm2d):
+    """A stand-in for timm's ``BatchNormAct2d``: a BatchNorm2d subclass whose forward normalizes (its own call of
+    ``F.batch_norm``), then applies its ``drop`` and ``act`` children."""
+
+    def __init__(self, n: int, act: nn.Module | None = None, drop: nn.Module | None = None, **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        use_batch = self.training or self.running_mean is None
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, use_batch, 0.1, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class ActThenNorm(NormAct):
+    """Children, but not applied after the normalization: not separable."""
+
+    def forward(self, x):
+        return super().forward(torch.tanh(x))
+
+
+class ScaledNormAct(NormAct):
+    """A tensor of its own besides the BatchNorm ones."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.gain = nn.Parameter(torch.ones(n))
+
+
+class SyncNormAct(nn.SyncBatchNorm):
+    """Like timm's ``SyncBatchNormAct``: SyncBatchNorm's own forward, then ``drop`` and ``act``."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.drop, self.act = nn.Dropout(0.3), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("norm", [NormAct(4), NormAct(4, act=nn.SiLU(), drop=nn.Dropout(0.2)), SyncNormAct(4)])
+def test_a_norm_act_subclass_folds_its_normalization_backward_and_keeps_its_children(norm):
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.Conv2d(4, 2, 1)), negative=True)
+    folded, report = check_exact(model, torch.randn(3, 3, 7, 7))
+    ((layer, action, into, reason),) = [(d.layer, d.action, d.into, d.reason) for d in report.decisions]
+    assert (layer, action, into) == ("1", "backward", "0")
+    assert "its drop, act stay in its place" in reason
+    assert bn_count(folded) == 0
+    rest = folded.get_submodule("1")  # the layer's place now holds its drop and act, nothing else
+    assert [name for name, _ in rest.named_children()] == ["drop", "act"]
+    assert rest.act is not norm.act  # a copy, the original untouched
+    assert type(rest.act) is type(norm.act) and type(rest.drop) is type(norm.drop)
+
+
+def test_a_norm_act_subclass_with_identity_act_folds_forward_through_its_children():
+    norm = NormAct(4, act=nn.Identity(), drop=nn.Dropout(0.5))
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), norm, nn.MaxPool2d(2), nn.Conv2d(4, 2, 1)))
+    folded, report = check_exact(model, torch.randn(3, 3, 8, 8))
+    (decision,) = report.decisions
+    assert (decision.layer, decision.action, decision.into) == ("2", "forward", "4")
+    assert "BatchNorm -> 2.drop -> 2.act -> 3 -> 4" in decision.reason
+    assert bn_count(folded) == 0
+
+
+def test_a_separable_subclass_that_cannot_fold_stays_whole():
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), NormAct(4), nn.Conv2d(4, 2, 1)))
+    folded, report = check_exact(model, torch.randn(3, 3, 7, 7))
+    (decision,) = report.decisions
+    assert (decision.layer, decision.action) == ("2", "kept")
+    assert decision.reason.startswith("its normalization separates from its drop, act but does not fold: backward:")
+    assert "2.act" in decision.reason  # the act (ReLU) is what stops the forward fold
+    assert type(folded.get_submodule("2")) is NormAct  # the original layer, not its separated form
+
+
+@pytest.mark.parametrize(
+    ("norm", "reason"),
+    [
+        (ActThenNorm(4), "ActThenNorm's forward is not its normalization followed by drop, act"),
+        (ScaledNormAct(4), "ScaledNormAct has a forward of its own and tensors of its own (gain)"),
+        (BatchNormAct(4), "BatchNormAct has a forward of its own and no child modules"),
+        (NormAct(4, track_running_stats=False), "track_running_stats=False"),
+    ],
+)
+def test_a_subclass_that_does_not_separate_is_kept_with_the_reason(norm, reason):
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.Conv2d(4, 2, 1)))
+    folded, report = check_exact(model, torch.randn(3, 3, 7, 7))
+    (decision,) = report.decisions
+    assert decision.action == "kept"
+    assert reason in decision.reason, decision.reason
+    assert type(folded.get_submodule("1")) is type(norm)
+
+
+class ReadsItsNorm(nn.Module):
+    """A forward that reads an attribute of its BatchNorm layer: it does not trace with the layer separated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = NormAct(4)
+
+    def forward(self, x):
+        return self.norm(self.conv(x)) * self.norm.eps
+
+
+def test_a_model_that_needs_the_subclass_keeps_it():
+    folded, report = check_exact(trained_like(ReadsItsNorm()), torch.randn(2, 3, 6, 6))
+    (decision,) = report.decisions
+    assert decision.action == "kept"
+    assert "does not trace with the layer separated" in decision.reason
+    assert type(folded.get_submodule("norm")) is NormAct
+
+
+def test_a_separated_fold_that_fails_the_check_is_undone_and_the_layer_restored(monkeypatch):
+    def wrong(layer, s, t):  # a broken fold: forgets the shift
+        with torch.no_grad():
+            layer.weight.mul_(s.reshape(-1, *([1] * (layer.weight.dim() - 1))).to(layer.weight.dtype))
+
+    monkeypatch.setattr(fold_module, "_fold_backward", wrong)
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), NormAct(4), nn.Conv2d(4, 2, 1)))
+    folded, report = check_exact(model, torch.randn(2, 3, 6, 6))
+    assert report.decisions[0].action == "kept"
+    assert "did not pass the exactness check" in report.decisions[0].reason
+    assert type(folded.get_submodule("1")) is NormAct
+
+
+def test_a_norm_act_subclass_in_double_precision_separates_on_probes_of_its_dtype():
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), NormAct(4, act=nn.SiLU()))).double()
+    folded, report = check_exact(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert [(d.action, d.into) for d in report.decisions] == [("backward", "0")]
+    assert folded.get_submodule("0").weight.dtype == torch.float64

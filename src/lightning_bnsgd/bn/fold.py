@@ -15,20 +15,23 @@ In eval mode a BatchNorm layer with running statistics is a per-channel affine m
   does not take a forward fold: at the borders it would read the zeros unshifted, so the fold is refused (padding
   modes ``reflect``, ``replicate`` and ``circular`` pad with the shifted values and fold exactly).
 
+A BatchNorm subclass with a forward of its own that is its normalization followed by its child modules (timm's
+``BatchNormAct2d``: normalize, ``drop``, ``act``) is separated first (`lightning_bnsgd.bn.fold_separate`): its
+normalization folds like any BatchNorm layer, and the children stay in its place.
+
 Everything else stays as it is, and the report says why: BatchNorm layers that normalize with batch statistics at
-inference (``track_running_stats=False``), subclasses with a forward of their own (timm's ``BatchNormAct2d``: its
-activation does not commute), outputs that feed several consumers, a ReLU between the BatchNorm and the next
-layer, layers called more than once. Exactness is checked, not assumed: the folded model's outputs are compared
-with the unfolded eval model's on the example inputs and on random inputs of the same shape, and a fold that does
-not pass is undone and reported.
+inference (``track_running_stats=False``), subclasses whose forward does not separate, outputs that feed several
+consumers, a ReLU between the BatchNorm and the next layer, layers called more than once. Exactness is checked, not
+assumed: the folded model's outputs are compared with the unfolded eval model's on the example inputs and on random
+inputs of the same shape, and a fold that does not pass is undone and reported.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -36,9 +39,8 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-#: Relative and absolute (times the largest output magnitude) tolerance of the exactness check: float32 rounding.
-RTOL = 1e-4
-ATOL = 1e-5
+from lightning_bnsgd.bn.fold_check import ATOL, RTOL, output_difference, random_like
+from lightning_bnsgd.bn.fold_separate import NORM, has_own_forward, separable, separated_copy
 
 Action = Literal["backward", "forward", "kept"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -105,8 +107,8 @@ class FoldReport:
             f"(max output difference {self.max_abs_diff:.2e}; {self.tolerance})"
         ]
         for d in self.decisions:
-            where = f"into {d.into}" if d.into else "kept"
-            lines.append(f"  {d.layer}: {d.action} {where}: {d.reason}")
+            where = f" into {d.into}" if d.into else ""
+            lines.append(f"  {d.layer}: {d.action}{where}: {d.reason}")
         return "\n".join(lines)
 
 
@@ -119,8 +121,8 @@ class _Tracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class _Plan:
-    bn: str  # the BatchNorm node's name
-    layer: str  # the BatchNorm module's qualified name
+    target: str  # the BatchNorm module's qualified name in the traced model
+    layer: str  # the BatchNorm layer's qualified name in the model (the same unless separated)
     action: Action
     into: str | None  # the conv/linear module's qualified name
     reason: str
@@ -165,10 +167,10 @@ def _calls(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def _why_not_foldable(bn: _BatchNorm) -> str | None:
-    if type(bn).forward is not _BatchNorm.forward and not isinstance(bn, nn.SyncBatchNorm):
-        return f"{type(bn).__name__} has a forward of its own (not separable from what else it does)"
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return "normalizes with batch statistics at inference (track_running_stats=False)"
+    if has_own_forward(bn):
+        return f"{type(bn).__name__} has a forward of its own"
     return None
 
 
@@ -267,30 +269,45 @@ def _forward_target(gm: fx.GraphModule, node: fx.Node, s: Tensor, calls: dict[st
         current = user
 
 
-def _plan(gm: fx.GraphModule) -> list[_Plan]:
+def _decide(gm: fx.GraphModule, node: fx.Node, bn: _BatchNorm, calls: dict[str, int]) -> _Plan:
+    target = str(node.target)
+    why = _why_not_foldable(bn)
+    if why is None and calls[target] != 1:
+        why = "it is called more than once in a forward"
+    if why is not None:
+        return _Plan(target, target, "kept", None, why)
+    s, _ = _affine(bn)
+    into, reason = _backward_target(gm, node, calls)
+    if into is not None:
+        return _Plan(target, target, "backward", into, reason)
+    into_f, reason_f, repeat = _forward_target(gm, node, s, calls)
+    if into_f is not None:
+        return _Plan(target, target, "forward", into_f, reason_f, repeat)
+    return _Plan(target, target, "kept", None, f"backward: {reason}; forward: {reason_f}")
+
+
+def _plan(gm: fx.GraphModule, separated: dict[str, str], refused: dict[str, str]) -> list[_Plan]:
+    """One plan per BatchNorm layer; ``separated`` maps a layer replaced by its separated form to the children
+    after its normalization (its plain BatchNorm is traced as ``<layer>.bn``), ``refused`` the layers with a
+    forward of their own that do not separate to the reason."""
     calls = _calls(gm)
     plans: list[_Plan] = []
     for node in gm.graph.nodes:
         bn = _module(gm, node)
         if not isinstance(bn, _BatchNorm):
             continue
-        layer = str(node.target)  # torch.fx keeps the qualified names of the traced model
-        why = _why_not_foldable(bn)
-        if why is None and calls[str(node.target)] != 1:
-            why = "it is called more than once in a forward"
-        if why is not None:
-            plans.append(_Plan(node.name, layer, "kept", None, why))
-            continue
-        s, _ = _affine(bn)
-        into, reason = _backward_target(gm, node, calls)
-        if into is not None:
-            plans.append(_Plan(node.name, layer, "backward", into, reason))
-            continue
-        into_f, reason_f, repeat = _forward_target(gm, node, s, calls)
-        if into_f is not None:
-            plans.append(_Plan(node.name, layer, "forward", into_f, reason_f, repeat))
-        else:
-            plans.append(_Plan(node.name, layer, "kept", None, f"backward: {reason}; forward: {reason_f}"))
+        plan = _decide(gm, node, bn, calls)  # torch.fx keeps the qualified names of the traced model
+        layer, _, norm = plan.target.rpartition(".")
+        if norm == NORM and layer in separated:  # timm's BatchNormAct2d and the like
+            parts = separated[layer]
+            if plan.action == "kept":
+                why = f"its normalization separates from its {parts} but does not fold: {plan.reason}"
+                plan = replace(plan, layer=layer, reason=why)
+            else:
+                plan = replace(plan, layer=layer, reason=f"{plan.reason} (its {parts} stay in its place)")
+        elif plan.target in refused:
+            plan = replace(plan, reason=refused[plan.target])
+        plans.append(plan)
     return plans
 
 
@@ -333,12 +350,12 @@ def _set(layer: Any, weight: Tensor, bias: Tensor) -> None:
 
 def _apply(model: nn.Module, plans: Sequence[_Plan]) -> fx.GraphModule:
     """A traced eval copy of ``model`` with the folds of ``plans`` (not ``"kept"``) applied."""
-    gm = _trace(copy.deepcopy(model).eval())
-    nodes = {node.name: node for node in gm.graph.nodes}
+    gm = _trace(separated_copy(model, [p.layer for p in plans if p.action != "kept" and p.target != p.layer]))
+    nodes = {str(node.target): node for node in gm.graph.nodes if node.op == "call_module"}
     for plan in plans:
         if plan.action == "kept" or plan.into is None:
             continue
-        node = nodes[plan.bn]
+        node = nodes[plan.target]  # a folded BatchNorm is called once
         bn = gm.get_submodule(str(node.target))
         assert isinstance(bn, _BatchNorm)
         s, t = _affine(bn)
@@ -357,55 +374,6 @@ def _apply(model: nn.Module, plans: Sequence[_Plan]) -> fx.GraphModule:
     return gm
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
-def _random_like(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[Any, ...]:
-    def replace(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
-            return (noise * value.double().std().clamp(min=1e-3) + value.double().mean()).to(value)
-        if isinstance(value, (list, tuple)):
-            return type(value)(replace(v) for v in value)
-        if isinstance(value, dict):
-            return {k: replace(v) for k, v in value.items()}
-        return value
-
-    return tuple(replace(v) for v in inputs)
-
-
-@torch.no_grad()
-def output_difference(reference: nn.Module, folded: nn.Module, inputs: Sequence[tuple[Any, ...]]) -> float | None:
-    """The largest output difference, or ``None`` when an output is outside the tolerance."""
-    worst = 0.0
-    for args in inputs:
-        expected, actual = list(_tensors(reference(*args))), list(_tensors(folded(*args)))
-        if len(expected) != len(actual):
-            return None
-        for e, a in zip(expected, actual, strict=True):
-            if e.shape != a.shape:
-                return None
-            if not e.is_floating_point():
-                if not torch.equal(e, a):
-                    return None
-                continue
-            e64, a64 = e.double(), a.double()
-            diff = (a64 - e64).abs()
-            bound = RTOL * e64.abs() + ATOL * float(e64.abs().max().clamp(min=1.0)) if e64.numel() else e64
-            if diff.numel() and not bool((diff <= bound).all()):
-                return None
-            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
-    return worst
-
-
 def fold_batchnorm(
     model: nn.Module,
     example_inputs: Any,
@@ -418,7 +386,9 @@ def fold_batchnorm(
 
     ``model`` itself is not changed (not even its mode). The copy is a ``torch.fx.GraphModule`` (traced with every
     BatchNorm layer kept as one call); a model that torch.fx cannot trace comes back as an eval copy with every
-    BatchNorm kept and the reason in the report.
+    BatchNorm kept and the reason in the report. A BatchNorm subclass whose forward is its normalization followed by
+    its child modules (timm's ``BatchNormAct2d``: ``drop``, ``act``) has its normalization folded and its children
+    left in its place; one whose forward is something else is kept.
 
     Args:
         model: any ``nn.Module`` with BatchNorm layers (``nn.Sequential``, torchvision or timm models, your own).
@@ -460,9 +430,19 @@ def fold_batchnorm(
         reason = f"torch.fx could not trace the model ({type(err).__name__}: {err})"
         names = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
         return reference, FoldReport([FoldDecision(n, "kept", None, reason) for n in names])
-    plans = _plan(traced)
+    separated, refused = separable(traced, torch.Generator().manual_seed(seed))
+    if separated:
+        try:
+            traced = _trace(separated_copy(model, list(separated)))
+            ShapeProp(traced).propagate(*inputs)
+        except Exception as err:  # the model's forward relies on the layer's class
+            why = f"the model does not trace with the layer separated ({type(err).__name__}: {err})"
+            refused.update(dict.fromkeys(separated, why))
+            separated = {}
+            traced = _trace(copy.deepcopy(model).eval())
+    plans = _plan(traced, separated, refused)
     generator = torch.Generator().manual_seed(seed)
-    checks = [inputs, *(_random_like(inputs, generator) for _ in range(random_checks))]
+    checks = [inputs, *(random_like(inputs, generator) for _ in range(random_checks))]
 
     def check(folded: nn.Module) -> float | None:
         return output_difference(reference, folded, checks)
@@ -478,7 +458,7 @@ def fold_batchnorm(
             trial = _apply(model, [*accepted, plan])
             if check(trial) is None:
                 reason = f"the {plan.action} fold into {plan.into} did not pass the exactness check; undone"
-                plans[i] = _Plan(plan.bn, plan.layer, "kept", None, reason)
+                plans[i] = replace(plan, action="kept", into=None, reason=reason)
                 accepted.append(plans[i])
             else:
                 accepted.append(plan)
@@ -489,4 +469,4 @@ def fold_batchnorm(
     return folded, report
 
 
-__all__ = ["ATOL", "RTOL", "FoldDecision", "FoldReport", "fold_batchnorm"]
+__all__ = ["ATOL", "RTOL", "FoldDecision", "FoldReport", "fold_batchnorm", "output_difference"]
