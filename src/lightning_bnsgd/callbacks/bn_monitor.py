@@ -30,6 +30,7 @@ from lightning_bnsgd.bn.inspect import (
     gap_summaries,
     summarize_layers,
 )
+from lightning_bnsgd.callbacks._cadence import LoggingCadence
 from lightning_bnsgd.callbacks._log_prefix import resolve_prefixes
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
 from lightning_bnsgd.callbacks._name_patterns import (
@@ -169,12 +170,13 @@ class BNStatsMonitor(Callback):
     gaps (``gap_mean_max``, ``gap_var_max``), the total dead-channel fraction (``dead_frac``), the total
     ``nonfinite_count`` and, on multi-device runs, the largest cross-rank differences.
 
-    Steps are counted like the Trainer counts them for its own ``log_every_n_steps``: training batches that end
-    with an optimizer step, once per batch whatever the number of optimizers (with gradient accumulation, the
-    last micro-batch of each accumulation window; with manual optimization, every batch). The values are
-    logged at the step at which Lightning logs what the LightningModule logs with ``self.log`` in the same batch
-    (the count of earlier such batches: ``trainer.global_step - 1`` with one optimizer), so they line up with the
-    module's own metrics.
+    It monitors exactly the training batches whose ``self.log`` metrics Lightning logs, and logs at the same step, so
+    its values line up with the module's own metrics. Steps are counted like the Trainer counts them for its own
+    ``log_every_n_steps``: training batches that end with an optimizer step, once per batch whatever the number of
+    optimizers (with gradient accumulation, the last micro-batch of each accumulation window; with manual
+    optimization, every batch); like Lightning, it also monitors every such batch while the Trainer has been told
+    to stop but ``min_steps`` or ``min_epochs`` keep it training. The step logged at is the count of earlier such
+    batches (``trainer.global_step - 1`` with one optimizer).
 
     It is cheap enough to leave on: forward pre-hooks that read the batch statistics are attached only for the
     monitored step and removed right after; every number of that step is computed on the device and moved to
@@ -277,14 +279,10 @@ class BNStatsMonitor(Callback):
         self.log_prefix: str = check_str("log_prefix", log_prefix, owner=_OWNER)
         self._prefix = self.log_prefix  # what the names start with: `log_prefix`, unless another monitor has it
 
-        self._interval = log_every_n_steps or 1
+        self._cadence = LoggingCadence(self.log_every_n_steps)
         self._layers: list[_Layer] = []
         self._handles: list[RemovableHandle] = []
-        self._steps = False  # the current batch ends with an optimizer step
         self._monitoring = False  # the current batch is monitored
-        self._batches_stepped = 0  # training batches that ended with an optimizer step (Lightning's logging step)
-        self._restored_batches: int | None = None  # from a checkpoint, checked against the Trainer's count
-        self._count_pending = True  # the count is read from the Trainer at the first training batch
         self._first_batch = True
         self._samples_checked = False
         self._warned = WarnOnce()
@@ -296,14 +294,7 @@ class BNStatsMonitor(Callback):
     # ------------------------------------------------------------------ fit start
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._interval = (
-            self.log_every_n_steps if self.log_every_n_steps is not None else int(trainer.log_every_n_steps)
-        )
-        if self._interval == 0 and stage == "fit":
-            rank_zero_warn(
-                f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
-                f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
-            )
+        self._cadence.setup(trainer, stage, _OWNER, " (no statistics, no anomaly checks)")
         resolve_prefixes([cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)], _OWNER, self)
 
     @override
@@ -352,22 +343,7 @@ class BNStatsMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._count_pending = True
         self._watch_frozen()
-
-    def _read_step_count(self, trainer: Trainer) -> None:
-        """Take the count of stepping batches from the Trainer at the first training batch (on a resume Lightning
-        completes its own count only when the epoch starts, after ``on_train_start``), and check the restored one
-        against it: a count that disagrees would monitor other batches than the ones Lightning logs."""
-        count = logging_step(trainer)
-        restored, self._restored_batches = self._restored_batches, None
-        if restored is not None and restored != count:
-            rank_zero_warn(
-                f"{_OWNER}: the checkpoint's state {self.state_key!r} counts {restored} training batches that "
-                f"stepped, the Trainer {count}; the monitor follows the Trainer's count, so that its values keep "
-                "lining up with the module's own logs (was the state written by another run?)."
-            )
-        self._batches_stepped = count
 
     def _check_configuration(self) -> None:
         """Warn about layer settings that are likely mistakes, as the layers stand at the first training batch."""
@@ -413,16 +389,7 @@ class BNStatsMonitor(Callback):
                 assert isinstance(m.running_var, Tensor)
                 layer.frozen = _Frozen(marks, m.running_mean.detach().clone(), m.running_var.detach().clone())
 
-    # ------------------------------------------------------------------ which batches, hooks
-    @staticmethod
-    def _ends_with_step(trainer: Trainer, batch_idx: int) -> bool:
-        """Whether this training batch ends with an optimizer step, as Lightning decides it (once per batch)."""
-        if (batch_idx + 1) % max(int(trainer.accumulate_grad_batches), 1) == 0:
-            return True
-        total = trainer.num_training_batches
-        last = isinstance(total, int) and batch_idx + 1 >= total
-        return last and not trainer.strategy.handles_gradient_accumulation
-
+    # ------------------------------------------------------------------ hooks
     def _make_hook(self, layer: _Layer, keep_running: bool) -> Any:
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
             if in_own_forwards():  # another plugin callback's forwards (a probe) are not the training batch
@@ -465,10 +432,7 @@ class BNStatsMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._remove_hooks()
-        if self._count_pending:
-            self._count_pending = False
-            self._read_step_count(trainer)
-        self._steps = self._ends_with_step(trainer, batch_idx)
+        logged = self._cadence.begin_batch(trainer, batch_idx)
         self._monitoring = False
         if not self._layers:
             return
@@ -477,7 +441,7 @@ class BNStatsMonitor(Callback):
             self._watch_frozen()
             self._check_configuration()
         self._is_zero = bool(trainer.is_global_zero)
-        self._monitoring = self._steps and self._interval > 0 and (self._batches_stepped + 1) % self._interval == 0
+        self._monitoring = logged
         if self._monitoring:
             self._watch_frozen()  # layers frozen since the last monitored step
             self._run_eagerly()
@@ -488,9 +452,7 @@ class BNStatsMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._remove_hooks()
-        if self._steps:
-            self._batches_stepped += 1
-            self._steps = False
+        self._cadence.end_batch()
         if self._monitoring:
             self._monitoring = False
             if not self._samples_checked:
@@ -749,7 +711,7 @@ class BNStatsMonitor(Callback):
         return {
             "warned": self._warned.state(),
             "log_every_n_steps": self.log_every_n_steps,
-            "batches_stepped": self._batches_stepped,
+            "batches_stepped": self._cadence.stepped,
         }
 
     @override
@@ -757,7 +719,8 @@ class BNStatsMonitor(Callback):
         """Restore what `state_dict` returned. A state that is not this monitor's (a value of the wrong type, a
         negative count) is not used: each such entry is named in a warning and replaced by a fresh one (no warnings
         given yet; the step count read from the Trainer)."""
-        self._warned, self._restored_batches = WarnOnce(), None
+        self._warned = WarnOnce()
+        self._cadence.restore(self._cadence.stepped)  # no count to check the Trainer's against
         if not isinstance(state_dict, dict):
             _warn_bad_state(self.state_key, None, state_dict, "a dict as written by `state_dict()`", _NO_STATE)
             return
@@ -768,7 +731,7 @@ class BNStatsMonitor(Callback):
             _warn_bad_state(self.state_key, "warned", warned, "[layer, kind] string pairs", _NO_WARNED)
         batches = state_dict.get("batches_stepped")
         if isinstance(batches, int) and is_int(batches) and batches >= 0:
-            self._restored_batches = self._batches_stepped = batches
+            self._cadence.restore(batches, where=f"{_OWNER}: the checkpoint's state {self.state_key!r}")
         elif batches is not None:
             _warn_bad_state(self.state_key, "batches_stepped", batches, "an integer >= 0", _NO_COUNT)
 

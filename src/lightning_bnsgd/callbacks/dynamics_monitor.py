@@ -26,6 +26,7 @@ from lightning_bnsgd.bn.dynamics import (
     sgd_group_equilibrium,
     weight_layers,
 )
+from lightning_bnsgd.callbacks._cadence import LoggingCadence
 from lightning_bnsgd.callbacks._log_prefix import resolve_prefixes
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
 from lightning_bnsgd.callbacks._own_forwards import own_forwards
@@ -125,7 +126,7 @@ class WeightDynamicsMonitor(Callback):
     At the first training batch it finds the scale-invariant weights numerically (`find_scale_invariant` on the
     inputs that batch fed to the model: a conv or linear weight, or weight and bias, whose scale the output does
     not depend on because a BatchNorm normalizes it) and records the order in which layers run. Then every
-    ``log_every_n_steps`` training batches it reads, at that batch's optimizer step, per scale-invariant layer
+    ``log_every_n_steps`` training steps it reads, at that batch's optimizer step, per scale-invariant layer
     (``dynamics/<layer name>/...``; ``dynamics`` is `log_prefix`):
 
     * ``weight_norm``: ``||w||`` (weight and bias together when they are invariant together);
@@ -157,8 +158,10 @@ class WeightDynamicsMonitor(Callback):
     ``(1 - momentum) / (2 lr wd)`` steps) or a fitted training set (vanishing gradients) all give it.
 
     Args:
-        log_every_n_steps: monitor every this many training batches (default: the Trainer's ``log_every_n_steps``).
-            With gradient accumulation, the first batch that steps the optimizer at or after that count.
+        log_every_n_steps: monitor every this many training steps (default: the Trainer's ``log_every_n_steps``;
+            0 there turns the monitor off): the batches whose ``self.log`` metrics Lightning logs, counted as the
+            Trainer counts them (with gradient accumulation, the last micro-batch of every window), logged at the
+            same step.
         include: layer-name patterns to monitor (default: all); a glob unless it starts with ``"re:"``.
         exclude: layer-name patterns to leave out, applied after ``include``.
         log_grad_flow: also log ``grad_norm`` for layers that are not scale-invariant (the head, layers without
@@ -228,13 +231,12 @@ class WeightDynamicsMonitor(Callback):
         self.report: ScaleInvarianceReport | None = None
         #: Layers in forward order (the gradient-flow depth axis), filled at the first training batch.
         self.layer_names: list[str] = []
-        self._interval = log_every_n_steps or 1
+        self._cadence = LoggingCadence(log_every_n_steps)
         self._groups: list[_Group] = []
         self._layers: list[tuple[str, Tensor]] = []
         self._grads: dict[str, Tensor] = {}
         self._recorder: _InputRecorder | None = None
-        self._batches = 0
-        self._pending = False
+        self._pending = False  # the current batch is monitored
         self._streaks: dict[str, int] = {}
         self._first_inv_norm2: dict[str, float] = {}
         self._warned = WarnOnce()
@@ -242,7 +244,7 @@ class WeightDynamicsMonitor(Callback):
     # ------------------------------------------------------------------ set-up and detection
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        self._cadence.setup(trainer, stage, _OWNER)
         resolve_prefixes([cb for cb in trainer.callbacks if isinstance(cb, WeightDynamicsMonitor)], _OWNER, self)
 
     @override
@@ -255,14 +257,14 @@ class WeightDynamicsMonitor(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not trainer.is_global_zero:
+        self._pending = self._cadence.begin_batch(trainer, batch_idx)
+        if not trainer.is_global_zero or self._cadence.interval == 0:
+            self._pending = False
             return
         if self.report is None and self._recorder is None:
             layers = weight_layers(pl_module)
             roots = {"": pl_module, **{n: m for n, m in pl_module.named_children() if _owns_any(m, layers)}}
             self._recorder = _InputRecorder(roots, layers, self.probe_samples)
-        if (self._batches + 1) % self._interval == 0:
-            self._pending = True
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -355,12 +357,10 @@ class WeightDynamicsMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batches += 1
-        stepped = any(g.before is not None for g in self._groups) or bool(self._grads)
-        if not self._pending or not stepped:
-            return
-        self._pending = False
-        self._log(trainer)
+        self._cadence.end_batch()
+        pending, self._pending = self._pending, False
+        if pending:
+            self._log(trainer)
         for g in self._groups:
             g.before, g.hyper = None, None
         self._grads = {}
@@ -469,7 +469,7 @@ class WeightDynamicsMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "warned": self._warned.state(),
-            "batches": self._batches,
+            "batches": self._cadence.stepped,
             "streaks": dict(self._streaks),
             "first_inv_norm2": dict(self._first_inv_norm2),
         }
@@ -502,7 +502,8 @@ class WeightDynamicsMonitor(Callback):
             name: check_number(f"first_inv_norm2[{name!r}]", v, 0.0, min_open=True, owner=where)
             for name, v in first.items()
         }
-        self._warned, self._batches, self._streaks, self._first_inv_norm2 = warned, batches, streaks, first
+        self._warned, self._streaks, self._first_inv_norm2 = warned, streaks, first
+        self._cadence.restore(batches)
 
 
 def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
