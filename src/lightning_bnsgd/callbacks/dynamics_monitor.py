@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step
 from lightning_bnsgd._validation import check_bool, check_int, check_number, check_str
+from lightning_bnsgd.bn._host import to_host
 from lightning_bnsgd.bn.dynamics import (
     ScaleInvarianceReport,
     ScaleInvariantGroup,
@@ -368,20 +369,19 @@ class WeightDynamicsMonitor(Callback):
     def _log(self, trainer: Trainer) -> None:
         tracked = [g for g in self._groups if g.before is not None]
         grads = [(n, self._grads[n]) for n, _ in self._layers if n in self._grads]
-        parts: list[Tensor] = []
+        if not tracked and not grads:
+            return
         with torch.no_grad():
+            norm_angles = []
             for g in tracked:
                 after = g.params[0] if len(g.params) == 1 else torch.cat([p.detach().flatten() for p in g.params])
                 assert g.before is not None
-                parts += _norm_and_angle(g.before, after)
-            parts += [t for _, t in grads]
-        if not parts:
-            return
-        host = torch.stack([p.to(parts[0].device, torch.float64) for p in parts]).cpu().tolist()  # one transfer
+                norm_angles.append(_norm_and_angle(g.before, after))
+            norm_angles, grad_norms = to_host((norm_angles, [t for _, t in grads]), torch.float64)  # one transfer
         metrics: dict[str, float] = {}
-        for i, g in enumerate(tracked):
-            metrics.update(self._group_metrics(g, host[2 * i], host[2 * i + 1]))
-        grad_values = host[2 * len(tracked) :]
+        for g, (norm, angle) in zip(tracked, norm_angles, strict=True):
+            metrics.update(self._group_metrics(g, float(norm), float(angle)))
+        grad_values = [float(t) for t in grad_norms]
         for (name, _), value in zip(grads, grad_values, strict=True):
             metrics[f"{self._prefix}/{name}/grad_norm"] = value
         if self.log_grad_flow and len(grad_values) > 1 and grad_values[-1] > 0:
@@ -415,13 +415,13 @@ class WeightDynamicsMonitor(Callback):
         if wd == 0.0 and lr > 0.0:
             first = self._first_inv_norm2.setdefault(name, norm**2)
             if norm**2 > self.max_norm_growth * first:
-                self._warn_once(
+                self._warned.warn(
                     name,
                     "no_decay",
-                    f"layer {name!r} is scale-invariant and has no weight decay: ||w||^2 grew "
+                    f"{_OWNER}: layer {name!r} is scale-invariant and has no weight decay: ||w||^2 grew "
                     f"{norm**2 / first:.1f}x since the first monitored step, so its effective LR lr/||w||^2 fell "
                     "as much and it has almost stopped learning. Give it weight decay (e.g. the conv/linear group "
-                    "of SGDWarmup) or raise the LR.",
+                    "of SGDWarmup) or raise the LR. (warned once per layer).",
                 )
         self._streaks[name] = self._streaks.get(name, 0) + 1 if angle > self.max_angular_update else 0
         if self._streaks[name] < self.patience:
@@ -439,15 +439,13 @@ class WeightDynamicsMonitor(Callback):
                 f"equilibrium is {eq} (e.g. an LR too high for this layer, a short warmup or a small "
                 "initialization). Lower the LR or lengthen the warmup"
             )
-        self._warn_once(
+        self._warned.warn(
             name,
             "off_equilibrium",
-            f"layer {name!r} rotates {angle:.3g} rad per step (> max_angular_update={self.max_angular_update:g}) "
-            f"for {self._streaks[name]} monitored steps in a row: {why}.",
+            f"{_OWNER}: layer {name!r} rotates {angle:.3g} rad per step "
+            f"(> max_angular_update={self.max_angular_update:g}) for {self._streaks[name]} monitored steps in a row: "
+            f"{why}. (warned once per layer).",
         )
-
-    def _warn_once(self, name: str, kind: str, message: str) -> None:
-        self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer).")
 
     # ------------------------------------------------------------------ checkpointing
     @property
