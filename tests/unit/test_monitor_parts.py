@@ -3,11 +3,14 @@ values, the once-per-layer warnings' checkpoint form."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lightning_bnsgd.bn._host import to_host
 from lightning_bnsgd.bn.inspect import ANOMALIES, BUFFER_STATS, GAP_STATS
+from lightning_bnsgd.callbacks._cadence import ends_with_step, is_logging_step
 from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepValues
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names, user_module_name
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
@@ -114,3 +117,24 @@ def test_warn_once_round_trip() -> None:
     seen = WarnOnce.load([["net.bn1", "frozen"], ("net.bn2", "nonfinite_weight")])
     assert seen.state() == [["net.bn1", "frozen"], ["net.bn2", "nonfinite_weight"]]
     assert not seen.first("net.bn2", "nonfinite_weight") and seen.first("net.bn2", "frozen")
+
+
+@pytest.mark.parametrize(
+    ("batches", "strategy_accumulates", "expected"),
+    [(7, False, [2, 5, 6]), (7, True, [2, 5]), (float("inf"), False, [2, 5])],
+)
+def test_ends_with_step_follows_accumulation_windows_and_the_epochs_last_batch(
+    batches: float, strategy_accumulates: bool, expected: list[int]
+) -> None:
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=3,
+        num_training_batches=batches,
+        strategy=SimpleNamespace(handles_gradient_accumulation=strategy_accumulates),
+    )
+    assert [i for i in range(7) if ends_with_step(trainer, i)] == expected
+
+
+def test_logging_step_rule_is_lightnings() -> None:
+    assert [n for n in range(10) if is_logging_step(n, 4)] == [3, 7]
+    assert all(is_logging_step(n, 4, should_stop=True) for n in range(10))
+    assert not any(is_logging_step(n, 0, should_stop=True) for n in range(10))  # log_every_n_steps=0: never
