@@ -85,6 +85,8 @@ def test_to_host_keeps_structure_shapes_and_non_tensors() -> None:
     assert host[0].shape == (2, 3) and host[1][0].shape == () and host[1][2][0].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert all(t.dtype == torch.float64 for t in (host[0], host[1][0], host[1][2][0]))
     assert to_host([None, "x"]) == [None, "x"]
+    norms = to_host([(torch.tensor(2.0), torch.tensor(0.5, dtype=torch.float64)), [torch.tensor(3)]], torch.float64)
+    assert norms == [(2.0, 0.5), [3.0]] and all(isinstance(v, float) for v in (*norms[0], *norms[1]))
 
 
 def test_step_values_reject_parts_that_do_not_match() -> None:

@@ -20,9 +20,10 @@ def _leaves(values: Any, out: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _rebuild(values: Any, chunks: Iterator[Tensor]) -> Any:
+def _rebuild(values: Any, chunks: Iterator[Any]) -> Any:
     if isinstance(values, Tensor):
-        return next(chunks).view(values.shape)
+        chunk = next(chunks)
+        return chunk.view(values.shape) if isinstance(chunk, Tensor) else chunk
     if isinstance(values, (list, tuple)):
         return type(values)([_rebuild(value, chunks) for value in values])
     return values
@@ -31,18 +32,24 @@ def _rebuild(values: Any, chunks: Iterator[Tensor]) -> Any:
 def to_host(values: T, dtype: torch.dtype = torch.float32) -> T:
     """``values`` (a tensor, or lists and tuples of them, nested; anything else is kept as it is) with every tensor
     on the host, in ``dtype`` and its own shape, moved in one device-to-host transfer: the tensors are flattened and
-    concatenated on the first one's device, copied once, and split back.
+    concatenated on the first one's device, copied once, and split back. When every tensor is a single number
+    (0-d), they come back as Python numbers (one ``tolist`` for all: far cheaper than many host tensors).
 
     Examples:
         >>> summary, (norm, angle), missing = to_host((torch.ones(2, 3), (torch.tensor(2.0), torch.tensor(0.5)), None))
         >>> summary.shape, float(norm), float(angle), missing
         (torch.Size([2, 3]), 2.0, 0.5, None)
+        >>> to_host([(torch.tensor(2.0), torch.tensor(0.5)), [torch.tensor(3.0)]], torch.float64)
+        [(2.0, 0.5), [3.0]]
     """
     leaves = _leaves(values, [])
     if not leaves:
         return values
     device = leaves[0].device
-    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in leaves])
+    if all(t.dim() == 0 for t in leaves):
+        numbers = torch.stack([t.to(device=device, dtype=dtype) for t in leaves]).detach().cpu()  # the one transfer
+        return _rebuild(values, iter(numbers.tolist()))  # type: ignore[no-any-return]
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=dtype) for t in leaves]).detach()
     host = flat.cpu()  # the one transfer
     return _rebuild(values, iter(host.split([t.numel() for t in leaves])))  # type: ignore[no-any-return]
 
