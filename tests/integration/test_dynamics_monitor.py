@@ -196,14 +196,15 @@ def test_interval_counts_training_batches_with_two_optimizers(make_trainer):
     assert metrics["dynamics/net.4/angular_update_eq"] == pytest.approx(equilibrium_angular_update(0.05, 1e-3, 0.5))
 
 
-def test_with_gradient_accumulation_the_next_stepping_batch_is_monitored(make_trainer):
+def test_with_gradient_accumulation_the_third_stepping_batch_is_monitored(make_trainer):
     logger = MemoryLogger()
     monitor = WeightDynamicsMonitor(log_every_n_steps=3)
     trainer = make_trainer(max_epochs=1, logger=logger, accumulate_grad_batches=2, callbacks=[monitor])
     trainer.fit(Tiny())
-    # batches 3 and 6 are due; batch 3 does not step, so batch 4 (optimizer step 2) is monitored, then batch 6 (3),
-    # at the step of their self.log metrics: the number of batches that stepped before them
-    assert [s for s, _ in logger.logged("dynamics/")] == [1, 2]
+    # steps are counted as Lightning counts them for its own logging: batches 2, 4, 6, 8 step; the third of them
+    # (batch 6) is monitored, at the step of its self.log metrics (the number of batches that stepped before it)
+    assert trainer.global_step == 4
+    assert [s for s, _ in logger.logged("dynamics/")] == [2]
     assert all(m["dynamics/net.4/angular_update"] > 0 for _, m in logger.logged("dynamics/"))
 
 

@@ -1,13 +1,17 @@
-"""Unit tests of ``BNStatsMonitor``'s parts: layer-name patterns, the layout of a monitored step's tensor, the
-once-per-layer warnings' checkpoint form."""
+"""Unit tests of the monitors' parts: layer-name patterns, the one host transfer of a monitored step and its
+values, the once-per-layer warnings' checkpoint form."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from lightning_bnsgd.bn._host import to_host
 from lightning_bnsgd.bn.inspect import ANOMALIES, BUFFER_STATS, GAP_STATS
-from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout
+from lightning_bnsgd.callbacks._cadence import ends_with_step, is_logging_step
+from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepValues
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names, user_module_name
 from lightning_bnsgd.callbacks._warn_once import WarnOnce
 
@@ -44,14 +48,17 @@ def _parts(layers: int, offset: float) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("has_rank", [False, True])
-def test_step_layout_round_trip(has_rank: bool) -> None:
+def test_step_values_round_trip_through_one_host_transfer(has_rank: bool) -> None:
     parts = _parts(3, 0.0)
     rank = torch.arange(3 * len(RANK_STATS), dtype=torch.float32).view(3, -1) + 4000 if has_rank else None
     hist = [torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0, 7.0], dtype=torch.float64)]
-    layout = StepLayout(3, has_rank, (("a", "weight", 2), ("b", "running_var", 3)))
-    flat = layout.pack(parts["summary"], parts["gaps"], rank, parts["flags"], parts["frozen_changed"], hist)
-    assert flat.dtype == torch.float32 and flat.numel() == sum(layout.sizes())
-    values = layout.unpack(flat)
+    device = (parts["summary"], parts["gaps"], rank, parts["flags"], parts["frozen_changed"], hist)
+    summary, gaps, rank_host, flags, frozen, hist_host = to_host(device)
+    moved = [summary, gaps, flags, frozen, *hist_host, *([rank_host] if has_rank else [])]
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in moved)
+    assert sum(t.numel() for t in moved) == sum(t.numel() for t in _leaves(device))
+    named = [("a", "weight", hist_host[0]), ("b", "running_var", hist_host[1])]
+    values = StepValues.from_host(summary, gaps, rank_host, flags, frozen, named)
     assert values.summary == parts["summary"].tolist()
     assert values.gaps == parts["gaps"].tolist()
     assert values.flags == parts["flags"].tolist()
@@ -63,13 +70,33 @@ def test_step_layout_round_trip(has_rank: bool) -> None:
     ]
 
 
-def test_step_layout_rejects_parts_that_do_not_match() -> None:
+def _leaves(values: object) -> list[torch.Tensor]:
+    if isinstance(values, torch.Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _leaves(v)]
+    return []
+
+
+def test_to_host_keeps_structure_shapes_and_non_tensors() -> None:
+    nested = [torch.ones(2, 3), (torch.tensor(2.0), None, [torch.arange(4, dtype=torch.int64)]), "name"]
+    host = to_host(nested, torch.float64)
+    assert isinstance(host, list) and isinstance(host[1], tuple) and host[1][1] is None and host[2] == "name"
+    assert host[0].shape == (2, 3) and host[1][0].shape == () and host[1][2][0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert all(t.dtype == torch.float64 for t in (host[0], host[1][0], host[1][2][0]))
+    assert to_host([None, "x"]) == [None, "x"]
+    norms = to_host([(torch.tensor(2.0), torch.tensor(0.5, dtype=torch.float64)), [torch.tensor(3)]], torch.float64)
+    assert norms == [(2.0, 0.5), [3.0]] and all(isinstance(v, float) for v in (*norms[0], *norms[1]))
+
+
+def test_step_values_reject_parts_that_do_not_match() -> None:
     parts = _parts(2, 0.0)
-    layout = StepLayout(2, has_rank=False)
     with pytest.raises(ValueError, match="do not match"):
-        layout.pack(parts["summary"], parts["gaps"], torch.zeros(2, 2), parts["flags"], parts["frozen_changed"])
-    with pytest.raises(ValueError, match="sizes"):
-        layout.pack(parts["summary"], parts["gaps"][:1], None, parts["flags"], parts["frozen_changed"])
+        StepValues.from_host(
+            parts["summary"], parts["gaps"], torch.zeros(2, 3), parts["flags"], parts["frozen_changed"]
+        )
+    with pytest.raises(ValueError, match="do not match"):
+        StepValues.from_host(parts["summary"], parts["gaps"][:1], None, parts["flags"], parts["frozen_changed"])
 
 
 def test_user_module_names_drop_what_torch_compile_adds() -> None:
@@ -92,3 +119,24 @@ def test_warn_once_round_trip() -> None:
     seen = WarnOnce.load([["net.bn1", "frozen"], ("net.bn2", "nonfinite_weight")])
     assert seen.state() == [["net.bn1", "frozen"], ["net.bn2", "nonfinite_weight"]]
     assert not seen.first("net.bn2", "nonfinite_weight") and seen.first("net.bn2", "frozen")
+
+
+@pytest.mark.parametrize(
+    ("batches", "strategy_accumulates", "expected"),
+    [(7, False, [2, 5, 6]), (7, True, [2, 5]), (float("inf"), False, [2, 5])],
+)
+def test_ends_with_step_follows_accumulation_windows_and_the_epochs_last_batch(
+    batches: float, strategy_accumulates: bool, expected: list[int]
+) -> None:
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=3,
+        num_training_batches=batches,
+        strategy=SimpleNamespace(handles_gradient_accumulation=strategy_accumulates),
+    )
+    assert [i for i in range(7) if ends_with_step(trainer, i)] == expected
+
+
+def test_logging_step_rule_is_lightnings() -> None:
+    assert [n for n in range(10) if is_logging_step(n, 4)] == [3, 7]
+    assert all(is_logging_step(n, 4, should_stop=True) for n in range(10))
+    assert not any(is_logging_step(n, 0, should_stop=True) for n in range(10))  # log_every_n_steps=0: never

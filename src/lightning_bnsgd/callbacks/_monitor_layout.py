@@ -1,7 +1,7 @@
-"""The one tensor a monitored step of ``BNStatsMonitor`` moves from the device to the host, and how to read it back.
+"""The values of one monitored step of ``BNStatsMonitor`` on the host, read from the tensors `to_host` moved there.
 
-`StepLayout.pack` concatenates the step's per-layer results in a fixed order; `StepLayout.unpack` splits the host
-copy with the same sizes into named rows. Both sit side by side so the order is written once.
+The device side computes named per-layer tensors; `to_host` moves them in one transfer, keeping each one's shape;
+`StepValues.from_host` turns them into rows of floats.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from lightning_bnsgd.bn.inspect import ANOMALIES, BUFFER_STATS, GAP_STATS
@@ -35,70 +34,46 @@ class StepValues:
     histograms: list[tuple[str, str, Tensor]]
     """``(layer name, tensor name, values)`` for each histogram."""
 
-
-@dataclass(frozen=True)
-class StepLayout:
-    """Order and sizes of the flat tensor of one monitored step.
-
-    Args:
-        layers: number of monitored layers.
-        has_rank: whether the cross-rank differences are part of the step.
-        histograms: ``(layer name, tensor name, number of values)`` of each histogram, in order.
-
-    Examples:
-        >>> layout = StepLayout(layers=1, has_rank=False, histograms=(("bn", "weight", 3),))
-        >>> flat = layout.pack(
-        ...     summary=torch.zeros(1, len(BUFFER_STATS)),
-        ...     gaps=torch.ones(1, len(GAP_STATS)),
-        ...     rank_diff=None,
-        ...     flags=torch.zeros(1, len(ANOMALIES)),
-        ...     frozen_changed=torch.ones(1),
-        ...     histograms=[torch.arange(3.0)],
-        ... )
-        >>> values = layout.unpack(flat)
-        >>> values.gaps, values.frozen_changed, values.histograms[0][2].tolist()
-        ([[1.0, 1.0, 1.0, 1.0]], [1.0], [0.0, 1.0, 2.0])
-    """
-
-    layers: int
-    has_rank: bool
-    histograms: tuple[tuple[str, str, int], ...] = ()
-
-    def sizes(self) -> list[int]:
-        """Number of values of each part, in packing order."""
-        n = self.layers
-        rank = n * len(RANK_STATS) if self.has_rank else 0
-        head = [n * len(BUFFER_STATS), n * len(GAP_STATS), rank, n * len(ANOMALIES), n]
-        return head + [size for _, _, size in self.histograms]
-
-    def pack(
-        self,
+    @classmethod
+    def from_host(
+        cls,
         summary: Tensor,
         gaps: Tensor,
         rank_diff: Tensor | None,
         flags: Tensor,
         frozen_changed: Tensor,
-        histograms: Sequence[Tensor] = (),
-    ) -> Tensor:
-        """One float32 tensor holding every part, on the device of ``summary``."""
-        if (rank_diff is not None) != self.has_rank or len(histograms) != len(self.histograms):
-            raise ValueError("StepLayout.pack: the parts do not match the layout.")
-        empty = summary.new_zeros(0)
-        parts = [summary, gaps, rank_diff if rank_diff is not None else empty, flags, frozen_changed, *histograms]
-        flat = [p.detach().reshape(-1).to(device=summary.device, dtype=torch.float32) for p in parts]
-        if [p.numel() for p in flat] != self.sizes():
-            raise ValueError(f"StepLayout.pack: sizes {[p.numel() for p in flat]}, expected {self.sizes()}.")
-        return torch.cat(flat)
+        histograms: Sequence[tuple[str, str, Tensor]] = (),
+    ) -> StepValues:
+        """Rows of floats from the host tensors of one step (``histograms``: ``(layer, tensor name, values)``).
 
-    def unpack(self, host: Tensor) -> StepValues:
-        """Split a (host) copy of `pack`'s result into named rows."""
-        summary, gaps, rank, flags, frozen, *hist = host.split(self.sizes())
-        n = self.layers
-        return StepValues(
-            summary=summary.view(n, len(BUFFER_STATS)).tolist(),
-            gaps=gaps.view(n, len(GAP_STATS)).tolist(),
-            rank_diff=rank.view(n, len(RANK_STATS)).tolist() if self.has_rank else None,
-            flags=flags.view(n, len(ANOMALIES)).tolist(),
-            frozen_changed=frozen.tolist(),
-            histograms=[(layer, name, values) for (layer, name, _), values in zip(self.histograms, hist, strict=True)],
+        Raises:
+            ValueError: the parts do not hold one row of the expected width per layer.
+
+        Examples:
+            >>> import torch
+            >>> values = StepValues.from_host(
+            ...     summary=torch.zeros(1, len(BUFFER_STATS)),
+            ...     gaps=torch.ones(1, len(GAP_STATS)),
+            ...     rank_diff=None,
+            ...     flags=torch.zeros(1, len(ANOMALIES)),
+            ...     frozen_changed=torch.ones(1),
+            ...     histograms=[("bn", "weight", torch.arange(3.0))],
+            ... )
+            >>> values.gaps, values.frozen_changed, values.histograms[0][2].tolist()
+            ([[1.0, 1.0, 1.0, 1.0]], [1.0], [0.0, 1.0, 2.0])
+        """
+        n = summary.shape[0] if summary.dim() else -1
+        parts = [(summary, BUFFER_STATS), (gaps, GAP_STATS), (flags, ANOMALIES)]
+        if rank_diff is not None:
+            parts.append((rank_diff, RANK_STATS))
+        shapes = [tuple(t.shape) for t, _ in parts] + [tuple(frozen_changed.shape)]
+        if shapes != [(n, len(names)) for _, names in parts] + [(n,)]:
+            raise ValueError(f"StepValues.from_host: the parts do not match: shapes {shapes} for {n} layers.")
+        return cls(
+            summary=summary.tolist(),
+            gaps=gaps.tolist(),
+            rank_diff=rank_diff.tolist() if rank_diff is not None else None,
+            flags=flags.tolist(),
+            frozen_changed=frozen_changed.tolist(),
+            histograms=list(histograms),
         )

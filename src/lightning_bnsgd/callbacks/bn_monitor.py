@@ -3,35 +3,48 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bnsgd._compat import Callback, logging_step, namespace_name, namespace_of
+from lightning_bnsgd._compat import Callback, logging_step
 from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, check_str, is_int
+from lightning_bnsgd.bn._host import to_host
 from lightning_bnsgd.bn.distributed import all_ranks_max_min, all_reduce_max, is_distributed
 from lightning_bnsgd.bn.inspect import (
-    ANOMALIES,
     BUFFER_STATS,
     GAP_STATS,
     Segments,
     anomaly_flags,
     batch_moments,
     batchnorm_layers,
-    configuration_issues,
-    gap_summaries,
     summarize_layers,
 )
+from lightning_bnsgd.callbacks._bn_checks import (
+    anomaly_problems,
+    histogram_loggers,
+    warn_configuration,
+    warn_few_samples,
+)
+from lightning_bnsgd.callbacks._bn_layers import (
+    SET_STANCE,
+    Layer,
+    attach_hooks,
+    frozen_changes,
+    remove_hooks,
+    warn_frozen_changes,
+    watch_frozen,
+)
+from lightning_bnsgd.callbacks._bn_step import across_ranks, batch_gaps, step_metrics
+from lightning_bnsgd.callbacks._cadence import LoggingCadence
 from lightning_bnsgd.callbacks._log_prefix import resolve_prefixes
-from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepLayout, StepValues
+from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepValues
 from lightning_bnsgd.callbacks._name_patterns import (
     COMPILED_WRAPPER_NAME,
     compile_name_patterns,
@@ -46,24 +59,11 @@ if TYPE_CHECKING:
 
 AnomalyAction = Literal["warn", "raise", "ignore"]
 _OWNER = "BNStatsMonitor"
-#: ``torch.compiler.set_stance`` (torch >= 2.6): runs compiled code eagerly while its stance is "force_eager".
-_SET_STANCE: Any = getattr(torch.compiler, "set_stance", None)
-_eager_holders: set[int] = set()  # the monitors that run compiled code eagerly now (the stance is per process)
-_eager_stance: Any = None  # the "force_eager" stance set for them; closing it restores the one before
 _LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
 _ACTIONS = ("warn", "raise", "ignore")
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``<log_prefix>/<layer name>/<statistic>``, ``bn/`` by default).
 STATS: tuple[str, ...] = (*BUFFER_STATS, *GAP_STATS, "samples_per_channel", *RANK_STATS)
 _HISTOGRAM_TENSORS = ("running_mean", "running_var", "weight")
-_ANOMALY_TEXT = {
-    "nonfinite_running_mean": "NaN/Inf in running_mean",
-    "nonfinite_running_var": "NaN/Inf in running_var",
-    "nonfinite_weight": "NaN/Inf in weight",
-    "nonfinite_bias": "NaN/Inf in bias",
-    "running_var_low": "running_var collapsed below min_running_var={bound}",
-    "running_var_high": "running_var exploded above max_running_var={bound}",
-    "dead_frac_high": "dead-channel fraction above max_dead_fraction={bound}",
-}
 
 
 class BNAnomalyError(RuntimeError):
@@ -73,56 +73,6 @@ class BNAnomalyError(RuntimeError):
         >>> str(BNAnomalyError("layer 'net.0': NaN/Inf in running_var at step 50"))
         "layer 'net.0': NaN/Inf in running_var at step 50"
     """
-
-
-@dataclass
-class _Capture:
-    """What the forward pre-hook of one layer saw during a monitored training step."""
-
-    samples: int = 0
-    batch_stats: bool = False  # the forward normalized with the batch's statistics (train mode or no buffers)
-    mean: Tensor | None = None
-    var: Tensor | None = None
-    running_mean: Tensor | None = None
-    running_var: Tensor | None = None
-
-
-def _freeze_marks(module: _BatchNorm) -> frozenset[str]:
-    """How ``module`` is frozen now: ``"eval"`` (eval mode), ``"params"`` (affine parameters without gradients),
-    ``"no_track"`` (``track_running_stats=False``, as Lightning's ``BaseFinetuning.freeze_module`` sets it)."""
-    marks = set()
-    if not module.training:
-        marks.add("eval")
-    params = [p for p in (module.weight, module.bias) if isinstance(p, Tensor)]
-    if params and not any(p.requires_grad for p in params):
-        marks.add("params")
-    if not module.track_running_stats:
-        marks.add("no_track")
-    return frozenset(marks)
-
-
-@dataclass
-class _Frozen:
-    """A layer seen frozen, with its running statistics at that moment."""
-
-    marks: frozenset[str]
-    running_mean: Tensor
-    running_var: Tensor
-
-    def released(self, module: _BatchNorm) -> bool:
-        """Unfrozen on purpose since: parameters trainable again or tracking switched back on (what
-        ``BaseFinetuning.make_trainable`` and ``unfreeze_and_add_param_group`` do). Eval mode alone cannot tell a
-        deliberate ``.train()`` from an accidental one, so it never releases."""
-        now = _freeze_marks(module)
-        return any(mark in self.marks and mark not in now for mark in ("params", "no_track"))
-
-
-@dataclass
-class _Layer:
-    name: str
-    module: _BatchNorm
-    capture: _Capture = field(default_factory=_Capture)
-    frozen: _Frozen | None = None
 
 
 def _check_bounds(
@@ -169,12 +119,13 @@ class BNStatsMonitor(Callback):
     gaps (``gap_mean_max``, ``gap_var_max``), the total dead-channel fraction (``dead_frac``), the total
     ``nonfinite_count`` and, on multi-device runs, the largest cross-rank differences.
 
-    Steps are counted like the Trainer counts them for its own ``log_every_n_steps``: training batches that end
-    with an optimizer step, once per batch whatever the number of optimizers (with gradient accumulation, the
-    last micro-batch of each accumulation window; with manual optimization, every batch). The values are
-    logged at the step at which Lightning logs what the LightningModule logs with ``self.log`` in the same batch
-    (the count of earlier such batches: ``trainer.global_step - 1`` with one optimizer), so they line up with the
-    module's own metrics.
+    It monitors exactly the training batches whose ``self.log`` metrics Lightning logs, and logs at the same step, so
+    its values line up with the module's own metrics. Steps are counted like the Trainer counts them for its own
+    ``log_every_n_steps``: training batches that end with an optimizer step, once per batch whatever the number of
+    optimizers (with gradient accumulation, the last micro-batch of each accumulation window; with manual
+    optimization, every batch); like Lightning, it also monitors every such batch while the Trainer has been told
+    to stop but ``min_steps`` or ``min_epochs`` keep it training. The step logged at is the count of earlier such
+    batches (``trainer.global_step - 1`` with one optimizer).
 
     It is cheap enough to leave on: forward pre-hooks that read the batch statistics are attached only for the
     monitored step and removed right after; every number of that step is computed on the device and moved to
@@ -277,14 +228,10 @@ class BNStatsMonitor(Callback):
         self.log_prefix: str = check_str("log_prefix", log_prefix, owner=_OWNER)
         self._prefix = self.log_prefix  # what the names start with: `log_prefix`, unless another monitor has it
 
-        self._interval = log_every_n_steps or 1
-        self._layers: list[_Layer] = []
+        self._cadence = LoggingCadence(self.log_every_n_steps)
+        self._layers: list[Layer] = []
         self._handles: list[RemovableHandle] = []
-        self._steps = False  # the current batch ends with an optimizer step
         self._monitoring = False  # the current batch is monitored
-        self._batches_stepped = 0  # training batches that ended with an optimizer step (Lightning's logging step)
-        self._restored_batches: int | None = None  # from a checkpoint, checked against the Trainer's count
-        self._count_pending = True  # the count is read from the Trainer at the first training batch
         self._first_batch = True
         self._samples_checked = False
         self._warned = WarnOnce()
@@ -296,14 +243,7 @@ class BNStatsMonitor(Callback):
     # ------------------------------------------------------------------ fit start
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._interval = (
-            self.log_every_n_steps if self.log_every_n_steps is not None else int(trainer.log_every_n_steps)
-        )
-        if self._interval == 0 and stage == "fit":
-            rank_zero_warn(
-                f"{_OWNER}: the Trainer's `log_every_n_steps=0` turns logging off, and the monitor with it (no "
-                f"statistics, no anomaly checks). Pass `{_OWNER}(log_every_n_steps=N)` to monitor anyway."
-            )
+        self._cadence.setup(trainer, stage, _OWNER, " (no statistics, no anomaly checks)")
         resolve_prefixes([cb for cb in trainer.callbacks if isinstance(cb, BNStatsMonitor)], _OWNER, self)
 
     @override
@@ -312,7 +252,7 @@ class BNStatsMonitor(Callback):
         self._first_batch = True
         self._samples_checked = False
         named = batchnorm_layers(pl_module)
-        if _SET_STANCE is None and any(COMPILED_WRAPPER_NAME in name.split(".") for name, _ in named):
+        if SET_STANCE is None and any(COMPILED_WRAPPER_NAME in name.split(".") for name, _ in named):
             rank_zero_warn(
                 f"{_OWNER}: the model has `torch.compile`d modules, and this torch (< 2.6) cannot run them eagerly "
                 "for a monitored step (`torch.compiler.set_stance`): compiled code skips the monitor's hooks, so "
@@ -320,7 +260,7 @@ class BNStatsMonitor(Callback):
             )
         found = [(user_module_name(name), m) for name, m in named]  # the user's names, also under torch.compile
         keep = set(select_layer_names([name for name, _ in found], self._include, self._exclude))
-        self._layers = [_Layer(name, m) for name, m in found if name in keep]
+        self._layers = [Layer(name, m) for name, m in found if name in keep]
         self._segments = None
         if not self._layers:
             what = "has no BatchNorm layer" if not found else "has no BatchNorm layer matching `include`/`exclude`"
@@ -331,99 +271,14 @@ class BNStatsMonitor(Callback):
                 f"{_OWNER}: the Trainer has no logger, so no BatchNorm statistics will be logged "
                 "(anomaly checks still run)."
             )
-        self._histogram_loggers = self._find_histogram_loggers(trainer) if self.log_histograms else []
-
-    def _find_histogram_loggers(self, trainer: Trainer) -> list[Any]:
-        """The Trainer's TensorBoard loggers, each recognized in its own Lightning namespace."""
-        found, skipped = [], []
-        for logger in trainer.loggers:
-            if namespace_name(logger) is not None and isinstance(
-                logger, namespace_of(logger).loggers.TensorBoardLogger
-            ):
-                found.append(logger)
-            else:
-                skipped.append(type(logger).__name__)
-        if skipped:
-            rank_zero_warn(
-                f"{_OWNER}: `log_histograms=True` but {skipped} cannot log histograms; only TensorBoardLogger "
-                "gets them."
-            )
-        return found
+        self._histogram_loggers = histogram_loggers(trainer) if self.log_histograms else []
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._count_pending = True
-        self._watch_frozen()
+        watch_frozen(self._layers)
 
-    def _read_step_count(self, trainer: Trainer) -> None:
-        """Take the count of stepping batches from the Trainer at the first training batch (on a resume Lightning
-        completes its own count only when the epoch starts, after ``on_train_start``), and check the restored one
-        against it: a count that disagrees would monitor other batches than the ones Lightning logs."""
-        count = logging_step(trainer)
-        restored, self._restored_batches = self._restored_batches, None
-        if restored is not None and restored != count:
-            rank_zero_warn(
-                f"{_OWNER}: the checkpoint's state {self.state_key!r} counts {restored} training batches that "
-                f"stepped, the Trainer {count}; the monitor follows the Trainer's count, so that its values keep "
-                "lining up with the module's own logs (was the state written by another run?)."
-            )
-        self._batches_stepped = count
-
-    def _check_configuration(self) -> None:
-        """Warn about layer settings that are likely mistakes, as the layers stand at the first training batch."""
-        selected = [(x.name, x.module) for x in self._layers]
-        issues = configuration_issues(selected)
-        if issues["no_running_stats"]:
-            rank_zero_warn(
-                f"{_OWNER}: BatchNorm layers without running statistics (built with `track_running_stats=False`) "
-                f"normalize with batch statistics in evaluation too, so predictions depend on the batch: "
-                f"{issues['no_running_stats']}."
-            )
-        if issues["momentum_none"]:
-            rank_zero_warn(
-                f"{_OWNER}: BatchNorm layers with `momentum=None` keep a cumulative average that weights every "
-                "batch since the start equally, so statistics collected under early weights never fade; use a "
-                f"momentum such as 0.1 or recalibrate: {issues['momentum_none']}."
-            )
-        if issues["momentum_zero"]:
-            rank_zero_warn(
-                f"{_OWNER}: BatchNorm layers with `momentum=0` never update their running statistics "
-                f"(to freeze BatchNorm, keep the layer in eval mode instead): {issues['momentum_zero']}."
-            )
-        per_device = [
-            name
-            for name, m in selected
-            if not isinstance(m, SyncBatchNorm) and (m.training or not isinstance(m.running_mean, Tensor))
-        ]
-        if self._world_size > 1 and per_device:
-            rank_zero_warn(
-                f"{_OWNER}: {len(per_device)} plain BatchNorm layer(s) normalize with batch statistics on "
-                f"{self._world_size} devices: each device uses its own batch's. When per-device batches are small, "
-                f"use `Trainer(sync_batchnorm=True)` (SyncBatchNorm). Layers: {per_device}."
-            )
-
-    def _watch_frozen(self) -> None:
-        """Keep the running statistics of layers frozen now that are not watched yet."""
-        for layer in self._layers:
-            m = layer.module
-            if layer.frozen is not None or not isinstance(m.running_mean, Tensor):
-                continue
-            marks = _freeze_marks(m)
-            if marks:
-                assert isinstance(m.running_var, Tensor)
-                layer.frozen = _Frozen(marks, m.running_mean.detach().clone(), m.running_var.detach().clone())
-
-    # ------------------------------------------------------------------ which batches, hooks
-    @staticmethod
-    def _ends_with_step(trainer: Trainer, batch_idx: int) -> bool:
-        """Whether this training batch ends with an optimizer step, as Lightning decides it (once per batch)."""
-        if (batch_idx + 1) % max(int(trainer.accumulate_grad_batches), 1) == 0:
-            return True
-        total = trainer.num_training_batches
-        last = isinstance(total, int) and batch_idx + 1 >= total
-        return last and not trainer.strategy.handles_gradient_accumulation
-
-    def _make_hook(self, layer: _Layer, keep_running: bool) -> Any:
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, layer: Layer, keep_running: bool) -> Any:
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
             if in_own_forwards():  # another plugin callback's forwards (a probe) are not the training batch
                 return
@@ -444,58 +299,38 @@ class BNStatsMonitor(Callback):
 
         return hook
 
-    def _attach(self) -> None:
-        for layer in self._layers:
-            layer.capture = _Capture()
-            hook = self._make_hook(layer, keep_running=self._world_size > 1)
-            self._handles.append(layer.module.register_forward_pre_hook(hook))
-
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        _release_eager(self)  # compiled code runs compiled again (once no other monitor needs it eager)
-
-    def _run_eagerly(self) -> None:
-        """Run ``torch.compile``d code eagerly for this monitored step, so that the hooks see every layer's input.
-        Compiled code does not call hooks added after it was compiled, and a hook compiled into a graph would keep
-        running (and be recompiled) on every later step; eager, the compiled graphs stay free of the monitor."""
-        _hold_eager(self)
+        remove_hooks(self, self._handles)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._remove_hooks()
-        if self._count_pending:
-            self._count_pending = False
-            self._read_step_count(trainer)
-        self._steps = self._ends_with_step(trainer, batch_idx)
+        logged = self._cadence.begin_batch(trainer, batch_idx)
         self._monitoring = False
         if not self._layers:
             return
         if self._first_batch:  # after every on_*_start hook: the layers are as the user and the callbacks set them
             self._first_batch = False
-            self._watch_frozen()
-            self._check_configuration()
+            watch_frozen(self._layers)
+            warn_configuration([(x.name, x.module) for x in self._layers], self._world_size)
         self._is_zero = bool(trainer.is_global_zero)
-        self._monitoring = self._steps and self._interval > 0 and (self._batches_stepped + 1) % self._interval == 0
+        self._monitoring = logged
         if self._monitoring:
-            self._watch_frozen()  # layers frozen since the last monitored step
-            self._run_eagerly()
-            self._attach()
+            watch_frozen(self._layers)  # layers frozen since the last monitored step
+            keep_running = self._world_size > 1
+            self._handles = attach_hooks(self, self._layers, lambda layer: self._make_hook(layer, keep_running))
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._remove_hooks()
-        if self._steps:
-            self._batches_stepped += 1
-            self._steps = False
+        self._cadence.end_batch()
         if self._monitoring:
             self._monitoring = False
             if not self._samples_checked:
                 self._samples_checked = True
-                self._check_samples()
+                warn_few_samples(self._layers, self.min_samples_per_channel)
             self._monitor_step(trainer)
 
     @override
@@ -509,20 +344,6 @@ class BNStatsMonitor(Callback):
         for layer in self._layers:
             layer.frozen = None
 
-    def _check_samples(self) -> None:
-        few = [
-            f"{x.name} ({x.capture.samples})"
-            for x in self._layers
-            if x.capture.batch_stats and 0 < x.capture.samples < self.min_samples_per_channel
-        ]
-        if few:
-            rank_zero_warn(
-                f"{_OWNER}: BatchNorm layers normalize with batch statistics from fewer than "
-                f"min_samples_per_channel={self.min_samples_per_channel} values per channel in a training "
-                "batch, so their normalization and running statistics are noisy (larger batches, "
-                f"SyncBatchNorm or GroupNorm help): {few}."
-            )
-
     # ------------------------------------------------------------------ the monitored step (on the device)
     def _monitor_step(self, trainer: Trainer) -> None:
         layers = self._layers
@@ -534,92 +355,49 @@ class BNStatsMonitor(Callback):
             self._segments = Segments([x.module.num_features for x in layers], device)
         summary, nonfinite = summarize_layers([x.module for x in layers], self.dead_threshold, device, self._segments)
         flags = anomaly_flags(summary, nonfinite, self.min_running_var, self.max_running_var, self.max_dead_fraction)
-        frozen = self._frozen_changes(device)
+        frozen = frozen_changes(layers, device)
         rank_diff = None
         if self._world_size > 1:
-            rank_diff, flags, frozen = self._across_ranks(trainer, flags, frozen, device)
+            reduce_max = _reduce_max(trainer)
+            rank_diff, flags, frozen = across_ranks(
+                layers, flags, frozen, device, lambda t: all_ranks_max_min(t, reduce_max)
+            )
         histograms: list[Tensor] = []
-        sizes: list[tuple[str, str, int]] = []
+        names: list[tuple[str, str]] = []
         if self._histogram_loggers and self._is_zero:
             for x in layers:
                 for name in _HISTOGRAM_TENSORS:
                     t = getattr(x.module, name, None)
                     if isinstance(t, Tensor):
                         histograms.append(t.detach())
-                        sizes.append((x.name, name, t.numel()))
-        layout = StepLayout(len(layers), rank_diff is not None, tuple(sizes))
-        packed = layout.pack(summary, self._gaps(device), rank_diff, flags, frozen, histograms)
-        self._report(trainer, layout.unpack(packed.cpu()))  # the one device-to-host transfer of this step
-
-    def _gaps(self, device: torch.device) -> Tensor:
-        """``(layers, len(GAP_STATS))`` batch-versus-running gaps; NaN rows for layers whose input was not seen."""
-        layers = self._layers
-        gaps = torch.full((len(layers), len(GAP_STATS)), math.nan, device=device)
-        captured = [i for i, x in enumerate(layers) if x.capture.mean is not None]
-        if not captured:
-            return gaps
-        caps = [layers[i].capture for i in captured]
-        flat = [
-            torch.cat([getattr(c, name).to(device) for c in caps])
-            for name in ("mean", "var", "running_mean", "running_var")
-        ]
-        assert self._segments is not None
-        everything = len(captured) == len(layers)
-        segments = self._segments if everything else Segments([layers[i].module.num_features for i in captured], device)
-        eps = torch.tensor([float(layers[i].module.eps) for i in captured], device=device)[segments.ids]
-        gaps[captured] = gap_summaries(flat[0], flat[1], flat[2], flat[3], eps, segments)
-        return gaps
-
-    def _frozen_changes(self, device: torch.device) -> Tensor:
-        """1.0 for each watched frozen layer whose running statistics changed since it was seen frozen."""
-        changed = torch.zeros(len(self._layers), device=device)
-        for i, layer in enumerate(self._layers):
-            snap, m = layer.frozen, layer.module
-            if snap is None:
-                continue
-            if snap.released(m):
-                layer.frozen = None  # unfrozen on purpose: stop watching (watched again if frozen again)
-                continue
-            assert isinstance(m.running_mean, Tensor) and isinstance(m.running_var, Tensor)
-            moved = (m.running_mean != snap.running_mean).any() | (m.running_var != snap.running_var).any()
-            changed[i] = moved.to(device=device, dtype=torch.float32)
-        return changed
-
-    def _across_ranks(
-        self, trainer: Trainer, flags: Tensor, frozen: Tensor, device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """One all-reduce: per-layer cross-rank spread of the buffers used, and flags raised on any rank."""
-        with_stats = [i for i, x in enumerate(self._layers) if isinstance(x.module.running_mean, Tensor)]
-        means = [_buffer_used(self._layers[i], "running_mean").to(device) for i in with_stats]
-        varis = [_buffer_used(self._layers[i], "running_var").to(device) for i in with_stats]
-        sizes = [t.numel() for t in means]
-        n_buf = sum(sizes)
-        # payload: [running_mean of every layer | running_var of every layer | flags | frozen]
-        payload = torch.cat([*means, *varis, flags.flatten().float(), frozen.float()])
-        mx, mn = all_ranks_max_min(payload, self._reduce_max(trainer))
-        spread = (mx - mn).float()
-        rank_diff = torch.full((len(self._layers), len(RANK_STATS)), math.nan, device=device)
-        if sizes:
-            segments = Segments(sizes, device)
-            rank_diff[with_stats, 0] = segments.max(spread[:n_buf])
-            rank_diff[with_stats, 1] = segments.max(spread[n_buf : 2 * n_buf])
-        any_flags = mx[2 * n_buf : 2 * n_buf + flags.numel()].view_as(flags)
-        return rank_diff, any_flags, mx[2 * n_buf + flags.numel() :]
-
-    @staticmethod
-    def _reduce_max(trainer: Trainer) -> Any:
-        if is_distributed():
-            return all_reduce_max
-        return lambda t: trainer.strategy.reduce(t, reduce_op="max")
+                        names.append((x.name, name))
+        gaps = batch_gaps(layers, self._segments, device)
+        # the one device-to-host transfer of this step
+        summary, gaps, rank_diff, flags, frozen, histograms = to_host(
+            (summary, gaps, rank_diff, flags, frozen, histograms)
+        )
+        named = [(layer, name, h) for (layer, name), h in zip(names, histograms, strict=True)]
+        self._report(trainer, StepValues.from_host(summary, gaps, rank_diff, flags, frozen, named))
 
     # ------------------------------------------------------------------ on the host: warn, raise, log
     def _report(self, trainer: Trainer, values: StepValues) -> None:
         step = logging_step(trainer)  # where this batch's `self.log` metrics go
-        self._warn_frozen_changes(values.frozen_changed, step)
-        self._handle_anomalies(values.flags, step)
+        where = " on at least one rank" if self._world_size > 1 else ""
+        warn_frozen_changes(self._layers, values.frozen_changed, step, where, self._warned, _OWNER)
+        if self.on_anomaly != "ignore":
+            bounds = {
+                "running_var_low": self.min_running_var,
+                "running_var_high": self.max_running_var,
+                "dead_frac_high": self.max_dead_fraction,
+            }
+            problems = anomaly_problems(self._layers, values.flags, step, where, bounds)
+            if problems and self.on_anomaly == "raise":
+                raise BNAnomalyError(f"{_OWNER} found BatchNorm anomalies: " + "; ".join(p[2] for p in problems))
+            for name, kind, message in problems:
+                self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer and kind).")
         if not trainer.is_global_zero:
             return
-        metrics = self._metrics(values)
+        metrics = step_metrics(self._layers, values, self.stats, self._prefix)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         for layer, name, hist in values.histograms:
@@ -627,90 +405,6 @@ class BNStatsMonitor(Callback):
             if hist.numel():
                 for logger in self._histogram_loggers:
                     logger.experiment.add_histogram(f"{self._prefix}/{layer}/{name}", hist.numpy(), global_step=step)
-
-    def _metrics(self, values: StepValues) -> dict[str, float]:
-        """``<log_prefix>/<layer>/<statistic>`` for the selected statistics each layer has, and the
-        ``<log_prefix>/summary/...`` values."""
-        selected, prefix = set(self.stats), self._prefix
-        metrics: dict[str, float] = {}
-        worst: dict[str, float] = {}
-        nonfinite, dead, channels = 0.0, 0.0, 0
-        for i, layer in enumerate(self._layers):
-            m = layer.module
-            has_running, has_affine = isinstance(m.running_mean, Tensor), isinstance(m.weight, Tensor)
-            row: dict[str, float] = dict(zip(BUFFER_STATS, values.summary[i], strict=True))
-            if layer.capture.mean is not None:
-                row.update(zip(GAP_STATS, values.gaps[i], strict=True))
-            if layer.capture.samples:
-                row["samples_per_channel"] = float(layer.capture.samples)
-            if values.rank_diff is not None and has_running:
-                row.update(zip(RANK_STATS, values.rank_diff[i], strict=True))
-            for key in ("gap_mean_max", "gap_var_max", *RANK_STATS):
-                if key in row:
-                    worst[key] = _nanmax(worst.get(key, -math.inf), row[key])
-            nonfinite += row["nonfinite_count"]
-            if has_affine:
-                dead += row["dead_frac"] * m.num_features
-                channels += m.num_features
-            for key, value in row.items():
-                absent = (key.startswith(("running_", "gain_")) and not has_running) or (
-                    key.startswith(("weight_", "bias_", "dead_")) and not has_affine
-                )
-                if key in selected and not absent:
-                    metrics[f"{prefix}/{layer.name}/{key}"] = value
-        metrics[f"{prefix}/summary/nonfinite_count"] = nonfinite
-        if channels:
-            metrics[f"{prefix}/summary/dead_frac"] = dead / channels
-        metrics.update({f"{prefix}/summary/{key}": value for key, value in worst.items()})
-        return metrics
-
-    def _warn_frozen_changes(self, changed: list[float], step: int) -> None:
-        where = " on at least one rank" if self._world_size > 1 else ""
-        for layer, flag in zip(self._layers, changed, strict=True):
-            if flag <= 0 or layer.frozen is None or not self._warned.first(layer.name, "frozen"):
-                continue
-            marks = layer.frozen.marks
-            how = " and ".join(
-                text
-                for mark, text in (("eval", "in eval mode"), ("params", "with `requires_grad=False` affine parameters"))
-                if mark in marks
-            )
-            if "eval" in marks:
-                cause = (
-                    "it ran in train mode in a training step since: something called `.train()` on it or on a "
-                    "parent module. Keep it in eval mode, e.g. call `.eval()` on it in `on_train_epoch_start`, "
-                    "after any code that calls `.train()`."
-                )
-            else:
-                cause = (
-                    "it is in train mode and tracks running statistics, so every training step updates them; "
-                    "`requires_grad=False` freezes only gamma and beta. Call `.eval()` on it in "
-                    "`on_train_epoch_start`, or freeze it with `BaseFinetuning.freeze(..., train_bn=False)`."
-                )
-            rank_zero_warn(
-                f"{_OWNER}: BatchNorm layer {layer.name!r} was frozen ({how or 'tracking off'}) but its running "
-                f"statistics changed by step {step}{where}: {cause}"
-            )
-
-    def _handle_anomalies(self, flag_rows: list[list[float]], step: int) -> None:
-        if self.on_anomaly == "ignore":
-            return
-        where = " on at least one rank" if self._world_size > 1 else ""
-        bounds = {
-            "running_var_low": self.min_running_var,
-            "running_var_high": self.max_running_var,
-            "dead_frac_high": self.max_dead_fraction,
-        }
-        problems = []
-        for layer, row in zip(self._layers, flag_rows, strict=True):
-            for kind, flag in zip(ANOMALIES, row, strict=True):
-                if flag > 0:
-                    text = _ANOMALY_TEXT[kind].format(bound=bounds.get(kind))
-                    problems.append((layer.name, kind, f"layer {layer.name!r}: {text} at step {step}{where}"))
-        if problems and self.on_anomaly == "raise":
-            raise BNAnomalyError(f"{_OWNER} found BatchNorm anomalies: " + "; ".join(p[2] for p in problems))
-        for name, kind, message in problems:
-            self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer and kind).")
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -749,7 +443,7 @@ class BNStatsMonitor(Callback):
         return {
             "warned": self._warned.state(),
             "log_every_n_steps": self.log_every_n_steps,
-            "batches_stepped": self._batches_stepped,
+            "batches_stepped": self._cadence.stepped,
         }
 
     @override
@@ -757,7 +451,8 @@ class BNStatsMonitor(Callback):
         """Restore what `state_dict` returned. A state that is not this monitor's (a value of the wrong type, a
         negative count) is not used: each such entry is named in a warning and replaced by a fresh one (no warnings
         given yet; the step count read from the Trainer)."""
-        self._warned, self._restored_batches = WarnOnce(), None
+        self._warned = WarnOnce()
+        self._cadence.restore(self._cadence.stepped)  # no count to check the Trainer's against
         if not isinstance(state_dict, dict):
             _warn_bad_state(self.state_key, None, state_dict, "a dict as written by `state_dict()`", _NO_STATE)
             return
@@ -768,7 +463,7 @@ class BNStatsMonitor(Callback):
             _warn_bad_state(self.state_key, "warned", warned, "[layer, kind] string pairs", _NO_WARNED)
         batches = state_dict.get("batches_stepped")
         if isinstance(batches, int) and is_int(batches) and batches >= 0:
-            self._restored_batches = self._batches_stepped = batches
+            self._cadence.restore(batches, where=f"{_OWNER}: the checkpoint's state {self.state_key!r}")
         elif batches is not None:
             _warn_bad_state(self.state_key, "batches_stepped", batches, "an integer >= 0", _NO_COUNT)
 
@@ -786,40 +481,10 @@ def _warn_bad_state(state_key: str, key: str | None, value: object, allowed: str
     )
 
 
-def _hold_eager(holder: object) -> None:
-    """Make compiled code run eagerly until `_release_eager` is called for every holder (monitors of one Trainer
-    hold and release in any order; the stance before the first hold comes back after the last release)."""
-    global _eager_stance
-    if _SET_STANCE is None or id(holder) in _eager_holders:
-        return
-    if not _eager_holders:
-        _eager_stance = _SET_STANCE("force_eager")
-    _eager_holders.add(id(holder))
-
-
-def _release_eager(holder: object) -> None:
-    global _eager_stance
-    if id(holder) not in _eager_holders:
-        return
-    _eager_holders.discard(id(holder))
-    if not _eager_holders and _eager_stance is not None:
-        stance, _eager_stance = _eager_stance, None
-        stance.__exit__(None, None, None)
-
-
-def _buffer_used(layer: _Layer, name: str) -> Tensor:
-    """The buffer as the monitored step's forward saw it (captured by the hook), else its current value."""
-    captured = getattr(layer.capture, name)
-    if isinstance(captured, Tensor):
-        return captured.detach().float().flatten()
-    current = getattr(layer.module, name)
-    assert isinstance(current, Tensor)
-    return current.detach().float().flatten()
-
-
-def _nanmax(a: float, b: float) -> float:
-    """Maximum that propagates NaN, so a broken layer shows in the summary."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+def _reduce_max(trainer: Trainer) -> Any:
+    if is_distributed():
+        return all_reduce_max
+    return lambda t: trainer.strategy.reduce(t, reduce_op="max")
 
 
 __all__ = ["STATS", "BNAnomalyError", "BNStatsMonitor"]

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, logging_step
 from lightning_bnsgd._validation import check_bool, check_int, check_number, check_str
+from lightning_bnsgd.bn._host import to_host
 from lightning_bnsgd.bn.dynamics import (
     ScaleInvarianceReport,
     ScaleInvariantGroup,
@@ -26,6 +27,7 @@ from lightning_bnsgd.bn.dynamics import (
     sgd_group_equilibrium,
     weight_layers,
 )
+from lightning_bnsgd.callbacks._cadence import LoggingCadence
 from lightning_bnsgd.callbacks._log_prefix import resolve_prefixes
 from lightning_bnsgd.callbacks._name_patterns import compile_name_patterns, select_layer_names
 from lightning_bnsgd.callbacks._own_forwards import own_forwards
@@ -125,7 +127,7 @@ class WeightDynamicsMonitor(Callback):
     At the first training batch it finds the scale-invariant weights numerically (`find_scale_invariant` on the
     inputs that batch fed to the model: a conv or linear weight, or weight and bias, whose scale the output does
     not depend on because a BatchNorm normalizes it) and records the order in which layers run. Then every
-    ``log_every_n_steps`` training batches it reads, at that batch's optimizer step, per scale-invariant layer
+    ``log_every_n_steps`` training steps it reads, at that batch's optimizer step, per scale-invariant layer
     (``dynamics/<layer name>/...``; ``dynamics`` is `log_prefix`):
 
     * ``weight_norm``: ``||w||`` (weight and bias together when they are invariant together);
@@ -157,8 +159,10 @@ class WeightDynamicsMonitor(Callback):
     ``(1 - momentum) / (2 lr wd)`` steps) or a fitted training set (vanishing gradients) all give it.
 
     Args:
-        log_every_n_steps: monitor every this many training batches (default: the Trainer's ``log_every_n_steps``).
-            With gradient accumulation, the first batch that steps the optimizer at or after that count.
+        log_every_n_steps: monitor every this many training steps (default: the Trainer's ``log_every_n_steps``;
+            0 there turns the monitor off): the batches whose ``self.log`` metrics Lightning logs, counted as the
+            Trainer counts them (with gradient accumulation, the last micro-batch of every window), logged at the
+            same step.
         include: layer-name patterns to monitor (default: all); a glob unless it starts with ``"re:"``.
         exclude: layer-name patterns to leave out, applied after ``include``.
         log_grad_flow: also log ``grad_norm`` for layers that are not scale-invariant (the head, layers without
@@ -228,13 +232,12 @@ class WeightDynamicsMonitor(Callback):
         self.report: ScaleInvarianceReport | None = None
         #: Layers in forward order (the gradient-flow depth axis), filled at the first training batch.
         self.layer_names: list[str] = []
-        self._interval = log_every_n_steps or 1
+        self._cadence = LoggingCadence(log_every_n_steps)
         self._groups: list[_Group] = []
         self._layers: list[tuple[str, Tensor]] = []
         self._grads: dict[str, Tensor] = {}
         self._recorder: _InputRecorder | None = None
-        self._batches = 0
-        self._pending = False
+        self._pending = False  # the current batch is monitored
         self._streaks: dict[str, int] = {}
         self._first_inv_norm2: dict[str, float] = {}
         self._warned = WarnOnce()
@@ -242,7 +245,7 @@ class WeightDynamicsMonitor(Callback):
     # ------------------------------------------------------------------ set-up and detection
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        self._cadence.setup(trainer, stage, _OWNER)
         resolve_prefixes([cb for cb in trainer.callbacks if isinstance(cb, WeightDynamicsMonitor)], _OWNER, self)
 
     @override
@@ -255,14 +258,14 @@ class WeightDynamicsMonitor(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not trainer.is_global_zero:
+        self._pending = self._cadence.begin_batch(trainer, batch_idx)
+        if not trainer.is_global_zero or self._cadence.interval == 0:
+            self._pending = False
             return
         if self.report is None and self._recorder is None:
             layers = weight_layers(pl_module)
             roots = {"": pl_module, **{n: m for n, m in pl_module.named_children() if _owns_any(m, layers)}}
             self._recorder = _InputRecorder(roots, layers, self.probe_samples)
-        if (self._batches + 1) % self._interval == 0:
-            self._pending = True
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -355,12 +358,10 @@ class WeightDynamicsMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batches += 1
-        stepped = any(g.before is not None for g in self._groups) or bool(self._grads)
-        if not self._pending or not stepped:
-            return
-        self._pending = False
-        self._log(trainer)
+        self._cadence.end_batch()
+        pending, self._pending = self._pending, False
+        if pending:
+            self._log(trainer)
         for g in self._groups:
             g.before, g.hyper = None, None
         self._grads = {}
@@ -368,20 +369,19 @@ class WeightDynamicsMonitor(Callback):
     def _log(self, trainer: Trainer) -> None:
         tracked = [g for g in self._groups if g.before is not None]
         grads = [(n, self._grads[n]) for n, _ in self._layers if n in self._grads]
-        parts: list[Tensor] = []
+        if not tracked and not grads:
+            return
         with torch.no_grad():
+            norm_angles = []
             for g in tracked:
                 after = g.params[0] if len(g.params) == 1 else torch.cat([p.detach().flatten() for p in g.params])
                 assert g.before is not None
-                parts += _norm_and_angle(g.before, after)
-            parts += [t for _, t in grads]
-        if not parts:
-            return
-        host = torch.stack([p.to(parts[0].device, torch.float64) for p in parts]).cpu().tolist()  # one transfer
+                norm_angles.append(_norm_and_angle(g.before, after))
+            norm_angles, grad_norms = to_host((norm_angles, [t for _, t in grads]), torch.float64)  # one transfer
         metrics: dict[str, float] = {}
-        for i, g in enumerate(tracked):
-            metrics.update(self._group_metrics(g, host[2 * i], host[2 * i + 1]))
-        grad_values = host[2 * len(tracked) :]
+        for g, (norm, angle) in zip(tracked, norm_angles, strict=True):
+            metrics.update(self._group_metrics(g, float(norm), float(angle)))
+        grad_values = [float(t) for t in grad_norms]
         for (name, _), value in zip(grads, grad_values, strict=True):
             metrics[f"{self._prefix}/{name}/grad_norm"] = value
         if self.log_grad_flow and len(grad_values) > 1 and grad_values[-1] > 0:
@@ -415,13 +415,13 @@ class WeightDynamicsMonitor(Callback):
         if wd == 0.0 and lr > 0.0:
             first = self._first_inv_norm2.setdefault(name, norm**2)
             if norm**2 > self.max_norm_growth * first:
-                self._warn_once(
+                self._warned.warn(
                     name,
                     "no_decay",
-                    f"layer {name!r} is scale-invariant and has no weight decay: ||w||^2 grew "
+                    f"{_OWNER}: layer {name!r} is scale-invariant and has no weight decay: ||w||^2 grew "
                     f"{norm**2 / first:.1f}x since the first monitored step, so its effective LR lr/||w||^2 fell "
                     "as much and it has almost stopped learning. Give it weight decay (e.g. the conv/linear group "
-                    "of SGDWarmup) or raise the LR.",
+                    "of SGDWarmup) or raise the LR. (warned once per layer).",
                 )
         self._streaks[name] = self._streaks.get(name, 0) + 1 if angle > self.max_angular_update else 0
         if self._streaks[name] < self.patience:
@@ -439,15 +439,13 @@ class WeightDynamicsMonitor(Callback):
                 f"equilibrium is {eq} (e.g. an LR too high for this layer, a short warmup or a small "
                 "initialization). Lower the LR or lengthen the warmup"
             )
-        self._warn_once(
+        self._warned.warn(
             name,
             "off_equilibrium",
-            f"layer {name!r} rotates {angle:.3g} rad per step (> max_angular_update={self.max_angular_update:g}) "
-            f"for {self._streaks[name]} monitored steps in a row: {why}.",
+            f"{_OWNER}: layer {name!r} rotates {angle:.3g} rad per step "
+            f"(> max_angular_update={self.max_angular_update:g}) for {self._streaks[name]} monitored steps in a row: "
+            f"{why}. (warned once per layer).",
         )
-
-    def _warn_once(self, name: str, kind: str, message: str) -> None:
-        self._warned.warn(name, kind, f"{_OWNER}: {message} (warned once per layer).")
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -469,7 +467,7 @@ class WeightDynamicsMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "warned": self._warned.state(),
-            "batches": self._batches,
+            "batches": self._cadence.stepped,
             "streaks": dict(self._streaks),
             "first_inv_norm2": dict(self._first_inv_norm2),
         }
@@ -502,7 +500,8 @@ class WeightDynamicsMonitor(Callback):
             name: check_number(f"first_inv_norm2[{name!r}]", v, 0.0, min_open=True, owner=where)
             for name, v in first.items()
         }
-        self._warned, self._batches, self._streaks, self._first_inv_norm2 = warned, batches, streaks, first
+        self._warned, self._streaks, self._first_inv_norm2 = warned, streaks, first
+        self._cadence.restore(batches)
 
 
 def _name_map(value: object, key: str, where: str) -> dict[str, Any]:
