@@ -48,10 +48,10 @@ def to_host(values: T, dtype: torch.dtype = torch.float32) -> T:
     device = leaves[0].device
     if all(t.dim() == 0 for t in leaves):
         numbers = torch.stack([t.to(device=device, dtype=dtype) for t in leaves]).detach().cpu()  # the one transfer
-        return _rebuild(values, iter(numbers.tolist()))  # type: ignore[no-any-return]
+        return _rebuild(values, iter(numbers.tolist()))
     flat = torch.cat([t.reshape(-1).to(device=device, dtype=dtype) for t in leaves]).detach()
     host = flat.cpu()  # the one transfer
-    return _rebuild(values, iter(host.split([t.numel() for t in leaves])))  # type: ignore[no-any-return]
+    return _rebuild(values, iter(host.split([t.numel() for t in leaves])))
 
 
 __all__ = ["to_host"]
