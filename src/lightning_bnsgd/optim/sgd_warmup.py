@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -24,15 +24,9 @@ from torch.nn.parameter import UninitializedParameter
 from torch.utils.data import DataLoader
 
 from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, check_str, is_int, is_number
-from lightning_bnsgd.optim.schedule import (
-    RESUME_SCHEDULES,
-    DecayShape,
-    ResumeSchedule,
-    WarmupLR,
-    WarmupShape,
-    check_schedule,
-    describe_plan,
-)
+from lightning_bnsgd.optim.plan import SCHEDULE_FIELDS, Schedule
+from lightning_bnsgd.optim.schedule import RESUME_SCHEDULES, ResumeSchedule, WarmupLR
+from lightning_bnsgd.optim.shapes import DECAY_USES, DecayShape, WarmupShape
 
 ScaleRule = Literal["linear", "sqrt"]
 SCALE_RULES: tuple[str, ...] = get_args(ScaleRule)
@@ -235,20 +229,11 @@ class ResolvedSchedule:
     steps_per_epoch: int | None = None
 
     def scheduler_kwargs(self, config: SGDWarmup) -> dict[str, Any]:
-        """Keyword arguments of ``WarmupLR`` for this run."""
-        return {
-            "warmup_steps": self.warmup_steps,
-            "total_steps": self.total_steps,
-            "warmup": config.warmup,
-            "warmup_start_factor": config.warmup_start_factor,
-            "decay": config.decay,
-            "min_lr": self.min_lr,
-            "power": config.power,
-            "gamma": config.gamma,
-            "step_size": self.step_size,
-            "milestones": self.milestones,
-            "resume_schedule": config.resume_schedule,
-        }
+        """Keyword arguments of ``WarmupLR`` for this run: ``config``'s schedule settings, with this run's lengths,
+        ``min_lr``, step size and milestones (in steps) in place of ``config``'s."""
+        ours = {field.name for field in fields(self)}
+        settings = {name: getattr(self if name in ours else config, name) for name in SCHEDULE_FIELDS}
+        return {**settings, "resume_schedule": config.resume_schedule}
 
 
 @dataclass
@@ -353,21 +338,9 @@ class SGDWarmup:
                 f"{self.warmup_epochs!r} and warmup_steps={self.warmup_steps!r}."
             )
         check_number("warmup_epochs", self.warmup_epochs, 0.0, allow_none=True, owner=owner)
-        milestones = check_schedule(
-            owner,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
-            warmup=self.warmup,
-            warmup_start_factor=self.warmup_start_factor,
-            decay=self.decay,
-            min_lr=self.min_lr,
-            power=self.power,
-            gamma=self.gamma,
-            step_size=self.step_size,
-            milestones=self.milestones,
-            warmup_end=self.warmup_length_epochs(default=0.0),
-        )
-        self.milestones = milestones if self.milestones is not None else None
+        settings = {name: getattr(self, name) for name in SCHEDULE_FIELDS}
+        schedule = Schedule(**settings, owner=owner, warmup_end=self.warmup_length_epochs(default=0.0))
+        self.milestones = list(schedule.milestones) if self.milestones is not None else None
         if self.lr is not None and self.min_lr > self.lr:
             raise ValueError(f"{owner}: `min_lr` must be at most lr={self.lr}, got {self.min_lr!r}.")
         check_int("batch_size", self.batch_size, 1, allow_none=True, owner=owner)
@@ -388,9 +361,13 @@ class SGDWarmup:
             return DEFAULT_WARMUP_EPOCHS
         return default
 
+    def _uses(self, name: str) -> bool:
+        """Whether the decay shape reads the setting ``name`` (``"step_size"``, ``"milestones"``: in epochs here)."""
+        return name in DECAY_USES[self.decay]
+
     def _needs_epochs(self) -> bool:
-        uses_step_size = self.decay in ("step", "exponential")
-        return self.warmup_steps is None or uses_step_size or bool(self.milestones and self.decay == "multistep")
+        uses_milestones = bool(self.milestones and self._uses("milestones"))
+        return self.warmup_steps is None or self._uses("step_size") or uses_milestones
 
     def _warmup_in_steps(self, total: int, steps_per_epoch: int, debug_run: bool = False) -> int:
         if self.warmup_steps is not None:
@@ -483,8 +460,8 @@ class SGDWarmup:
             effective_batch_size=effective,
             warmup_steps=warmup,
             total_steps=int(total),
-            step_size=self.step_size * spe if self.decay in ("step", "exponential") else 1.0,
-            milestones=[round(m * spe) for m in self.milestones or []] if self.decay == "multistep" else [],
+            step_size=self.step_size * spe if self._uses("step_size") else 1.0,
+            milestones=[round(m * spe) for m in self.milestones or []] if self._uses("milestones") else [],
             steps_per_epoch=spe or None,
         )
 
@@ -623,7 +600,7 @@ def _announce_at_first_step(optimizer: torch.optim.Optimizer, scheduler: WarmupL
         restored = "" if sched.peak_lr == optimizer.defaults["lr"] else " (the checkpoint's)"
         resumed = f"; resumed at step {sched.last_epoch}" if sched.last_epoch > 0 else ""
         rank_zero_info(
-            f"SGDWarmup: peak LR {sched.peak_lr:.6g}{restored} ({source}); {describe_plan(sched.plan())}{resumed}."
+            f"SGDWarmup: peak LR {sched.peak_lr:.6g}{restored} ({source}); {sched.schedule.describe()}{resumed}."
         )
 
     handle = optimizer.register_step_pre_hook(announce)
