@@ -19,7 +19,10 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_bnsgd._validation import check_choice, check_int
 from lightning_bnsgd.optim.plan import SCHEDULE_FIELDS, Schedule
+from lightning_bnsgd.optim.plan import check_milestones as check_milestones  # importable here as before
 from lightning_bnsgd.optim.shapes import DECAY_SHAPES, WARMUP_SHAPES, DecayShape, WarmupShape, lr_factor
+from lightning_bnsgd.optim.shapes import decay_factor as decay_factor
+from lightning_bnsgd.optim.shapes import warmup_factor as warmup_factor
 
 ResumeSchedule = Literal["checkpoint", "replan"]
 RESUME_SCHEDULES: tuple[str, ...] = get_args(ResumeSchedule)
@@ -352,5 +355,6 @@ def _watch_optimizer(scheduler: WarmupLR) -> None:
     optimizer.register_step_pre_hook(before_step)
 
 
-#: Names this module held before the shapes moved to ``optim/shapes.py``: still importable from here.
+#: Names this module held before the shapes moved to ``optim/shapes.py`` (with ``warmup_factor``, ``decay_factor``
+#: and ``check_milestones``, re-exported above): still importable from here.
 __all__ = ["DECAY_SHAPES", "RESUME_SCHEDULES", "WARMUP_SHAPES", "ResumeSchedule", "WarmupLR", "lr_factor"]
