@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 
 def is_int(value: object) -> bool:
@@ -63,6 +63,26 @@ def check_bool(name: str, value: object, *, owner: str | None = None) -> bool:
     return value
 
 
+@overload
+def check_int(
+    name: str,
+    value: object,
+    minimum: int | None = 1,
+    maximum: int | None = None,
+    *,
+    allow_none: Literal[False] = False,
+    owner: str | None = None,
+) -> int: ...
+@overload
+def check_int(
+    name: str,
+    value: object,
+    minimum: int | None = 1,
+    maximum: int | None = None,
+    *,
+    allow_none: bool,
+    owner: str | None = None,
+) -> int | None: ...
 def check_int(
     name: str,
     value: object,
@@ -71,7 +91,7 @@ def check_int(
     *,
     allow_none: bool = False,
     owner: str | None = None,
-) -> Any:
+) -> int | None:
     """An integer (not a ``bool``) in ``[minimum, maximum]`` (or ``None`` when ``allow_none``).
 
     Examples:
@@ -98,6 +118,30 @@ def check_int(
     return value
 
 
+@overload
+def check_number(
+    name: str,
+    value: object,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    min_open: bool = False,
+    max_open: bool = False,
+    allow_none: Literal[False] = False,
+    owner: str | None = None,
+) -> float: ...
+@overload
+def check_number(
+    name: str,
+    value: object,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    min_open: bool = False,
+    max_open: bool = False,
+    allow_none: bool,
+    owner: str | None = None,
+) -> float | None: ...
 def check_number(
     name: str,
     value: object,
@@ -108,7 +152,7 @@ def check_number(
     max_open: bool = False,
     allow_none: bool = False,
     owner: str | None = None,
-) -> Any:
+) -> float | None:
     """A finite real number (``int`` or ``float``, not ``bool``) within the bounds; returned as a ``float``.
 
     ``min_open``/``max_open`` exclude the bound itself.

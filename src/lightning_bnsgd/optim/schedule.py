@@ -1,19 +1,14 @@
 """``WarmupLR``: a per-step warmup + decay learning-rate schedule in closed form.
 
-The LR multiplier at optimizer step ``t`` (0-based: step 0 is the first optimizer step) is a pure function of
-``t`` and the schedule's settings, computed by :func:`lr_factor` from two smaller pieces:
-
-* :func:`warmup_factor` for ``t < warmup_steps``: rises from ``warmup_start_factor`` towards 1;
-* :func:`decay_factor` for ``warmup_steps <= t < total_steps``: starts at exactly 1 and falls to the floor;
-* from ``t = total_steps`` on, the factor is the floor ``min_lr / max(base LRs)`` and stays there.
-
-Every param group's LR is its own base LR times that one factor, so groups keep their LR ratios at every step.
+The LR multiplier at optimizer step ``t`` (0-based) is ``Schedule.factor(t, peak_lr)`` (``optim/plan.py``), a pure
+function of ``t`` and the schedule's settings: :func:`lr_factor` over the warmup and decay shapes of
+``optim/shapes.py``. Every param group's LR is its own base LR times that one factor, so groups keep their LR
+ratios at every step.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
+import dataclasses
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
@@ -22,232 +17,15 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_bnsgd._validation import check_choice, check_int, check_number
+from lightning_bnsgd._validation import check_choice, check_int
+from lightning_bnsgd.optim.plan import SCHEDULE_FIELDS, Schedule
+from lightning_bnsgd.optim.plan import check_milestones as check_milestones  # importable here as before
+from lightning_bnsgd.optim.shapes import DECAY_SHAPES, WARMUP_SHAPES, DecayShape, WarmupShape, lr_factor
+from lightning_bnsgd.optim.shapes import decay_factor as decay_factor
+from lightning_bnsgd.optim.shapes import warmup_factor as warmup_factor
 
-WarmupShape = Literal["linear", "exponential", "constant"]
-DecayShape = Literal["cosine", "linear", "poly", "step", "multistep", "exponential", "constant"]
-WARMUP_SHAPES: tuple[str, ...] = get_args(WarmupShape)
-DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
 ResumeSchedule = Literal["checkpoint", "replan"]
 RESUME_SCHEDULES: tuple[str, ...] = get_args(ResumeSchedule)
-
-
-def check_milestones(value: object, *, owner: str | None = None, name: str = "milestones") -> list[int]:
-    """Validate milestones: positive integers in strictly increasing order.
-
-    Examples:
-        >>> check_milestones([30, 60, 80])
-        [30, 60, 80]
-    """
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{owner + ': ' if owner else ''}`{name}` must be a list of positive integers, got {value!r}.")
-    items = [int(check_int(f"{name}[{i}]", m, 1, owner=owner)) for i, m in enumerate(value)]
-    if any(b <= a for a, b in itertools.pairwise(items)):
-        raise ValueError(f"{owner + ': ' if owner else ''}`{name}` must be strictly increasing, got {items!r}.")
-    return items
-
-
-def check_schedule(
-    owner: str,
-    *,
-    warmup_steps: object,
-    total_steps: object,
-    warmup: object,
-    warmup_start_factor: object,
-    decay: object,
-    min_lr: object,
-    power: object,
-    gamma: object,
-    step_size: object,
-    milestones: object,
-    warmup_end: float | None = None,
-) -> list[int]:
-    """The rules ``WarmupLR`` and ``SGDWarmup`` share, checked in one place; returns the milestones as a list.
-
-    ``warmup_steps``/``total_steps`` may be ``None`` (``SGDWarmup`` reads them from the Trainer). Milestones must lie
-    after ``warmup_end`` (in the milestones' own unit; default: ``warmup_steps``). Wrong types raise ``TypeError``,
-    values out of range ``ValueError``; messages start with ``owner``.
-
-    Examples:
-        >>> check_schedule("WarmupLR", warmup_steps=2, total_steps=10, warmup="linear", warmup_start_factor=0.1,
-        ...                decay="multistep", min_lr=0.0, power=2.0, gamma=0.1, step_size=1.0, milestones=(5, 8))
-        [5, 8]
-    """
-    check_int("warmup_steps", warmup_steps, 0, allow_none=True, owner=owner)
-    check_int("total_steps", total_steps, 1, allow_none=True, owner=owner)
-    if warmup_steps is not None and total_steps is not None and warmup_steps > total_steps:  # type: ignore[operator]
-        raise ValueError(
-            f"{owner}: `warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}."
-        )
-    check_choice("warmup", warmup, WARMUP_SHAPES, owner=owner)
-    check_number("warmup_start_factor", warmup_start_factor, 0.0, 1.0, min_open=True, owner=owner)
-    check_choice("decay", decay, DECAY_SHAPES, owner=owner)
-    check_number("min_lr", min_lr, 0.0, owner=owner)
-    check_number("power", power, 0.0, min_open=True, owner=owner)
-    check_number("gamma", gamma, 0.0, 1.0, min_open=True, owner=owner)
-    check_number("step_size", step_size, 0.0, min_open=True, owner=owner)
-    items = check_milestones(milestones, owner=owner) if milestones is not None else []
-    if decay == "multistep" and not items:
-        raise ValueError(
-            f"{owner}: `milestones` must be a non-empty list when `decay='multistep'`, got {milestones!r}."
-        )
-    end = warmup_end if warmup_end is not None else warmup_steps
-    if items and end is not None and items[0] <= end:  # type: ignore[operator]
-        raise ValueError(f"{owner}: `milestones` must all come after warmup (> {end}), got {items!r}.")
-    return items
-
-
-def warmup_factor(step: int, warmup_steps: int, shape: str = "linear", start_factor: float = 0.1) -> float:
-    """LR multiplier at ``step`` during warmup (``0 <= step < warmup_steps``); 1.0 from ``warmup_steps`` on.
-
-    * ``linear``: ``start + (1 - start) * step / warmup_steps``;
-    * ``exponential``: ``start ** (1 - step / warmup_steps)`` (a straight line on a log scale);
-    * ``constant``: ``start`` for the whole warmup, then 1 (Goyal et al.'s "constant warmup").
-
-    Step 0 runs at ``start_factor``; the factor rises monotonically and step ``warmup_steps`` runs at
-    exactly 1.
-
-    Examples:
-        >>> [warmup_factor(t, 4, "linear", 0.2) for t in range(5)]
-        [0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
-        >>> warmup_factor(2, 4, "exponential", 0.01), warmup_factor(3, 4, "constant", 0.5)
-        (0.1, 0.5)
-    """
-    if step >= warmup_steps:
-        return 1.0
-    frac = max(step, 0) / warmup_steps
-    if shape == "linear":
-        return start_factor + (1.0 - start_factor) * frac
-    if shape == "exponential":
-        return start_factor ** (1.0 - frac)
-    if shape == "constant":
-        return start_factor
-    raise ValueError(f"`warmup` must be one of {WARMUP_SHAPES}, got {shape!r}.")
-
-
-def decay_factor(
-    step: int,
-    decay_steps: int,
-    shape: str = "cosine",
-    floor: float = 0.0,
-    *,
-    power: float = 2.0,
-    gamma: float = 0.1,
-    step_size: float = 1.0,
-    milestones: Sequence[int] = (),
-) -> float:
-    """LR multiplier ``step`` steps after the end of warmup, for a decay phase of ``decay_steps`` steps.
-
-    ``floor`` is the final multiplier (``min_lr / base_lr``). At ``step = 0`` every shape gives exactly 1.0;
-    from ``step = decay_steps`` on every shape gives exactly ``floor``. In between:
-
-    * ``cosine``: ``floor + (1 - floor) * (1 + cos(pi * p)) / 2`` with ``p = step / decay_steps``;
-    * ``linear``: ``floor + (1 - floor) * (1 - p)``;
-    * ``poly``: ``floor + (1 - floor) * (1 - p) ** power``;
-    * ``step``: ``gamma ** floor(step / step_size)``, never below ``floor``;
-    * ``multistep``: ``gamma ** k`` where ``k`` counts the milestones already passed (``milestones`` are
-      counted in steps after the end of warmup here), never below ``floor``;
-    * ``exponential``: ``gamma ** (step / step_size)`` (``gamma`` per ``step_size`` steps), never below
-      ``floor``;
-    * ``constant``: 1.0.
-
-    Examples:
-        >>> [round(decay_factor(t, 4, "cosine"), 4) for t in range(6)]
-        [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
-        >>> [decay_factor(t, 10, "multistep", gamma=0.5, milestones=[2, 4]) for t in (0, 2, 4, 10)]
-        [1.0, 0.5, 0.25, 0.0]
-    """
-    if step >= decay_steps:
-        return floor
-    if step <= 0:
-        return 1.0  # exactly, whatever rounding ``floor + (1 - floor)`` would do
-    frac = step / decay_steps
-    if shape == "cosine":
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    if shape == "linear":
-        return floor + (1.0 - floor) * (1.0 - frac)
-    if shape == "poly":
-        return floor + (1.0 - floor) * (1.0 - frac) ** power
-    if shape == "step":
-        return max(floor, gamma ** math.floor(step / step_size))
-    if shape == "multistep":
-        passed = sum(1 for m in milestones if step >= m)
-        return max(floor, gamma**passed)
-    if shape == "exponential":
-        return max(floor, gamma ** (step / step_size))
-    if shape == "constant":
-        return 1.0
-    raise ValueError(f"`decay` must be one of {DECAY_SHAPES}, got {shape!r}.")
-
-
-def lr_factor(
-    step: int,
-    *,
-    warmup_steps: int,
-    total_steps: int,
-    warmup: str = "linear",
-    warmup_start_factor: float = 0.1,
-    decay: str = "cosine",
-    floor: float = 0.0,
-    power: float = 2.0,
-    gamma: float = 0.1,
-    step_size: float = 1.0,
-    milestones: Sequence[int] = (),
-) -> float:
-    """The LR multiplier at optimizer step ``step`` (0-based) of the whole schedule.
-
-    ``milestones`` are absolute step numbers (counted from the first step, like ``torch.optim.lr_scheduler
-    .MultiStepLR``); ``step_size`` periods start at the end of warmup. From ``total_steps`` on the result is
-    ``floor``.
-
-    Examples:
-        >>> [round(lr_factor(t, warmup_steps=2, total_steps=6, decay="linear"), 3) for t in range(8)]
-        [0.1, 0.55, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
-    """
-    if step >= total_steps:
-        return floor
-    if step < warmup_steps:
-        return warmup_factor(step, warmup_steps, warmup, warmup_start_factor)
-    return decay_factor(
-        step - warmup_steps,
-        total_steps - warmup_steps,
-        decay,
-        floor,
-        power=power,
-        gamma=gamma,
-        step_size=step_size,
-        milestones=[m - warmup_steps for m in milestones],
-    )
-
-
-#: The settings that define a ``WarmupLR`` plan (compared when a checkpoint is loaded).
-PLAN_FIELDS: tuple[str, ...] = (
-    "warmup_steps",
-    "total_steps",
-    "warmup",
-    "warmup_start_factor",
-    "decay",
-    "min_lr",
-    "power",
-    "gamma",
-    "step_size",
-    "milestones",
-    "peak_lr",
-)
-
-
-def describe_plan(plan: dict[str, Any]) -> str:
-    """One line describing a plan (a dict with the :data:`PLAN_FIELDS`).
-
-    Examples:
-        >>> describe_plan({"warmup_steps": 20, "warmup": "linear", "decay": "cosine", "min_lr": 0.0,
-        ...                "total_steps": 300})
-        'warmup 20 steps (linear), cosine decay to 0 at step 300'
-    """
-    return (
-        f"warmup {plan['warmup_steps']} steps ({plan['warmup']}), {plan['decay']} decay to {plan['min_lr']:.6g} "
-        f"at step {plan['total_steps']}"
-    )
 
 
 class WarmupLR(LRScheduler):
@@ -340,39 +118,32 @@ class WarmupLR(LRScheduler):
         resume_schedule: ResumeSchedule = "checkpoint",
         last_epoch: int = -1,
     ) -> None:
+        settings = {name: value for name, value in locals().items() if name in SCHEDULE_FIELDS}
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"WarmupLR: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         check_int("warmup_steps", warmup_steps, 0, owner="WarmupLR")
         check_int("total_steps", total_steps, 1, owner="WarmupLR")
-        self.milestones = check_schedule(
-            "WarmupLR",
-            warmup_steps=warmup_steps,
-            total_steps=total_steps,
-            warmup=warmup,
-            warmup_start_factor=warmup_start_factor,
-            decay=decay,
-            min_lr=min_lr,
-            power=power,
-            gamma=gamma,
-            step_size=step_size,
-            milestones=milestones,
-        )
+        #: The plan: the schedule's settings, one immutable value (its fields read as this scheduler's attributes).
+        self.schedule = Schedule(**settings, owner="WarmupLR")
         self.resume_schedule = check_choice("resume_schedule", resume_schedule, RESUME_SCHEDULES, owner="WarmupLR")
         # torch's protocol: a group's base LR is its `initial_lr` when it has one (a scheduler built before this one,
         # or a loaded optimizer state, set it), else its current LR.
         self.peak_lr = max(float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups)
         if last_epoch == -1 and min_lr > self.peak_lr:
             raise ValueError(f"WarmupLR: `min_lr` must not exceed the base LR ({self.peak_lr}), got {min_lr!r}.")
-        self.warmup, self.decay = warmup, decay
-        self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
-        self.warmup_start_factor, self.min_lr = float(warmup_start_factor), float(min_lr)
-        self.power, self.gamma, self.step_size = float(power), float(gamma), float(step_size)
         #: Transient (never in ``state_dict``): what was loaded since the last optimizer step, and where a resumed
         #: run's step count comes from when only the optimizer's state was restored (set by ``SGDWarmup.build``).
         self._restored: dict[str, bool] = {"optimizer": False, "scheduler": False}
         self._run_step: Callable[[], int | None] | None = None
         super().__init__(optimizer, last_epoch=last_epoch)
         _watch_optimizer(self)
+
+    def __getattr__(self, name: str) -> Any:
+        """The schedule's settings read as attributes (``sched.total_steps``), as before they were one value."""
+        schedule = self.__dict__.get("schedule")
+        if schedule is not None and name in SCHEDULE_FIELDS:
+            return getattr(schedule, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def floor(self) -> float:
         """The final LR multiplier: ``min_lr`` relative to the largest base LR at construction (0 when that is 0).
@@ -383,7 +154,7 @@ class WarmupLR(LRScheduler):
             >>> WarmupLR(opt, warmup_steps=0, total_steps=10, min_lr=0.05).floor()
             0.1
         """
-        return self.min_lr / self.peak_lr if self.peak_lr > 0 else 0.0
+        return self.schedule.floor(self.peak_lr)
 
     def factor(self, step: int) -> float:
         """The LR multiplier of optimizer step ``step`` (0-based), common to all param groups.
@@ -395,23 +166,11 @@ class WarmupLR(LRScheduler):
             >>> [sched.factor(t) for t in (0, 4, 7, 8)]
             [0.1, 1.0, 1.0, 0.0]
         """
-        return lr_factor(
-            step,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
-            warmup=self.warmup,
-            warmup_start_factor=self.warmup_start_factor,
-            decay=self.decay,
-            floor=self.floor(),
-            power=self.power,
-            gamma=self.gamma,
-            step_size=self.step_size,
-            milestones=self.milestones,
-        )
+        return self.schedule.factor(step, self.peak_lr)
 
     def plan(self) -> dict[str, Any]:
-        """The settings of the schedule that runs (the :data:`PLAN_FIELDS`), e.g. for :func:`describe_plan`."""
-        return {name: getattr(self, name) for name in PLAN_FIELDS}
+        """The settings of the schedule that runs, and its peak LR, as plain data (as ``state_dict`` holds them)."""
+        return {**self.schedule.state(), "peak_lr": self.peak_lr}
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """LRs of the current step ``last_epoch`` for every param group (closed form).
@@ -436,10 +195,10 @@ class WarmupLR(LRScheduler):
 
     def _lrs_at(self, step: int) -> list[float]:
         """The LR of every group with a base LR at ``step`` (pure: changes nothing)."""
-        if step >= self.total_steps:
+        if step >= self.schedule.total_steps:  # type: ignore[operator]
             # min_lr exactly for the peak group (base / peak == 1.0), the same ratio for the others
-            peak = self.peak_lr
-            return [self.min_lr * (float(base) / peak) if peak > 0 else 0.0 for base in self.base_lrs]
+            peak, min_lr = self.peak_lr, self.schedule.min_lr
+            return [min_lr * (float(base) / peak) if peak > 0 else 0.0 for base in self.base_lrs]
         factor = self.factor(step)
         return [float(base) * factor for base in self.base_lrs]
 
@@ -464,7 +223,9 @@ class WarmupLR(LRScheduler):
 
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state, as torch's schedulers give it (plain data: it loads with ``weights_only=True``)."""
-        return {key: value for key, value in super().state_dict().items() if key not in _TRANSIENT}
+        state = {key: value for key, value in super().state_dict().items() if key not in _TRANSIENT}
+        schedule = state.pop("schedule")
+        return {**state, **schedule.state()}  # the settings as plain fields, as they always were
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint's state (step count, base LRs, last LRs); when its plan differs, warn or re-plan.
@@ -476,11 +237,13 @@ class WarmupLR(LRScheduler):
         count and the base LRs of groups added mid-run, and takes the plan (lengths, shapes, ``min_lr``, base LRs of
         the constructed groups) from this scheduler.
         """
-        planned, planned_bases, mode = self.plan(), [float(b) for b in self.base_lrs], self.resume_schedule
+        planned, planned_bases, mode = self._plan(), [float(b) for b in self.base_lrs], self.resume_schedule
         restored, run_step = self._restored, self._run_step
-        super().load_state_dict({key: value for key, value in state_dict.items() if key not in _TRANSIENT})
+        settings = {key: value for key, value in state_dict.items() if key in SCHEDULE_FIELDS}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in _TRANSIENT and k not in settings})
+        self.schedule = dataclasses.replace(self.schedule, **settings)
         self.resume_schedule, self._restored, self._run_step = mode, restored, run_step
-        stored = self.plan()
+        stored = self._plan()
         count = len(planned_bases)
         differs = stored != planned or [float(b) for b in self.base_lrs[:count]] != planned_bases
         if differs:
@@ -490,6 +253,10 @@ class WarmupLR(LRScheduler):
             for group, lr, base in zip(groups, self._last_lr, self.base_lrs, strict=False):
                 group["lr"], group["initial_lr"] = float(lr), float(base)
         restored["scheduler"] = True
+
+    def _plan(self) -> tuple[Schedule, float]:
+        """What a resume compares: the schedule and the peak LR its floor is relative to."""
+        return self.schedule, self.peak_lr
 
     def _before_optimizer_step(self) -> None:
         """At the first optimizer step after a load: an optimizer state restored without this scheduler's state is
@@ -524,21 +291,22 @@ class WarmupLR(LRScheduler):
             f"WarmupLR: the optimizer's state was loaded (param group 0 at LR {found[0]:.6g}) without a WarmupLR state "
             "(a checkpoint written without this scheduler, e.g. by a fit with a plain optimizer, or with its "
             "`lr_schedulers` entry removed). The restored LRs are not used: this scheduler's own plan (peak LR "
-            f"{self.peak_lr:.6g}; {describe_plan(self.plan())}) runs from {where} on, param group 0 at LR "
+            f"{self.peak_lr:.6g}; {self.schedule.describe()}) runs from {where} on, param group 0 at LR "
             f"{planned[0]:.6g} now. To continue a schedule instead, resume from a checkpoint that holds its state.",
             category=UserWarning,
         )
 
-    def _resolve_mismatch(self, stored: dict[str, Any], planned: dict[str, Any], planned_bases: list[float]) -> None:
+    def _resolve_mismatch(
+        self, stored: tuple[Schedule, float], planned: tuple[Schedule, float], planned_bases: list[float]
+    ) -> None:
         if self.resume_schedule == "replan":
             self._replan(planned, planned_bases)
             return
-        ended = (
-            f" for good (that schedule ended at step {self.total_steps})" if self.last_epoch >= self.total_steps else ""
-        )
+        end = self.schedule.total_steps
+        ended = f" for good (that schedule ended at step {end})" if self.last_epoch >= end else ""  # type: ignore[operator]
         rank_zero_warn(
-            f"WarmupLR: the checkpoint's schedule ({describe_plan(stored)}, peak LR {stored['peak_lr']:.6g}) "
-            f"differs from the one this run planned ({describe_plan(planned)}, peak LR {planned['peak_lr']:.6g}), "
+            f"WarmupLR: the checkpoint's schedule ({stored[0].describe()}, peak LR {stored[1]:.6g}) "
+            f"differs from the one this run planned ({planned[0].describe()}, peak LR {planned[1]:.6g}), "
             "e.g. because max_epochs, max_steps, the devices or the batch size changed. The checkpoint's schedule "
             f"is kept: from step {self.last_epoch} on the first param group's LR is "
             f"{self._lrs_at(self.last_epoch)[0]:.6g}{ended}. To re-plan the schedule to this run, set "
@@ -546,8 +314,8 @@ class WarmupLR(LRScheduler):
             category=UserWarning,
         )
 
-    def _replan(self, planned: dict[str, Any], planned_bases: list[float]) -> None:
-        self.__dict__.update(planned)
+    def _replan(self, planned: tuple[Schedule, float], planned_bases: list[float]) -> None:
+        self.schedule, self.peak_lr = planned
         bases: list[Any] = planned_bases + [float(b) for b in self.base_lrs[len(planned_bases) :]]
         self.base_lrs = bases
         groups = self.optimizer.param_groups
@@ -585,3 +353,8 @@ def _watch_optimizer(scheduler: WarmupLR) -> None:
 
     optimizer.register_load_state_dict_post_hook(loaded)
     optimizer.register_step_pre_hook(before_step)
+
+
+#: Names this module held before the shapes moved to ``optim/shapes.py`` (with ``warmup_factor``, ``decay_factor``
+#: and ``check_milestones``, re-exported above): still importable from here.
+__all__ = ["DECAY_SHAPES", "RESUME_SCHEDULES", "WARMUP_SHAPES", "ResumeSchedule", "WarmupLR", "lr_factor"]

@@ -11,155 +11,26 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.parameter import UninitializedParameter
-from torch.utils.data import DataLoader
 
-from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, check_str, is_int, is_number
-from lightning_bnsgd.optim.schedule import (
-    RESUME_SCHEDULES,
-    DecayShape,
-    ResumeSchedule,
-    WarmupLR,
-    WarmupShape,
-    check_schedule,
-    describe_plan,
-)
+from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_number, check_str, is_int
+from lightning_bnsgd.optim import _trainer
+from lightning_bnsgd.optim._trainer import per_device_batch_size
+from lightning_bnsgd.optim.groups import LAZY_WEIGHT_LAYERS, NORM_LAYERS, _scheduler_name, param_groups
+from lightning_bnsgd.optim.plan import SCHEDULE_FIELDS, Schedule
+from lightning_bnsgd.optim.schedule import RESUME_SCHEDULES, ResumeSchedule, WarmupLR
+from lightning_bnsgd.optim.shapes import DECAY_USES, DecayShape, WarmupShape
 
 ScaleRule = Literal["linear", "sqrt"]
 SCALE_RULES: tuple[str, ...] = get_args(ScaleRule)
 
 #: Warmup length used when neither ``warmup_epochs`` nor ``warmup_steps`` is set.
 DEFAULT_WARMUP_EPOCHS = 1.0
-
-#: Module types whose parameters never get ``weight_decay`` (they get ``norm_weight_decay``).
-NORM_LAYERS: tuple[type[nn.Module], ...] = (
-    _BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*
-    _InstanceNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-
-#: Lazy modules whose ``weight`` is a matrix or a kernel once materialized: it gets ``weight_decay``.
-LAZY_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.LazyLinear,
-    nn.LazyConv1d,
-    nn.LazyConv2d,
-    nn.LazyConv3d,
-    nn.LazyConvTranspose1d,
-    nn.LazyConvTranspose2d,
-    nn.LazyConvTranspose3d,
-)
-
-
-def _is_no_decay(owner: nn.Module, name: str, param: torch.Tensor, where: str) -> bool:
-    """Whether ``param`` (called ``name`` in ``owner``) belongs to the no-decay group; decided by type and shape."""
-    if isinstance(owner, NORM_LAYERS):
-        return True
-    if not isinstance(param, UninitializedParameter):
-        return param.ndim <= 1
-    if name == "bias":
-        return True
-    if name == "weight" and isinstance(owner, LAZY_WEIGHT_LAYERS):
-        return False
-    raise ValueError(
-        f"param_groups: the parameter `{where}` of {type(owner).__name__} is not materialized yet (a lazy module "
-        "before its first forward), so its shape cannot tell whether it gets weight decay. Run one forward pass "
-        "before the optimizer is built (e.g. `self(example_batch)` in the LightningModule's `setup`), or use a "
-        "module that is not lazy."
-    )
-
-
-def _selection(module: nn.Module, params: nn.Module | Iterable[torch.Tensor] | None) -> tuple[nn.Module, set[int]]:
-    """The module to walk and the ids of the parameters to keep (empty: all of them)."""
-    if params is None:
-        return module, set()
-    if isinstance(params, nn.Module):
-        return params, set()
-    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
-        raise TypeError(
-            f"`params` must be None, a torch.nn.Module or an iterable of parameters, got {type(params).__name__}."
-        )
-    chosen = list(params)
-    if not all(isinstance(p, torch.Tensor) for p in chosen):
-        raise TypeError("`params` must hold tensors (parameters of the module) only.")
-    known = {id(p) for p in module.parameters()}
-    if any(id(p) not in known for p in chosen):
-        raise ValueError(
-            f"`params` holds tensors that are not parameters of {type(module).__name__}: pass the module that owns "
-            "them first (their owning layers decide their weight decay)."
-        )
-    return module, {id(p) for p in chosen}
-
-
-def param_groups(
-    module: nn.Module,
-    weight_decay: float = 1e-4,
-    norm_weight_decay: float = 0.0,
-    *,
-    params: nn.Module | Iterable[torch.Tensor] | None = None,
-    prefix: str = "",
-) -> list[dict[str, Any]]:
-    """Split the trainable parameters of ``module`` into a weight-decay group and a no-decay group.
-
-    The split goes by module type and parameter shape, never by name: the weights and biases of every
-    normalization layer (BatchNorm*, SyncBatchNorm, InstanceNorm*, GroupNorm, LayerNorm, RMSNorm) and every
-    parameter with at most one dimension (biases, scales) go to ``"no_decay"`` with ``norm_weight_decay``; all
-    other parameters (conv and linear weights) go to ``"decay"`` with ``weight_decay``. Parameters with
-    ``requires_grad=False`` are left out; a parameter shared by several modules appears once.
-
-    Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, ...) are grouped before their first
-    forward by the owning module's type: lazy linear/conv weights decay, biases and lazy norm parameters do not. An
-    uninitialized parameter of any other module raises a ``ValueError`` (never a silent no-decay).
-
-    Args:
-        module: the model.
-        weight_decay: weight decay of the ``"decay"`` group (>= 0).
-        norm_weight_decay: weight decay of the ``"no_decay"`` group (>= 0).
-        params: only these parameters: a submodule (grouped by its own layers), or an iterable of parameters of
-            ``module`` (grouped by their owning layers in ``module``); ``None``: all of ``module``'s.
-        prefix: put before the group names (``f"{prefix}decay"``), e.g. to add groups to an optimizer that already
-            has a ``"decay"`` group (Lightning's ``LearningRateMonitor`` refuses duplicate group names).
-
-    Returns:
-        ``[{"params": [...], "weight_decay": ..., "name": "decay"}, {..., "name": "no_decay"}]`` for
-        ``torch.optim`` (either list may be empty).
-
-    Examples:
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-        >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in param_groups(net, 5e-4)]
-        [('decay', 2, 0.0005), ('no_decay', 4, 0.0)]
-        >>> lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.Flatten(), nn.LazyLinear(2))
-        >>> [(g["name"], len(g["params"])) for g in param_groups(lazy, 5e-4, params=lazy[:2], prefix="body.")]
-        [('body.decay', 1), ('body.no_decay', 3)]
-    """
-    check_number("weight_decay", weight_decay, 0.0, owner="param_groups")
-    check_number("norm_weight_decay", norm_weight_decay, 0.0, owner="param_groups")
-    root, wanted = _selection(module, params)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for path, sub in root.named_modules():
-        for name, param in sub.named_parameters(recurse=False):
-            if id(param) in seen or not param.requires_grad or (wanted and id(param) not in wanted):
-                continue
-            seen.add(id(param))
-            where = f"{path}.{name}" if path else name
-            (no_decay if _is_no_decay(sub, name, param, where) else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": float(weight_decay), "name": f"{prefix}decay"},
-        {"params": no_decay, "weight_decay": float(norm_weight_decay), "name": f"{prefix}no_decay"},
-    ]
 
 
 def effective_batch_size(per_device: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
@@ -187,33 +58,6 @@ def lr_scale(effective_batch: int, lr_base_size: int = 256, rule: str = "linear"
     return ratio if rule == "linear" else math.sqrt(ratio)
 
 
-def per_device_batch_size(loaders: Any) -> int | None:
-    """The batch size of the ``DataLoader``(s) in ``loaders`` (a loader or any collection of them).
-
-    Returns ``None`` when no loader tells its batch size; raises when several loaders disagree.
-
-    Examples:
-        >>> per_device_batch_size({"a": DataLoader(range(10), batch_size=4)})
-        4
-    """
-    found: list[int] = []
-
-    def _read(loader: DataLoader) -> None:
-        size = loader.batch_size
-        if size is None and loader.batch_sampler is not None:
-            size = getattr(loader.batch_sampler, "batch_size", None)
-        if is_int(size):
-            found.append(int(size))  # type: ignore[arg-type]
-
-    apply_to_collection(loaders, DataLoader, _read)
-    if len(set(found)) > 1:
-        raise ValueError(
-            f"The train dataloaders have different batch sizes {sorted(set(found))}; set SGDWarmup's "
-            "`batch_size` to the per-device batch size that the LR scaling rule should use."
-        )
-    return found[0] if found else None
-
-
 @dataclass(frozen=True)
 class ResolvedSchedule:
     """An ``SGDWarmup`` made concrete for one run: the peak LR and every length in steps.
@@ -235,20 +79,11 @@ class ResolvedSchedule:
     steps_per_epoch: int | None = None
 
     def scheduler_kwargs(self, config: SGDWarmup) -> dict[str, Any]:
-        """Keyword arguments of ``WarmupLR`` for this run."""
-        return {
-            "warmup_steps": self.warmup_steps,
-            "total_steps": self.total_steps,
-            "warmup": config.warmup,
-            "warmup_start_factor": config.warmup_start_factor,
-            "decay": config.decay,
-            "min_lr": self.min_lr,
-            "power": config.power,
-            "gamma": config.gamma,
-            "step_size": self.step_size,
-            "milestones": self.milestones,
-            "resume_schedule": config.resume_schedule,
-        }
+        """Keyword arguments of ``WarmupLR`` for this run: ``config``'s schedule settings, with this run's lengths,
+        ``min_lr``, step size and milestones (in steps) in place of ``config``'s."""
+        ours = {field.name for field in fields(self)}
+        settings = {name: getattr(self if name in ours else config, name) for name in SCHEDULE_FIELDS}
+        return {**settings, "resume_schedule": config.resume_schedule}
 
 
 @dataclass
@@ -353,21 +188,9 @@ class SGDWarmup:
                 f"{self.warmup_epochs!r} and warmup_steps={self.warmup_steps!r}."
             )
         check_number("warmup_epochs", self.warmup_epochs, 0.0, allow_none=True, owner=owner)
-        milestones = check_schedule(
-            owner,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
-            warmup=self.warmup,
-            warmup_start_factor=self.warmup_start_factor,
-            decay=self.decay,
-            min_lr=self.min_lr,
-            power=self.power,
-            gamma=self.gamma,
-            step_size=self.step_size,
-            milestones=self.milestones,
-            warmup_end=self.warmup_length_epochs(default=0.0),
-        )
-        self.milestones = milestones if self.milestones is not None else None
+        settings = {name: getattr(self, name) for name in SCHEDULE_FIELDS}
+        schedule = Schedule(**settings, owner=owner, warmup_end=self.warmup_length_epochs(default=0.0))
+        self.milestones = list(schedule.milestones) if self.milestones is not None else None
         if self.lr is not None and self.min_lr > self.lr:
             raise ValueError(f"{owner}: `min_lr` must be at most lr={self.lr}, got {self.min_lr!r}.")
         check_int("batch_size", self.batch_size, 1, allow_none=True, owner=owner)
@@ -388,9 +211,13 @@ class SGDWarmup:
             return DEFAULT_WARMUP_EPOCHS
         return default
 
+    def _uses(self, name: str) -> bool:
+        """Whether the decay shape reads the setting ``name`` (``"step_size"``, ``"milestones"``: in epochs here)."""
+        return name in DECAY_USES[self.decay]
+
     def _needs_epochs(self) -> bool:
-        uses_step_size = self.decay in ("step", "exponential")
-        return self.warmup_steps is None or uses_step_size or bool(self.milestones and self.decay == "multistep")
+        uses_milestones = bool(self.milestones and self._uses("milestones"))
+        return self.warmup_steps is None or self._uses("step_size") or uses_milestones
 
     def _warmup_in_steps(self, total: int, steps_per_epoch: int, debug_run: bool = False) -> int:
         if self.warmup_steps is not None:
@@ -483,8 +310,8 @@ class SGDWarmup:
             effective_batch_size=effective,
             warmup_steps=warmup,
             total_steps=int(total),
-            step_size=self.step_size * spe if self.decay in ("step", "exponential") else 1.0,
-            milestones=[round(m * spe) for m in self.milestones or []] if self.decay == "multistep" else [],
+            step_size=self.step_size * spe if self._uses("step_size") else 1.0,
+            milestones=[round(m * spe) for m in self.milestones or []] if self._uses("milestones") else [],
             steps_per_epoch=spe or None,
         )
 
@@ -532,7 +359,7 @@ class SGDWarmup:
             weight_decay=self.weight_decay,
         )
         scheduler = WarmupLR(optimizer, **resolved.scheduler_kwargs(self))
-        scheduler._run_step = _fit_step_of(module)
+        scheduler._run_step = _trainer.fit_step_of(module)
         name = self.name if self.name is not None else _scheduler_name(module, params)
         _announce_at_first_step(optimizer, scheduler, self._describe_source(resolved))
         if getattr(module, "automatic_optimization", False) is not True:
@@ -543,14 +370,14 @@ class SGDWarmup:
         }
 
     def _resolve_for(self, module: nn.Module) -> ResolvedSchedule:
-        trainer = _trainer_of(module)
-        facts = _trainer_facts(trainer)
+        trainer = _trainer.trainer_of(module)
+        facts = _trainer.trainer_facts(trainer)
         try:
             resolved = self.resolve(**facts)
         except ValueError as err:
-            if trainer is not None and _has_train_data(trainer):
+            if trainer is not None and _trainer.has_train_data(trainer):
                 raise
-            cause = _no_trainer_cause(module) if trainer is None else _no_data_cause(module)
+            cause = _trainer.no_trainer_cause(module) if trainer is None else _trainer.no_data_cause(module)
             raise ValueError(f"{cause} {err}") from err
         run = facts.get("total_steps")
         if self.total_steps is not None and run is not None and resolved.total_steps < run:
@@ -591,26 +418,6 @@ class SGDWarmup:
         return [scheduler.factor(t) * resolved.lr for t in range(resolved.total_steps)]
 
 
-def _module_path(module: nn.Module, params: nn.Module | Iterable[torch.Tensor]) -> str:
-    """The dotted path in ``module`` of a submodule, or the common module path of some of its parameters."""
-    if isinstance(params, nn.Module):
-        return next((path for path, sub in module.named_modules() if sub is params), "")
-    names = {id(p): path for path, p in module.named_parameters(remove_duplicate=False)}
-    paths = [names[id(p)].split(".")[:-1] for p in params if id(p) in names]
-    common: list[str] = []
-    for parts in zip(*paths, strict=False) if paths else ():
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
-
-
-def _scheduler_name(module: nn.Module, params: nn.Module | Iterable[torch.Tensor] | None) -> str:
-    """``"lr-SGD"``, or ``"lr-SGD-<path>"`` for a part of ``module`` (unique per part in ``LearningRateMonitor``)."""
-    path = _module_path(module, params) if params is not None else ""
-    return f"lr-SGD-{path}" if path else "lr-SGD"
-
-
 def _announce_at_first_step(optimizer: torch.optim.Optimizer, scheduler: WarmupLR, source: str) -> None:
     """Log the schedule that actually runs (after any checkpoint was restored) once, before the first step."""
     ref = weakref.ref(scheduler)
@@ -623,7 +430,7 @@ def _announce_at_first_step(optimizer: torch.optim.Optimizer, scheduler: WarmupL
         restored = "" if sched.peak_lr == optimizer.defaults["lr"] else " (the checkpoint's)"
         resumed = f"; resumed at step {sched.last_epoch}" if sched.last_epoch > 0 else ""
         rank_zero_info(
-            f"SGDWarmup: peak LR {sched.peak_lr:.6g}{restored} ({source}); {describe_plan(sched.plan())}{resumed}."
+            f"SGDWarmup: peak LR {sched.peak_lr:.6g}{restored} ({source}); {sched.schedule.describe()}{resumed}."
         )
 
     handle = optimizer.register_step_pre_hook(announce)
@@ -655,40 +462,6 @@ def _warn_if_never_stepped(optimizer: torch.optim.Optimizer, scheduler: WarmupLR
     handle = optimizer.register_step_post_hook(check)
 
 
-def _trainer_of(module: nn.Module) -> Any:
-    """The Trainer ``module`` is attached to, or ``None`` (plain or detached module)."""
-    try:
-        return getattr(module, "trainer", None)
-    except RuntimeError:  # a LightningModule not attached to a Trainer
-        return None
-
-
-def _no_trainer_cause(module: nn.Module) -> str:
-    """Why ``module`` has no Trainer to read the run's length and batch from, and what to do."""
-    name = type(module).__name__
-    if hasattr(type(module), "trainer") and hasattr(module, "configure_optimizers"):
-        return (
-            f"SGDWarmup.build: the LightningModule {name} is not attached to a Trainer (build runs in "
-            "configure_optimizers, which the Trainer calls), so the run's length and batch size are unknown; "
-            "outside a Trainer give `total_steps`, `warmup_steps` and `lr` (or `batch_size`)."
-        )
-    return (
-        f"SGDWarmup.build: {name} is a plain torch.nn.Module, which has no Trainer to read the run's length and "
-        "batch size from. In configure_optimizers pass the LightningModule first and the part to optimize second: "
-        "`SGDWarmup(...).build(self, self.generator)`. A plain module needs `total_steps`, `warmup_steps` and `lr` "
-        "(or `batch_size`)."
-    )
-
-
-def _no_data_cause(module: nn.Module) -> str:
-    """Why the Trainer ``module`` is attached to cannot tell the run's length and batch, and what to do."""
-    return (
-        f"SGDWarmup.build: the Trainer of {type(module).__name__} has no train data (build was called outside "
-        "`trainer.fit`, which connects the data and calls configure_optimizers), so the run's length and batch size "
-        "are unknown; there, give `total_steps`, `warmup_steps` and `lr` (or `batch_size`)."
-    )
-
-
 def _short_plan_message(resolved: ResolvedSchedule, run: int) -> str:
     """The warning for a ``total_steps`` shorter than the run: what the steps after its end run at."""
     left = run - resolved.total_steps
@@ -699,56 +472,6 @@ def _short_plan_message(resolved: ResolvedSchedule, run: int) -> str:
         f"steps run at {at}. Leave `total_steps` unset to plan the schedule over the whole run, or end the run with "
         f"it (Trainer(max_steps={resolved.total_steps}))."
     )
-
-
-def _has_train_data(trainer: Any) -> bool:
-    """Whether ``trainer`` can tell its train data: it is fitting (``trainer.fit`` connected the data), or a train
-    dataloader is loaded. A module attached to a Trainer by hand (as Lightning's own optimizer tests do) has none."""
-    return trainer.train_dataloader is not None or trainer.state.fn == "fit"
-
-
-def _fit_step_of(module: nn.Module) -> Any:
-    """A function giving the fit's optimizer step count (``trainer.global_step``) while it equals the scheduler's
-    step count (one optimizer, automatic optimization), else ``None``; ``None`` instead of a function without a
-    Trainer. ``WarmupLR`` reads it when a resumed fit restored the optimizer's state but not the scheduler's."""
-    if _trainer_of(module) is None:
-        return None
-    ref = weakref.ref(module)
-
-    def step() -> int | None:
-        owner = ref()
-        trainer = _trainer_of(owner) if owner is not None else None
-        if trainer is None or getattr(owner, "automatic_optimization", False) is not True:
-            return None
-        return int(trainer.global_step) if len(trainer.optimizers) == 1 else None
-
-    return step
-
-
-def _trainer_facts(trainer: Any) -> dict[str, Any]:
-    """What ``SGDWarmup.resolve`` needs, read from a Trainer through its public attributes."""
-    if trainer is None:
-        return {}
-    if not _has_train_data(trainer):
-        return {
-            "world_size": int(trainer.world_size),
-            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
-            "debug_run": bool(getattr(trainer, "fast_dev_run", False)),
-        }
-    total = trainer.estimated_stepping_batches  # loads the train dataloader when max_epochs is finite
-    if trainer.train_dataloader is None:  # max_steps-only runs: Lightning did not load the data yet
-        trainer.fit_loop.setup_data()
-    accumulate = int(trainer.accumulate_grad_batches)
-    batches = trainer.num_training_batches
-    steps_per_epoch = math.ceil(batches / accumulate) if is_number(batches) and batches > 0 else None
-    return {
-        "total_steps": int(total) if is_number(total) else None,
-        "steps_per_epoch": steps_per_epoch,
-        "batch_size": per_device_batch_size(trainer.train_dataloader),
-        "world_size": int(trainer.world_size),
-        "accumulate_grad_batches": accumulate,
-        "debug_run": bool(getattr(trainer, "fast_dev_run", False)),
-    }
 
 
 if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
