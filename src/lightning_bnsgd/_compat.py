@@ -186,6 +186,18 @@ def batches_done_in_interrupted_epoch(trainer: Any) -> int:
     return int(fit_loop.epoch_loop.batch_progress.current.completed)
 
 
+def load_train_data(trainer: Any) -> None:
+    """Have the fit loop load the train dataloader now (its ``setup_data()``): in ``max_steps``-only runs Lightning
+    has not loaded it when ``configure_optimizers`` needs its length."""
+    trainer.fit_loop.setup_data()
+
+
+def skipping_backward(trainer: Any) -> bool:
+    """Whether the fit loop skips backward (its ``_skip_backward`` flag), as in the extra BatchNorm-update epoch of
+    Lightning's ``StochasticWeightAveraging``."""
+    return bool(getattr(trainer.fit_loop, "_skip_backward", False))
+
+
 def forget_config_dump(cli: object) -> None:
     """Drop the config dump a ``LightningCLI`` caches (``config_dump``, written the first time its instantiator
     builds a model or data module, and used as their saved hyperparameters), so that the next build dumps the config
@@ -286,6 +298,7 @@ __all__ = [
     "forget_config_dump",
     "index_wrapped_batch_sampler",
     "instantiate_cli_classes",
+    "load_train_data",
     "loggers",
     "logging_step",
     "namespace_name",
@@ -294,4 +307,5 @@ __all__ = [
     "prepare_train_dataloader",
     "request_train_dataloaders",
     "select_backend",
+    "skipping_backward",
 ]

@@ -21,6 +21,7 @@ from lightning_bnsgd._compat import (
     namespace_of,
     prepare_train_dataloader,
     request_train_dataloaders,
+    skipping_backward,
 )
 from lightning_bnsgd._validation import check_bool, check_choice, check_int, check_str
 from lightning_bnsgd.bn.batches import batch_size_of, default_forward, length_or_none
@@ -84,7 +85,7 @@ def _in_swa_bn_update_epoch(trainer: Trainer) -> bool:
     swa = getattr(namespace_of(trainer).callbacks, "StochasticWeightAveraging", None)
     if swa is None or not any(isinstance(cb, swa) for cb in trainer.callbacks):
         return False
-    return bool(getattr(trainer.fit_loop, "_skip_backward", False))
+    return skipping_backward(trainer)
 
 
 _NO_SIZE_HINT = "Set `num_samples=None` to use every batch, or give batches that hold such a tensor."

@@ -12,6 +12,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_bnsgd._compat import load_train_data
 from lightning_bnsgd._validation import is_int, is_number
 
 
@@ -112,7 +113,7 @@ def trainer_facts(trainer: Any) -> dict[str, Any]:
         }
     total = trainer.estimated_stepping_batches  # loads the train dataloader when max_epochs is finite
     if trainer.train_dataloader is None:  # max_steps-only runs: Lightning did not load the data yet
-        trainer.fit_loop.setup_data()
+        load_train_data(trainer)
     accumulate = int(trainer.accumulate_grad_batches)
     batches = trainer.num_training_batches
     steps_per_epoch = math.ceil(batches / accumulate) if is_number(batches) and batches > 0 else None
