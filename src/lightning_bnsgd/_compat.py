@@ -39,8 +39,9 @@ def select_backend(
     imported: Mapping[str, object] | None = None,
     installed: Mapping[str, bool] | None = None,
 ) -> str:
-    """Return the Lightning namespace our LightningModule, DataModule and CLI subclass: ``"pytorch_lightning"`` or
-    ``"lightning"`` (for ``lightning.pytorch``).
+    """Return the Lightning namespace our LightningModule, DataModule and CLI subclass.
+
+    ``"pytorch_lightning"`` or ``"lightning"`` (for ``lightning.pytorch``).
 
     Args:
         env: environment to read ``LIGHTNING_BNSGD_BACKEND`` from (default ``os.environ``).
@@ -109,9 +110,10 @@ else:
     else:
 
         class Callback(*_CALLBACK_BASES):
-            """A Lightning ``Callback`` of every installed namespace (``pytorch_lightning`` and
-            ``lightning.pytorch``): our callbacks derive from it so that either namespace's ``Trainer`` and
-            ``LightningCLI`` accept them."""
+            """A Lightning ``Callback`` of every installed namespace (``pytorch_lightning`` and ``lightning.pytorch``).
+
+            Our callbacks derive from it so that either namespace's ``Trainer`` and ``LightningCLI`` accept them.
+            """
 
         Callback.__module__ = __name__
 
@@ -157,8 +159,10 @@ def namespace_of(obj: object) -> ModuleType:
 
 
 def logging_step(trainer: object) -> int:
-    """The step at which Lightning's own logger connector writes metrics right now: what a metric that the
-    LightningModule logs with ``self.log`` in this training batch (or in this validation run) is logged at.
+    """The step at which Lightning's own logger connector writes metrics right now.
+
+    That is the step a metric that the LightningModule logs with ``self.log`` in this training batch (or in this
+    validation run) is logged at.
 
     During a training batch it is the number of batches that ended with an optimizer step *before* this one (0 for
     the first), so it is one less than ``trainer.global_step`` once the batch has stepped. The plugin's callbacks
@@ -178,8 +182,10 @@ def logging_step(trainer: object) -> int:
 
 
 def batches_done_in_interrupted_epoch(trainer: Any) -> int:
-    """Batches of the current epoch already trained when ``fit`` resumes from a mid-epoch checkpoint, else 0 (the
-    fit loop's ``restarting`` flag and its epoch loop's completed-batch counter)."""
+    """Batches of the current epoch already trained when ``fit`` resumes from a mid-epoch checkpoint, else 0.
+
+    Read from the fit loop's ``restarting`` flag and its epoch loop's completed-batch counter.
+    """
     fit_loop = trainer.fit_loop
     if not fit_loop.restarting:
         return 0
@@ -187,29 +193,37 @@ def batches_done_in_interrupted_epoch(trainer: Any) -> int:
 
 
 def load_train_data(trainer: Any) -> None:
-    """Have the fit loop load the train dataloader now (its ``setup_data()``): in ``max_steps``-only runs Lightning
-    has not loaded it when ``configure_optimizers`` needs its length."""
+    """Have the fit loop load the train dataloader now (its ``setup_data()``).
+
+    In ``max_steps``-only runs Lightning has not loaded it when ``configure_optimizers`` needs its length.
+    """
     trainer.fit_loop.setup_data()
 
 
 def skipping_backward(trainer: Any) -> bool:
-    """Whether the fit loop skips backward (its ``_skip_backward`` flag), as in the extra BatchNorm-update epoch of
-    Lightning's ``StochasticWeightAveraging``."""
+    """Whether the fit loop skips backward (its ``_skip_backward`` flag).
+
+    As in the extra BatchNorm-update epoch of Lightning's ``StochasticWeightAveraging``.
+    """
     return bool(getattr(trainer.fit_loop, "_skip_backward", False))
 
 
 def forget_config_dump(cli: object) -> None:
-    """Drop the config dump a ``LightningCLI`` caches (``config_dump``, written the first time its instantiator
-    builds a model or data module, and used as their saved hyperparameters), so that the next build dumps the config
-    again, e.g. after the CLI changed it in place."""
+    """Drop the config dump a ``LightningCLI`` caches (``config_dump``), so that the next build dumps the config again.
+
+    The dump is written the first time its instantiator builds a model or data module, and used as their saved
+    hyperparameters. Used e.g. after the CLI changed the config in place.
+    """
     if "config_dump" in vars(cli):
         del vars(cli)["config_dump"]
 
 
 def instantiate_cli_classes(cli: Any, instantiators: list[tuple[Callable[..., Any], type, bool]]) -> None:
-    """``LightningCLI.instantiate_classes`` (the body of Lightning 2.1 to 2.6) with ``instantiators`` tried first:
-    jsonargparse's ``instantiate(config, instantiators=...)`` where it has it (4.49 and later, which deprecate
-    ``instantiate_classes`` and ``add_instantiator``), else those two."""
+    """``LightningCLI.instantiate_classes`` (the body of Lightning 2.1 to 2.6) with ``instantiators`` tried first.
+
+    The instantiators go to jsonargparse's ``instantiate(config, instantiators=...)`` where it has it (4.49 and later,
+    which deprecate ``instantiate_classes`` and ``add_instantiator``), else to those two.
+    """
     parser = cli.parser
     instantiate = getattr(parser, "instantiate", None)
     if instantiate is not None and "instantiators" in inspect.signature(instantiate).parameters:
@@ -230,8 +244,9 @@ def _submodule(trainer: object, name: str) -> ModuleType:
 
 
 def request_train_dataloaders(trainer: object) -> object | None:
-    """The train dataloader(s) of the Trainer's data source, requested outside ``fit`` the way Lightning's fit loop
-    requests them: ``train_dataloader()`` of the DataModule (or LightningModule) the run was given, or the
+    """The train dataloader(s) of the Trainer's data source, requested outside ``fit`` as Lightning's fit loop does.
+
+    That is ``train_dataloader()`` of the DataModule (or LightningModule) the run was given, or the
     ``train_dataloaders`` a ``fit`` was given. ``None`` when the source defines none.
 
     Lightning sets up train data only in ``fit``; in ``test`` and ``predict`` it still records the source (its
@@ -248,10 +263,12 @@ def request_train_dataloaders(trainer: object) -> object | None:
 
 
 def prepare_train_dataloader(trainer: object, loader: object) -> tuple[object, int | float]:
-    """``loader`` (one train dataloader from `request_train_dataloaders`) prepared as Lightning's fit loop prepares
-    its train dataloaders (Lightning's private ``_process_dataloader``: a ``DistributedSampler`` injected under DDP
-    when ``use_distributed_sampler``, the strategy's processing, the worker seeding), and the number of batches the
-    Trainer's ``limit_train_batches`` leaves of it (``inf`` for a loader without a length).
+    """``loader`` prepared as Lightning's fit loop prepares its train dataloaders, and its number of batches.
+
+    ``loader`` is one train dataloader from `request_train_dataloaders`. The preparation is Lightning's private
+    ``_process_dataloader``: a ``DistributedSampler`` injected under DDP when ``use_distributed_sampler``, the
+    strategy's processing, the worker seeding. The number of batches is what the Trainer's ``limit_train_batches``
+    leaves of it (``inf`` for a loader without a length).
 
     The length is this process's own (no collective: a caller that must agree across processes does so itself).
     """
@@ -268,8 +285,10 @@ def prepare_train_dataloader(trainer: object, loader: object) -> tuple[object, i
 
 
 def index_wrapped_batch_sampler(loader: object) -> object | None:
-    """The batch sampler that Lightning's predict loop wrapped to record the indices it yields (its private
-    ``_IndexBatchSamplerWrapper``), or ``None`` when ``loader``'s batch sampler is no such wrapper.
+    """The batch sampler that Lightning's predict loop wrapped to record the indices it yields.
+
+    The wrapper is Lightning's private ``_IndexBatchSamplerWrapper``; ``None`` when ``loader``'s batch sampler is no
+    such wrapper.
 
     The wrapper is its own iterator: a second iteration of the same loader would restart the one the predict loop
     is reading, so a reader that must not disturb it iterates the wrapped batch sampler instead.

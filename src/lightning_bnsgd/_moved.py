@@ -11,9 +11,10 @@ _warned: set[str] = set()
 
 
 def moved_attribute(module: str, name: str, moved: Collection[str], new_home: ModuleType) -> Any:
-    """A module ``__getattr__``'s answer for ``module.name``: ``new_home.name`` when ``name`` is one of ``moved``
-    (with a ``FutureWarning``, the first time in a process), else the ``AttributeError`` Python raises for a missing
-    attribute.
+    """A module ``__getattr__``'s answer for ``module.name``.
+
+    ``new_home.name`` when ``name`` is one of ``moved`` (with a ``FutureWarning``, the first time in a process), else
+    the ``AttributeError`` Python raises for a missing attribute.
 
     Examples:
         >>> import warnings

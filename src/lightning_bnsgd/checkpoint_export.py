@@ -1,5 +1,7 @@
-"""Export an existing checkpoint: load the LightningModule's weights, optionally recalibrate BatchNorm on the
-training data, fold, write a ``torch.export`` program and check it in a fresh process with torch alone.
+"""Export an existing checkpoint as a ``torch.export`` program, checked in a fresh process with torch alone.
+
+Load the LightningModule's weights, optionally recalibrate BatchNorm on the training data, fold, write a
+``torch.export`` program and check it in a fresh process with torch alone.
 
 `export_checkpoint` does it in Python; `BNSGDTrainer.export` is the ``lightning-bnsgd export`` subcommand.
 """
@@ -33,8 +35,9 @@ _OWNER = "export_checkpoint"
 def load_weights(
     model: LightningModule, ckpt_path: str | os.PathLike[str], weights_only: bool | None = None
 ) -> dict[str, Any]:
-    """Load a Lightning checkpoint's weights into ``model`` (on the CPU), as ``Trainer.fit(ckpt_path=...)`` restores
-    them: the module's ``on_load_checkpoint`` hook, then its ``state_dict`` (``strict_loading``). Returns the
+    """Load a Lightning checkpoint's weights into ``model`` on the CPU, as ``Trainer.fit(ckpt_path=...)`` restores them.
+
+    It runs the module's ``on_load_checkpoint`` hook, then loads its ``state_dict`` (``strict_loading``). Returns the
     checkpoint.
 
     ``weights_only`` is passed to ``torch.load``, as Lightning does (``None``: torch's default, ``True`` since torch
@@ -53,8 +56,10 @@ def load_weights(
 
 
 def _train_batches(datamodule: LightningDataModule, model: LightningModule) -> TransferredBatches:
-    """The data module's train loader, each batch moved with the batch-transfer hooks (the data module's where it
-    overrides them, else the model's), as in training."""
+    """The data module's train loader, each batch moved with the batch-transfer hooks, as in training.
+
+    The hooks are the data module's where it overrides them, else the model's.
+    """
     datamodule.prepare_data()
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
@@ -85,8 +90,10 @@ def export_checkpoint(
     check_in_fresh_process: bool = True,
     weights_only: bool | None = None,
 ) -> tuple[FoldExportResult, RecalibrationReport | None]:
-    """Load ``ckpt_path``'s weights into ``model``, optionally recalibrate its BatchNorm statistics on
-    ``datamodule``'s training data, then fold, export and check it as `BNFoldExport` does at the end of fit.
+    """Load ``ckpt_path``'s weights into ``model``, optionally recalibrate BatchNorm, then fold, export and check it.
+
+    The recalibration recomputes its BatchNorm statistics on ``datamodule``'s training data; the fold, export and check
+    are those `BNFoldExport` does at the end of fit.
 
     ``model`` is changed only by loading the weights and, with ``recalibrate``, by the new statistics; the exported
     copy is folded. The example inputs are ``example_input``, else ``model.example_input_array``, else the first

@@ -1,5 +1,7 @@
-"""The ``lightning-bnsgd`` console script: a LightningCLI for any LightningModule and LightningDataModule, with
-``ConvNetClassifier`` and ``DigitsDataModule`` as the packaged config's choice."""
+"""The ``lightning-bnsgd`` console script: a LightningCLI for any LightningModule and LightningDataModule.
+
+``ConvNetClassifier`` and ``DigitsDataModule`` are the packaged config's choice.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ LINKED_ARGUMENTS = ("in_channels", "input_size", "num_classes")
 
 
 def _instantiate(parser: ArgumentParser, config: Namespace) -> Namespace:
-    """``parser.instantiate(config)``: jsonargparse's ``instantiate`` since 4.49; ``instantiate_classes``, deprecated
-    since and removed in 5.0, before it."""
+    """``parser.instantiate(config)``: jsonargparse's ``instantiate`` since 4.49, ``instantiate_classes`` before it.
+
+    ``instantiate_classes`` is deprecated since 4.49 and removed in 5.0.
+    """
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     return instantiate(config)
 
@@ -47,8 +51,10 @@ def _instantiate_data(data_config: Namespace) -> Any:
 
 
 def linkable_names(config: Namespace) -> list[str]:
-    """The names of `LINKED_ARGUMENTS` that the ``model:`` config's class takes, when the config has both a model
-    and a data class (a user's own classes may take none)."""
+    """The names of `LINKED_ARGUMENTS` that the ``model:`` config's class takes.
+
+    Only when the config has both a model and a data class (a user's own classes may take none).
+    """
     data_config, model_config = config.get("data"), config.get("model")
     if not isinstance(data_config, Namespace) or not isinstance(model_config, Namespace):
         return []
@@ -67,8 +73,9 @@ def copy_links(config: Namespace, data: object, names: Sequence[str]) -> list[st
 
 
 def link_data_into_model(config: Namespace) -> list[str]:
-    """Copy the data module's ``in_channels``, ``input_size`` and ``num_classes`` into the model's ``init_args``,
-    each only when the model's class takes an argument of that name and the data module has that attribute (a
+    """Copy the data module's ``in_channels``, ``input_size`` and ``num_classes`` into the model's ``init_args``.
+
+    Each is copied only when the model's class takes an argument of that name and the data module has that attribute (a
     user's own classes need neither). Builds the data module to read them; returns the names copied.
     """
     names = linkable_names(config)
@@ -76,8 +83,10 @@ def link_data_into_model(config: Namespace) -> list[str]:
 
 
 class _Prebuilt:
-    """A jsonargparse instantiator that hands out, once, the data module the CLI already built to read its links,
-    instead of building it a second time; any other data module is built as usual."""
+    """A jsonargparse instantiator that hands out, once, the data module the CLI already built to read its links.
+
+    That data module is not built a second time; any other data module is built as usual.
+    """
 
     def __init__(self, data: object) -> None:
         self.data: object | None = data
@@ -100,8 +109,10 @@ def _is_linked(cfg: Namespace) -> bool:
 
 
 class LinkingArgumentParser(LightningArgumentParser):
-    """The CLI's parser: every config it writes out (``--print_config``, the run's saved ``config.yaml``) holds
-    the model arguments linked from the data module (`link_data_into_model`), i.e. the values the run uses.
+    """The CLI's parser: every config it writes out holds the model arguments linked from the data module.
+
+    The configs written out are ``--print_config`` and the run's saved ``config.yaml``; the links are those of
+    `link_data_into_model`, i.e. the values the run uses.
 
     jsonargparse prints ``--print_config`` while parsing, before any link is applied; a link applied at
     instantiation (LightningCLI's ``apply_on="instantiate"``, and this CLI's own link) would print the model's
@@ -115,6 +126,11 @@ class LinkingArgumentParser(LightningArgumentParser):
     defer_links = False
 
     def dump(self, cfg: Namespace | None = None, *args: Any, **kwargs: Any) -> str:
+        """Dump ``cfg`` as jsonargparse does, from a copy with the data module's values linked into the model arguments.
+
+        Nothing is linked while `defer_links` is set or into a config the CLI already linked; a config that cannot be
+        linked (a template whose data module cannot be built yet) is dumped as it is.
+        """
         if isinstance(cfg, Namespace) and not self.defer_links and not _is_linked(cfg):
             cfg = cfg.clone()
             subcommand = cfg.get("subcommand")
@@ -140,9 +156,10 @@ def packaged_config(name: str = "digits.yaml") -> Path:
 
 
 class BNSGDCLI(LightningCLI):
-    """LightningCLI over any ``LightningModule`` and ``LightningDataModule`` (``--model``/``--data`` take class
-    paths, ``subclass_mode``), with the data module's shape attributes linked into the model where both have them
-    (`link_data_into_model`) and an optional test after fit.
+    """LightningCLI over any ``LightningModule`` and ``LightningDataModule``, linking the data module into the model.
+
+    ``--model``/``--data`` take class paths (``subclass_mode``). The data module's shape attributes are linked into the
+    model where both have them (`link_data_into_model`), and an optional test runs after fit.
 
     ``fit --test_after_fit true`` runs ``trainer.test`` on the fitted model right after ``fit``, so one command
     trains and evaluates: Lightning prints its table of every test metric, and the CLI adds a line
@@ -155,9 +172,11 @@ class BNSGDCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands and ``export``, which takes the model and the data module."""
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add ``--test_after_fit`` and ``--torch_threads``."""
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -173,6 +192,11 @@ class BNSGDCLI(LightningCLI):
         )
 
     def instantiate_classes(self) -> None:
+        """Apply ``--torch_threads``, then build the classes.
+
+        Where the model takes links from the data module, the data module is built once, by `_link_from_data`, and
+        reused.
+        """
         config = self.config.get(str(self.subcommand)) if self.subcommand else self.config
         if isinstance(config, Namespace):
             threads = config.get("torch_threads")
@@ -185,9 +209,12 @@ class BNSGDCLI(LightningCLI):
         super().instantiate_classes()
 
     def _link_from_data(self, config: Namespace) -> object | None:
-        """Build the data module once, the way the run builds it (Lightning's instantiator, so its hyperparameters
-        are recorded as usual), copy its linked attributes into the model's config in place, and have the run use
-        that same instance: a user's data module that downloads or prints in ``__init__`` runs it once."""
+        """Build the data module once, the way the run builds it, and link its attributes into the model's config.
+
+        It is built with Lightning's instantiator, so its hyperparameters are recorded as usual. Its linked attributes
+        are copied into the model's config in place, and the run uses that same instance: a user's data module that
+        downloads or prints in ``__init__`` runs it once.
+        """
         names = linkable_names(config)
         if not names:
             return None
@@ -210,6 +237,7 @@ class BNSGDCLI(LightningCLI):
         return data
 
     def after_fit(self) -> None:
+        """With ``--test_after_fit``: test the fitted model and print its test accuracy (rank zero), if there is one."""
         config = self.config.get(str(self.subcommand), {})
         if not config.get("test_after_fit", False):
             return
@@ -220,8 +248,9 @@ class BNSGDCLI(LightningCLI):
 
 
 def find_test_accuracy(metrics: dict[str, Any]) -> float | None:
-    """The test accuracy among ``trainer.test``'s metrics: ``test/acc``, else the first metric whose name contains
-    ``acc`` (``test_acc1``, ``test/accuracy``), else ``None``.
+    """The test accuracy among ``trainer.test``'s metrics.
+
+    ``test/acc``, else the first metric whose name contains ``acc`` (``test_acc1``, ``test/accuracy``), else ``None``.
 
     Examples:
         >>> find_test_accuracy({"test_loss": 0.3, "test_acc1": 0.9}), find_test_accuracy({"loss": 1.0})

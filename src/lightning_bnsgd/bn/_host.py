@@ -30,10 +30,11 @@ def _rebuild(values: Any, chunks: Iterator[Any]) -> Any:
 
 
 def to_host(values: T, dtype: torch.dtype = torch.float32) -> T:
-    """``values`` (a tensor, or lists and tuples of them, nested; anything else is kept as it is) with every tensor
-    on the host, in ``dtype`` and its own shape, moved in one device-to-host transfer: the tensors are flattened and
-    concatenated on the first one's device, copied once, and split back. When every tensor is a single number
-    (0-d), they come back as Python numbers (one ``tolist`` for all: far cheaper than many host tensors).
+    """``values`` with every tensor on the host, in ``dtype`` and its own shape, moved in one device-to-host transfer.
+
+    ``values`` is a tensor, or lists and tuples of them, nested; anything else is kept as it is. The tensors are
+    flattened and concatenated on the first one's device, copied once, and split back. When every tensor is a single
+    number (0-d), they come back as Python numbers (one ``tolist`` for all: far cheaper than many host tensors).
 
     Examples:
         >>> summary, (norm, angle), missing = to_host((torch.ones(2, 3), (torch.tensor(2.0), torch.tensor(0.5)), None))

@@ -12,15 +12,18 @@ from torch import nn
 
 
 def set_attribute(module: nn.Module, name: str, value: object) -> None:
-    """``setattr`` for a plain attribute (not a parameter, buffer or submodule), without ``Module.__setattr__``'s
-    checks, which cost more than a small layer's forward on models with hundreds of layers."""
+    """``setattr`` for a plain attribute (not a parameter, buffer or submodule) without ``Module.__setattr__``'s checks.
+
+    Those checks cost more than a small layer's forward on models with hundreds of layers.
+    """
     object.__setattr__(module, name, value)
 
 
 @contextlib.contextmanager
 def preserved_modes(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Run the block with ``model``'s modules (in ``model.modules()`` order), then put back every module's
-    ``training`` flag as it was, whatever happened inside.
+    """Run the block with ``model``'s modules, then put back every module's ``training`` flag as it was.
+
+    The modules come in ``model.modules()`` order; the flags are put back whatever happened inside.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())

@@ -38,9 +38,11 @@ class SequentialCollector(StatsCollector):
         self._call_counts: dict[tuple[Any, ...], list[int]] = {}  # per signature: calls of each target layer
 
     def open_layer_pass(self, estimated: set[int], target: int | None = None) -> None:
-        """Mode "sequential": the next pass estimates ``target``, or (``None``) the first layer its forwards reach
-        that is not in ``estimated``. It alone runs in train mode; every forward ends right after its last call
-        (as many calls as the first forward of the same batch shape made: `traces`)."""
+        """Mode "sequential": the next pass estimates ``target``, or (``None``) the first new layer its forwards reach.
+
+        A new layer is one not in ``estimated``. It alone runs in train mode; every forward ends right after its last
+        call (as many calls as the first forward of the same batch shape made: `traces`).
+        """
         self._estimated = estimated
         self._target = target
         self._claimed = None
@@ -48,8 +50,10 @@ class SequentialCollector(StatsCollector):
             self._parts[target].clear()  # a new estimate replaces the previous one
 
     def close_layer_pass(self) -> int | None:
-        """End the layer pass: the estimated layer goes back to eval mode; returns its index (``None``: the
-        forwards reached no layer left to estimate)."""
+        """End the layer pass: the estimated layer goes back to eval mode.
+
+        Returns its index (``None``: the forwards reached no layer left to estimate).
+        """
         index = self._claimed
         if index is not None:
             self.layers[index].training = False
@@ -80,8 +84,11 @@ class SequentialCollector(StatsCollector):
         self._next_forward()
 
     def _sequential_forward(self, run: Callable[[], Any], batch: Any) -> None:
-        """One forward of a layer pass: the claimed layer's every call is recorded; the forward ends after its last
-        call, as the shape's first forward (which runs to the end and is traced) counted them."""
+        """One forward of a layer pass: the claimed layer's every call is recorded.
+
+        The forward ends after the layer's last call, as the shape's first forward (which runs to the end and is traced)
+        counted them.
+        """
         signature = batch_signature(batch)
         trace = self.traces.get(signature)
         # With SyncBatchNorm every process must run the same layers in every step (their collectives pair up), but
@@ -127,8 +134,11 @@ class SequentialCollector(StatsCollector):
         return hook
 
     def _eval_output(self, index: int, args: Any) -> Any:
-        """The claimed layer's output at inference for these inputs (torch's kernel for its own layers and for
-        synchronizing ones, whose forward may hold collectives; the layer's own forward for other subclasses)."""
+        """The claimed layer's output at inference for these inputs.
+
+        Computed with torch's kernel for its own layers and for synchronizing ones, whose forward may hold collectives;
+        with the layer's own forward for other subclasses.
+        """
         layer = self.layers[index]
         layer.training = False
         self._inner = True

@@ -51,8 +51,9 @@ def copy_all(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
 
 
 def counts_itself(layer: _BatchNorm) -> bool:
-    """Whether ``layer`` keeps ``num_batches_tracked`` during recalibration: it has one and a forward of its own
-    (torch's BatchNorm forward accepts a ``None`` counter; a subclass's forward may not).
+    """Whether ``layer`` keeps ``num_batches_tracked`` during recalibration: it has one and a forward of its own.
+
+    torch's BatchNorm forward accepts a ``None`` counter; a subclass's forward may not.
 
     Examples:
         >>> counts_itself(torch.nn.BatchNorm2d(3)), counts_itself(torch.nn.SyncBatchNorm(3))

@@ -249,8 +249,10 @@ class StatsCollector:
             self._parts[i].append(merge_batch_stats(counts, stats[:, 0], stats[:, 1]))
 
     def _fast_records(self, start: int, bad: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Forwards, per-channel counts ``(R, C)`` and statistics ``(R, 2, C)`` of the fast forwards (records with
-        count 0 may hold anything); counts bad ones in ``bad``."""
+        """Forwards, per-channel counts ``(R, C)`` and statistics ``(R, 2, C)`` of the fast forwards.
+
+        Records with count 0 may hold anything. Counts bad ones in ``bad``.
+        """
         n = len(self._slot_info)
         if n == 0:
             return None

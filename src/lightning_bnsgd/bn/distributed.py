@@ -73,16 +73,20 @@ def gather_ints(values: list[int], group: dist.ProcessGroup | None = None) -> li
 
 
 class RankFailure(RuntimeError):
-    """Raised on every rank that did not fail when another rank failed during a step all ranks take together
-    (`agree_on_failure`); the message names the failing rank(s) and their errors."""
+    """Raised on every rank that did not fail when another rank failed during a step all ranks take together.
+
+    `agree_on_failure` raises it; the message names the failing rank(s) and their errors.
+    """
 
 
 _AGREED = "_lightning_bnsgd_agreed"
 
 
 def mark_agreed(err: BaseException) -> BaseException:
-    """Mark ``err`` as raised on every rank alike (from values all ranks share), so that no rank reports it as its
-    own failure again; returns ``err``."""
+    """Mark ``err`` as raised on every rank alike (from values all ranks share); returns ``err``.
+
+    No rank then reports it as its own failure again.
+    """
     setattr(err, _AGREED, True)
     return err
 
@@ -95,8 +99,10 @@ def is_agreed(err: BaseException) -> bool:
 def agree_on_failure(
     values: list[int], error: Exception | None, owner: str, group: dist.ProcessGroup | None = None
 ) -> list[list[int]]:
-    """`gather_ints` of ``values`` that also tells every rank whether any rank failed: each rank passes the error
-    it hit since the last agreement (or ``None``), and if any rank had one, every rank raises.
+    """`gather_ints` of ``values`` that also tells every rank whether any rank failed.
+
+    Each rank passes the error it hit since the last agreement (or ``None``), and if any rank had one, every rank
+    raises.
 
     The failing rank re-raises its own error (with a note naming its rank); every other rank raises `RankFailure`
     naming the failing rank(s) and their errors. A rank that fails between two agreements only has to take part in

@@ -72,8 +72,9 @@ def angular_update(before: Tensor, after: Tensor) -> Tensor:
 
 
 def _norm_and_angle(before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
-    """``(||after||, angular_update(before, after))`` as 0-d float64 tensors on the inputs' device, in three float64
-    temporaries of the weight's size (the unit vectors and their sum), computed in place.
+    """``(||after||, angular_update(before, after))`` as 0-d float64 tensors on the inputs' device.
+
+    Computed in place, in three float64 temporaries of the weight's size (the unit vectors and their sum).
 
     Examples:
         >>> [round(float(t), 6) for t in _norm_and_angle(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 3.0]))]
@@ -326,13 +327,15 @@ def _as_tensor(value: object) -> Tensor:
 
 
 def _channel_sums(weight: Tensor, grad: Tensor | None) -> Tensor:
-    """Per output channel (slice along dimension 0): ``<grad, w>``, ``||w||^2`` and ``||grad||^2``, a ``(3, C)``
-    float64 tensor (a 0-d parameter counts as one channel; no gradient counts as a zero one).
+    """Per output channel (slice along dimension 0): ``<grad, w>``, ``||w||^2`` and ``||grad||^2``, a ``(3, C)`` tensor.
+
+    The tensor is float64; a 0-d parameter counts as one channel; no gradient counts as a zero one.
 
     Dot products in the parameter's precision (float32 for half-precision parameters), which torch sums pairwise:
     their rounding (about ``1e-6 ||w|| ||grad||``) stays far below the tolerance (``rtol`` times a random
     direction's cosine, about ``1e-2 / sqrt(entries per channel)``), at a fraction of the cost of float64 copies.
-    The per-tensor sums are sums of these."""
+    The per-tensor sums are sums of these.
+    """
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     w = weight.detach().reshape(weight.shape[0] if weight.dim() else 1, -1).to(dtype)
     g = torch.zeros_like(w) if grad is None else grad.detach().reshape(w.shape).to(dtype)
@@ -355,9 +358,11 @@ def _channel_cosines(sums: list[Tensor]) -> Tensor:
 def _screen(
     probe: _Probe, candidates: list[tuple[str, nn.Module]], rtol: float, gen: torch.Generator
 ) -> tuple[list[ScaleInvariantGroup], dict[str, str], list[Tensor]]:
-    """One forward and backward of a random projection of the output: every candidate's gradient, then Euler's
-    identity per channel and per tensor, for the weight alone and for weight and bias together. Also returns the
-    forward's outputs (detached): the reference outputs of the probe."""
+    """One forward and backward of a random projection of the output, then Euler's identity per channel and per tensor.
+
+    The backward gives every candidate's gradient; the identity is checked for the weight alone and for weight and bias
+    together. Also returns the forward's outputs (detached): the reference outputs of the probe.
+    """
     outputs = probe(grad=True)
     projection = torch.stack([(out * torch.randn(out.shape, generator=gen).to(out)).sum() for out in outputs]).sum()
     params = [p for _, m in candidates for _, p in _members(m)]
@@ -416,8 +421,10 @@ def _confirm(
     rtol: float,
     gen: torch.Generator,
 ) -> bool:
-    """Scale every screened group at once (per channel or as a whole) and compare the outputs, relative to the
-    change a random perturbation of the same weights causes."""
+    """Scale every screened group at once (per channel or as a whole) and compare the outputs.
+
+    The comparison is relative to the change a random perturbation of the same weights causes.
+    """
     params = dict(model.named_parameters())
     scales: list[tuple[Tensor, Tensor | float]] = []
     noise: list[tuple[Tensor, Tensor | float]] = []
@@ -434,9 +441,11 @@ def _confirm(
 
 @contextmanager
 def _local_batch_norm(model: nn.Module) -> Iterator[None]:
-    """Inside, every ``SyncBatchNorm`` layer normalizes with this process's batch statistics (``_BatchNorm``'s own
-    forward): the probe runs on one process, where a collective would wait for the other ranks forever. Scale
-    invariance is the same under either statistics."""
+    """Inside, every ``SyncBatchNorm`` layer normalizes with this process's batch statistics.
+
+    That is ``_BatchNorm``'s own forward: the probe runs on one process, where a collective would wait for the other
+    ranks forever. Scale invariance is the same under either statistics.
+    """
     patched = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
     for module in patched:
         module.forward = types.MethodType(_BatchNorm.forward, module)  # type: ignore[method-assign]

@@ -1,5 +1,7 @@
-"""``export_folded``: fold BatchNorm away and write the model as a ``torch.export`` program (``.pt2``), which loads
-with torch alone (``torch.export.load(path).module()``), without this package or the model's own code."""
+"""``export_folded``: fold BatchNorm away and write the model as a ``torch.export`` program (``.pt2``).
+
+The program loads with torch alone (``torch.export.load(path).module()``), without this package or the model's own code.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ def export_folded(
     fold: bool = True,
     dynamic_batch: bool = True,
 ) -> ExportResult:
-    """Fold the BatchNorm layers of an eval copy of ``model`` (`fold_batchnorm`), export it with ``torch.export``
-    and save it to ``path``; then load the file back and check that it gives the unfolded eval model's outputs.
+    """Fold the BatchNorm layers of an eval copy of ``model``, export it with ``torch.export`` and save it to ``path``.
+
+    The fold is `fold_batchnorm`'s. Then the file is loaded back and checked to give the unfolded eval model's outputs.
 
     ``model`` is not changed. The program takes the same positional inputs as ``model``; with ``dynamic_batch``
     the first dimension of every input tensor is dynamic (any batch size of 2 or more; torch.export specializes
@@ -146,8 +149,10 @@ def _as_outputs(value: Any) -> list[Tensor]:
 def check_in_fresh_process(
     path: str | os.PathLike[str], example_inputs: Any, expected: Any, *, timeout: float = 300.0
 ) -> float:
-    """Load the program at ``path`` in a new Python process (``sys.executable``) that imports torch alone, run it
-    on ``example_inputs`` and check its outputs against ``expected`` within `fold_batchnorm`'s tolerance.
+    """Load the program at ``path`` in a new Python process that imports torch alone, and check its outputs.
+
+    The process (``sys.executable``) runs the program on ``example_inputs`` and checks its outputs against ``expected``
+    within `fold_batchnorm`'s tolerance.
 
     The process fails the check if it imports ``lightning_bnsgd`` (the program must not need this package).
 

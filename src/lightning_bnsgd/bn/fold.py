@@ -1,5 +1,6 @@
-"""``fold_batchnorm``: merge every BatchNorm layer that can be merged exactly into a neighbouring convolution or
-linear layer, for inference.
+"""``fold_batchnorm``: merge BatchNorm layers exactly into neighbouring convolution or linear layers, for inference.
+
+Every BatchNorm layer that can be merged exactly into a neighbouring convolution or linear layer is merged.
 
 In eval mode a BatchNorm layer with running statistics is a per-channel affine map ``y = s * x + t`` with
 ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``. Such a map folds exactly
@@ -287,9 +288,12 @@ def _decide(gm: fx.GraphModule, node: fx.Node, bn: _BatchNorm, calls: dict[str, 
 
 
 def _plan(gm: fx.GraphModule, separated: dict[str, str], refused: dict[str, str]) -> list[_Plan]:
-    """One plan per BatchNorm layer; ``separated`` maps a layer replaced by its separated form to the children
-    after its normalization (its plain BatchNorm is traced as ``<layer>.bn``), ``refused`` the layers with a
-    forward of their own that do not separate to the reason."""
+    """One plan per BatchNorm layer, with the layers separated and the layers refused.
+
+    ``separated`` maps a layer replaced by its separated form to the children after its normalization (its plain
+    BatchNorm is traced as ``<layer>.bn``), ``refused`` the layers with a forward of their own that do not separate to
+    the reason.
+    """
     calls = _calls(gm)
     plans: list[_Plan] = []
     for node in gm.graph.nodes:
@@ -381,8 +385,10 @@ def fold_batchnorm(
     random_checks: int = 2,
     seed: int = 0,
 ) -> tuple[fx.GraphModule | nn.Module, FoldReport]:
-    """A new eval-mode copy of ``model`` with every BatchNorm layer that folds exactly merged into a neighbouring
-    convolution or linear layer, and a report of what was folded, what was kept and why.
+    """A new eval-mode copy of ``model`` with its BatchNorm layers folded, and a report.
+
+    In the copy every BatchNorm layer that folds exactly is merged into a neighbouring convolution or linear layer; the
+    report says what was folded, what was kept and why.
 
     ``model`` itself is not changed (not even its mode). The copy is a ``torch.fx.GraphModule`` (traced with every
     BatchNorm layer kept as one call); a model that torch.fx cannot trace comes back as an eval copy with every

@@ -1,5 +1,8 @@
-"""The exactness check of `fold_batchnorm`: a folded model (or a separated layer) must give the unfolded eval
-model's outputs, within float32 rounding, on the example inputs and on random inputs of the same shapes."""
+"""The exactness check of `fold_batchnorm`.
+
+A folded model (or a separated layer) must give the unfolded eval model's outputs, within float32 rounding, on the
+example inputs and on random inputs of the same shapes.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""BatchNorm subclasses with a forward of their own (timm's ``BatchNormAct2d``: normalize, then ``drop``, then
-``act``), for `fold_batchnorm`: separated into a plain torch BatchNorm layer followed by the layer's own child
-modules, where that is exactly what the layer computes in eval mode.
+"""BatchNorm subclasses with a forward of their own, separated for `fold_batchnorm` where that is exact.
+
+Such a subclass (timm's ``BatchNormAct2d``: normalize, then ``drop``, then ``act``) is separated into a plain torch
+BatchNorm layer followed by the layer's own child modules, where that is exactly what the layer computes in eval mode.
 
 The pattern is recognized by structure, without importing the library that defines the class: a subclass of a
 torch BatchNorm class (``BatchNorm1d``/``2d``/``3d``, ``SyncBatchNorm``) that overrides ``forward``, holds no
@@ -35,8 +36,10 @@ def has_own_forward(bn: _BatchNorm) -> bool:
 
 
 def separate(bn: _BatchNorm) -> nn.Sequential | str:
-    """``bn`` as a plain BatchNorm layer followed by its child modules, or why it cannot be written so. Unchecked:
-    `separable` checks the outputs."""
+    """``bn`` as a plain BatchNorm layer followed by its child modules, or why it cannot be written so.
+
+    Unchecked: `separable` checks the outputs.
+    """
     name = type(bn).__name__
     base = next((cls for cls in type(bn).__mro__ if cls in PLAIN), None)
     if base is None:
@@ -58,8 +61,11 @@ def separate(bn: _BatchNorm) -> nn.Sequential | str:
 
 
 def separable(gm: fx.GraphModule, generator: torch.Generator, checks: int = 2) -> tuple[dict[str, str], dict[str, str]]:
-    """The BatchNorm layers with a forward of their own in ``gm`` (traced, shapes propagated): those that separate
-    exactly, with the names of the children that follow the normalization, and those that do not, with the reason."""
+    """The BatchNorm layers with a forward of their own in ``gm`` (traced, shapes propagated), by whether they separate.
+
+    Those that separate exactly come with the names of the children that follow the normalization, and those that do not
+    with the reason.
+    """
     parts: dict[str, str] = {}
     refused: dict[str, str] = {}
     for node in gm.graph.nodes:

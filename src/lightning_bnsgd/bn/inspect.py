@@ -188,9 +188,10 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
 
 
 def normalized_shift(mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor, eps: Tensor | float) -> Tensor:
-    """How far per-channel statistics are from reference ones, per channel: ``(2, C)`` rows
-    ``|mean - ref_mean| / sqrt(ref_var + eps)`` (the shift in units of the reference standard deviation) and
-    ``|log((var + eps) / (ref_var + eps))|`` (the log-ratio of the variances BatchNorm would divide by).
+    """How far per-channel statistics are from reference ones, per channel, as ``(2, C)`` rows.
+
+    The rows are ``|mean - ref_mean| / sqrt(ref_var + eps)`` (the shift in units of the reference standard deviation)
+    and ``|log((var + eps) / (ref_var + eps))|`` (the log-ratio of the variances BatchNorm would divide by).
 
     The one definition behind the monitor's batch-versus-running gaps and ``recalibrate_bn``'s shifts.
 

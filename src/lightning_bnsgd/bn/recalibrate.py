@@ -229,9 +229,10 @@ def _select_targets(model: nn.Module, report: RecalibrationReport) -> list[tuple
 
 
 def all_frozen(model: nn.Module) -> list[str]:
-    """The names of the BatchNorm layers ``recalibrate_bn`` would leave alone as frozen when they are the only ones
-    it could recalibrate (it then refuses the call); empty when some layer would be recalibrated, or when the model
-    has no BatchNorm layer that tracks running statistics.
+    """The names of the frozen BatchNorm layers, when they are the only ones ``recalibrate_bn`` could recalibrate.
+
+    These are the layers ``recalibrate_bn`` would leave alone as frozen; it then refuses the call. Empty when some layer
+    would be recalibrated, or when the model has no BatchNorm layer that tracks running statistics.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
@@ -298,8 +299,11 @@ def _recalibration_state(model: nn.Module, layers: list[_BatchNorm], dropout: st
 
 
 def _flushed(collector: StatsCollector) -> Exception | None:
-    """Merge the pass's last records (`StatsCollector.flush`); the error it raised, if any, for `_check_nonfinite`
-    to raise on every process (it comes after the pass's last agreement: the others are on their way there)."""
+    """Merge the pass's last records (`StatsCollector.flush`); returns the error it raised, if any.
+
+    The error is for `_check_nonfinite` to raise on every process (it comes after the pass's last agreement: the others
+    are on their way there).
+    """
     try:
         collector.flush()
     except Exception as err:
@@ -415,8 +419,10 @@ class _PassTally:
 def _layer_pass(
     run: _Run, collector: SequentialCollector, estimated: set[int], target: int | None, tally: _PassTally
 ) -> tuple[int, Moments] | None:
-    """One pass estimating ``target`` (or the first layer reached that is not in ``estimated``); its new statistics
-    are installed, so later passes see them. ``None`` when the forwards reached no such layer."""
+    """One pass estimating ``target`` (or the first layer reached that is not in ``estimated``).
+
+    Its new statistics are installed, so later passes see them. ``None`` when the forwards reached no such layer.
+    """
     collector.open_layer_pass(estimated, target)
     start = collector.forward_index
     stats = run.runner(collector, learn=False).run()

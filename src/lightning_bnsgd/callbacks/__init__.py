@@ -1,5 +1,7 @@
-"""Lightning callbacks: exact BatchNorm recalibration, BatchNorm health monitoring, weight dynamics monitoring, folded
-export at the end of fit."""
+"""Lightning callbacks: exact BatchNorm recalibration, BatchNorm health and weight dynamics monitoring, folded export.
+
+The folded export runs at the end of fit.
+"""
 
 from lightning_bnsgd.callbacks.bn_monitor import BNAnomalyError, BNStatsMonitor
 from lightning_bnsgd.callbacks.dynamics_monitor import WeightDynamicsMonitor

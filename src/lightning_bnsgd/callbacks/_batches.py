@@ -1,5 +1,7 @@
-"""Where ``BNRecalibration`` gets its batches: the loader, the transfer hooks, the debug limits, the RNG it must not
-disturb."""
+"""Where ``BNRecalibration`` gets its batches.
+
+The loader, the transfer hooks, the debug limits, the RNG it must not disturb.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ def without_persistent_workers(loader: DataLoader) -> DataLoader:
 
 
 def rebuilt_loader(loader: DataLoader, batch_sampler: Any = None) -> DataLoader:
-    """A new DataLoader over ``loader``'s data, with its workers, collation and generator, never persistent
-    workers, and ``batch_sampler`` instead of its own when given.
+    """A new DataLoader over ``loader``'s data, with its workers, collation and generator.
+
+    It never has persistent workers, and takes ``batch_sampler`` instead of ``loader``'s own when given.
 
     Examples:
         >>> loader = DataLoader(range(6), batch_size=4)
@@ -61,8 +64,9 @@ def rebuilt_loader(loader: DataLoader, batch_sampler: Any = None) -> DataLoader:
 
 
 def loader_generators(loader: object) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects that iterating ``loader`` advances (its own, its sampler's, its batch
-    sampler's sampler's).
+    """The ``torch.Generator`` objects that iterating ``loader`` advances.
+
+    Its own, its sampler's, its batch sampler's sampler's.
 
     Examples:
         >>> g = torch.Generator()
@@ -84,8 +88,10 @@ def loader_generators(loader: object) -> list[torch.Generator]:
 
 @contextlib.contextmanager
 def preserved_rng(generators: Iterable[torch.Generator] = ()) -> Iterator[None]:
-    """Run the block, then put back every random state it may have drawn from: Python's, NumPy's global one (if
-    NumPy is imported), torch's CPU and CUDA/MPS generators, and the given ``generators``.
+    """Run the block, then put back every random state it may have drawn from.
+
+    These are Python's, NumPy's global one (if NumPy is imported), torch's CPU and CUDA/MPS generators, and the given
+    ``generators``.
 
     Iterating a DataLoader draws its shuffling and worker seeds from these, so without this a callback that reads
     the training data would change every later shuffle of the training run.
@@ -120,8 +126,10 @@ def preserved_rng(generators: Iterable[torch.Generator] = ()) -> Iterator[None]:
 
 
 class TransferredBatches:
-    """Re-iterable view of a loader that stops after ``limit`` batches (``None``: no limit) and passes each batch
-    through ``move`` (the Lightning batch-transfer hooks)."""
+    """Re-iterable view of a loader that stops after ``limit`` batches (``None``: no limit).
+
+    Each batch is passed through ``move`` (the Lightning batch-transfer hooks).
+    """
 
     def __init__(self, loader: Iterable[Any], move: Callable[[Any], Any], limit: int | None = None) -> None:
         self.loader = loader
@@ -142,8 +150,11 @@ class TransferredBatches:
 
 
 def transfer_batch(batch: Any, trainer: Any, pl_module: Any) -> Any:
-    """Move ``batch`` as Lightning's training loop does: each batch-transfer hook from the DataModule when it
-    overrides it (checked against the DataModule's own Lightning namespace), else from the LightningModule."""
+    """Move ``batch`` as Lightning's training loop does.
+
+    Each batch-transfer hook comes from the DataModule when it overrides it (checked against the DataModule's own
+    Lightning namespace), else from the LightningModule.
+    """
     datamodule = getattr(trainer, "datamodule", None)
     base = None
     if datamodule is not None:
@@ -161,8 +172,9 @@ def transfer_batch(batch: Any, trainer: Any, pl_module: Any) -> Any:
 
 
 def default_forward_accepts(batch: Any) -> bool:
-    """Whether the default recalibration forward can feed ``batch``: a tensor, or a non-empty tuple/list whose first
-    item is passed to the model.
+    """Whether the default recalibration forward can feed ``batch``.
+
+    It can feed a tensor, or a non-empty tuple/list whose first item is passed to the model.
 
     Examples:
         >>> default_forward_accepts((torch.zeros(2), 1)), default_forward_accepts({"x": torch.zeros(2)})
@@ -172,8 +184,11 @@ def default_forward_accepts(batch: Any) -> bool:
 
 
 def debug_batch_limit(trainer: Any, from_trainer_loader: bool) -> int | None:
-    """How many batches a recalibration may read under the Trainer's debug limits: ``fast_dev_run`` for any loader,
-    ``limit_train_batches`` (through ``trainer.num_training_batches``) for the trainer's own train loader."""
+    """How many batches a recalibration may read under the Trainer's debug limits.
+
+    ``fast_dev_run`` for any loader, ``limit_train_batches`` (through ``trainer.num_training_batches``) for the
+    trainer's own train loader.
+    """
     fast = getattr(trainer, "fast_dev_run", False)
     if fast:
         return 1 if fast is True else int(fast)
@@ -203,8 +218,9 @@ def takes_two_positional(fn: Callable[..., Any]) -> bool:
 
 
 def first_batch(loader: Iterable[Any]) -> Any:
-    """The first batch of a fresh iterator over ``loader`` (``None`` when it yields nothing), leaving the random
-    states as they were.
+    """The first batch of a fresh iterator over ``loader`` (``None`` when it yields nothing).
+
+    The random states are left as they were.
 
     Examples:
         >>> first_batch([[1, 2], [3]]), first_batch([])
@@ -221,9 +237,11 @@ def trial_forward(
     dropout: str,
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> None:
-    """Run ``forward(module, batch)`` once as a recalibration would, changing nothing: without gradients, with every
-    BatchNorm layer in eval mode (no statistic moves, SyncBatchNorm runs no collective), the other modules in eval
-    mode too unless ``dropout="train"``, the random states put back and the forward marked as the plugin's own.
+    """Run ``forward(module, batch)`` once as a recalibration would, changing nothing.
+
+    It runs without gradients, with every BatchNorm layer in eval mode (no statistic moves, SyncBatchNorm runs no
+    collective), the other modules in eval mode too unless ``dropout="train"``, the random states put back and the
+    forward marked as the plugin's own.
 
     A model with uninitialized lazy modules is left alone (a forward would initialize them).
 

@@ -33,8 +33,11 @@ class Capture:
 
 
 def freeze_marks(module: _BatchNorm) -> frozenset[str]:
-    """How ``module`` is frozen now: ``"eval"`` (eval mode), ``"params"`` (affine parameters without gradients),
-    ``"no_track"`` (``track_running_stats=False``, as Lightning's ``BaseFinetuning.freeze_module`` sets it)."""
+    """How ``module`` is frozen now.
+
+    ``"eval"`` (eval mode), ``"params"`` (affine parameters without gradients), ``"no_track"``
+    (``track_running_stats=False``, as Lightning's ``BaseFinetuning.freeze_module`` sets it).
+    """
     marks = set()
     if not module.training:
         marks.add("eval")
@@ -55,9 +58,11 @@ class Frozen:
     running_var: Tensor
 
     def released(self, module: _BatchNorm) -> bool:
-        """Unfrozen on purpose since: parameters trainable again or tracking switched back on (what
-        ``BaseFinetuning.make_trainable`` and ``unfreeze_and_add_param_group`` do). Eval mode alone cannot tell a
-        deliberate ``.train()`` from an accidental one, so it never releases."""
+        """Unfrozen on purpose since: parameters trainable again or tracking switched back on.
+
+        That is what ``BaseFinetuning.make_trainable`` and ``unfreeze_and_add_param_group`` do. Eval mode alone cannot
+        tell a deliberate ``.train()`` from an accidental one, so it never releases.
+        """
         now = freeze_marks(module)
         return any(mark in self.marks and mark not in now for mark in ("params", "no_track"))
 
@@ -140,10 +145,12 @@ def warn_frozen_changes(
 
 
 def attach_hooks(holder: object, layers: Sequence[Layer], make_hook: Callable[[Layer], Any]) -> list[RemovableHandle]:
-    """Fresh captures and forward pre-hooks for a monitored step, with ``torch.compile``d code run eagerly until
-    `remove_hooks`: compiled code does not call hooks added after it was compiled, and a hook compiled into a graph
-    would keep running (and be recompiled) on every later step; eager, the compiled graphs stay free of the
-    monitor."""
+    """Fresh captures and forward pre-hooks for a monitored step, with ``torch.compile``d code run eagerly.
+
+    Compiled code runs eagerly until `remove_hooks`: compiled code does not call hooks added after it was compiled, and
+    a hook compiled into a graph would keep running (and be recompiled) on every later step; eager, the compiled graphs
+    stay free of the monitor.
+    """
     _hold_eager(holder)
     for layer in layers:
         layer.capture = Capture()
@@ -159,8 +166,11 @@ def remove_hooks(holder: object, handles: list[RemovableHandle]) -> None:
 
 
 def _hold_eager(holder: object) -> None:
-    """Make compiled code run eagerly until `_release_eager` is called for every holder (monitors of one Trainer
-    hold and release in any order; the stance before the first hold comes back after the last release)."""
+    """Make compiled code run eagerly until `_release_eager` is called for every holder.
+
+    Monitors of one Trainer hold and release in any order; the stance before the first hold comes back after the last
+    release.
+    """
     global _eager_stance
     if SET_STANCE is None or id(holder) in _eager_holders:
         return

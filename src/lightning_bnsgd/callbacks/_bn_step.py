@@ -1,5 +1,7 @@
-"""The numbers of one monitored step of ``BNStatsMonitor``: the gaps and the cross-rank spread on the device, the
-logged metrics on the host."""
+"""The numbers of one monitored step of ``BNStatsMonitor``.
+
+The gaps and the cross-rank spread on the device, the logged metrics on the host.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from lightning_bnsgd.callbacks._monitor_layout import RANK_STATS, StepValues
 
 
 def batch_gaps(layers: Sequence[Layer], segments: Segments, device: torch.device) -> Tensor:
-    """``(layers, len(GAP_STATS))`` batch-versus-running gaps; NaN rows for layers whose input was not seen
-    (``segments``: of all ``layers``)."""
+    """``(layers, len(GAP_STATS))`` batch-versus-running gaps.
+
+    NaN rows for layers whose input was not seen (``segments``: of all ``layers``).
+    """
     gaps = torch.full((len(layers), len(GAP_STATS)), math.nan, device=device)
     captured = [i for i, x in enumerate(layers) if x.capture.mean is not None]
     if not captured:
@@ -40,8 +44,10 @@ def across_ranks(
     device: torch.device,
     all_max_min: Callable[[Tensor], tuple[Tensor, Tensor]],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One all-reduce (``all_max_min``: the element-wise maximum and minimum over the ranks): per-layer cross-rank
-    spread of the buffers used, and flags raised on any rank."""
+    """One all-reduce: per-layer cross-rank spread of the buffers used, and flags raised on any rank.
+
+    The all-reduce is ``all_max_min``: the element-wise maximum and minimum over the ranks.
+    """
     with_stats = [i for i, x in enumerate(layers) if isinstance(x.module.running_mean, Tensor)]
     means = [buffer_used(layers[i], "running_mean").to(device) for i in with_stats]
     varis = [buffer_used(layers[i], "running_var").to(device) for i in with_stats]
@@ -61,8 +67,10 @@ def across_ranks(
 
 
 def step_metrics(layers: Sequence[Layer], values: StepValues, stats: Sequence[str], prefix: str) -> dict[str, float]:
-    """``<prefix>/<layer>/<statistic>`` for the selected ``stats`` each layer has, and the ``<prefix>/summary/...``
-    values."""
+    """The step's metrics: ``<prefix>/<layer>/<statistic>`` and the ``<prefix>/summary/...`` values.
+
+    The per-layer metrics are those of the selected ``stats`` each layer has.
+    """
     selected = set(stats)
     metrics: dict[str, float] = {}
     worst: dict[str, float] = {}

@@ -18,9 +18,11 @@ from lightning_bnsgd._compat import logging_step
 
 
 def ends_with_step(trainer: Any, batch_idx: int) -> bool:
-    """Whether this training batch ends with an optimizer step, as Lightning decides it (once per batch, however
-    many optimizers): the end of an accumulation window, or the epoch's last batch unless the strategy accumulates
-    gradients itself."""
+    """Whether this training batch ends with an optimizer step, as Lightning decides it.
+
+    Decided once per batch, however many optimizers: the end of an accumulation window, or the epoch's last batch unless
+    the strategy accumulates gradients itself.
+    """
     if (batch_idx + 1) % max(int(trainer.accumulate_grad_batches), 1) == 0:
         return True
     total = trainer.num_training_batches
@@ -29,8 +31,9 @@ def ends_with_step(trainer: Any, batch_idx: int) -> bool:
 
 
 def is_logging_step(stepped_before: int, interval: int, should_stop: bool = False) -> bool:
-    """Whether Lightning logs the ``self.log`` metrics of a batch that steps the optimizers, after
-    ``stepped_before`` such batches, for ``log_every_n_steps=interval``.
+    """Whether Lightning logs the ``self.log`` metrics of a batch that steps the optimizers.
+
+    The batch comes after ``stepped_before`` such batches, for ``log_every_n_steps=interval``.
 
     Examples:
         >>> [n for n in range(8) if is_logging_step(n, 3)]
@@ -62,8 +65,10 @@ class LoggingCadence:
         self._restored: tuple[int, str] | None = None
 
     def setup(self, trainer: Any, stage: str, owner: str, what_stops: str = "") -> int:
-        """Take the interval: the callback's own, else the Trainer's ``log_every_n_steps``. The Trainer's 0 turns
-        the callback off, said in a warning (``what_stops``: what else stops with it)."""
+        """Take the interval: the callback's own, else the Trainer's ``log_every_n_steps``.
+
+        The Trainer's 0 turns the callback off, said in a warning (``what_stops``: what else stops with it).
+        """
         self.interval = self.every_n if self.every_n is not None else int(trainer.log_every_n_steps)
         if self.interval == 0 and stage == "fit":
             rank_zero_warn(
@@ -73,14 +78,19 @@ class LoggingCadence:
         return self.interval
 
     def restore(self, stepped: int, where: str | None = None) -> None:
-        """Take a checkpointed count; with ``where`` (the state's name in messages), the next training batch warns
-        when the Trainer's own count disagrees with it."""
+        """Take a checkpointed count.
+
+        With ``where`` (the state's name in messages), the next training batch warns when the Trainer's own count
+        disagrees with it.
+        """
         self.stepped = stepped
         self._restored = (stepped, where) if where else None
 
     def begin_batch(self, trainer: Any, batch_idx: int) -> bool:
-        """At ``on_train_batch_start``: whether Lightning logs this batch's ``self.log`` metrics (with the count taken
-        from the Trainer, which the monitors follow)."""
+        """At ``on_train_batch_start``: whether Lightning logs this batch's ``self.log`` metrics.
+
+        The count is taken from the Trainer, which the monitors follow.
+        """
         count = logging_step(trainer)
         if self._restored is not None:
             (restored, where), self._restored = self._restored, None

@@ -1,5 +1,8 @@
-"""What ``BNFoldExport`` and the ``export`` subcommand share: the module to export, its example inputs (captured
-where the LightningModule's forward calls it), the trained model's outputs, and the export with both checks."""
+"""What ``BNFoldExport`` and the ``export`` subcommand share.
+
+The module to export, its example inputs (captured where the LightningModule's forward calls it), the trained model's
+outputs, and the export with both checks.
+"""
 
 from __future__ import annotations
 
@@ -50,8 +53,11 @@ def target_module(pl_module: nn.Module, module_name: str | None, owner: str) -> 
 
 
 def batch_forward(forward_fn: ForwardFn | None) -> ForwardFn:
-    """How a batch runs through the LightningModule: ``forward_fn(module, batch)``, else ``module(batch)`` for a
-    tensor and ``module(batch[0])`` for a tuple/list (`default_forward`)."""
+    """How a batch runs through the LightningModule.
+
+    ``forward_fn(module, batch)``, else ``module(batch)`` for a tensor and ``module(batch[0])`` for a tuple/list
+    (`default_forward`).
+    """
     return forward_fn if forward_fn is not None else default_forward
 
 
@@ -136,9 +142,12 @@ def example_inputs(
     forward_fn: ForwardFn | None,
     owner: str,
 ) -> tuple[tuple[Any, ...], str]:
-    """The export's example inputs and where they come from: ``example_input`` (the exported module's own input),
-    else the LightningModule's ``example_input_array`` (its forward's input), else ``batch()`` (the first training
-    batch) run through `batch_forward`. Inputs for a submodule are captured where the forward calls it."""
+    """The export's example inputs and where they come from.
+
+    ``example_input`` (the exported module's own input), else the LightningModule's ``example_input_array`` (its
+    forward's input), else ``batch()`` (the first training batch) run through `batch_forward`. Inputs for a submodule
+    are captured where the forward calls it.
+    """
     if example_input is not None:
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
         return _detached(inputs), "example_input"
@@ -236,10 +245,12 @@ def export_and_check(
     dynamic_batch: bool,
     fresh_process: bool,
 ) -> FoldExportResult:
-    """Export a CPU copy of ``target`` (folded) to ``path`` and check the program against ``target``'s eval outputs
-    on ``inputs``: reloaded in this process (`export_folded`) and, with ``fresh_process``, in a new process with
-    torch alone (`check_in_fresh_process`). ``target`` is not changed. With ``dynamic_batch``, inputs with a batch
-    of one are traced as a batch of two (the sample twice): torch.export cannot make a size-1 dimension dynamic."""
+    """Export a CPU copy of ``target`` (folded) to ``path`` and check the program against ``target``'s eval outputs.
+
+    The check runs on ``inputs``: reloaded in this process (`export_folded`) and, with ``fresh_process``, in a new
+    process with torch alone (`check_in_fresh_process`). ``target`` is not changed. With ``dynamic_batch``, inputs with
+    a batch of one are traced as a batch of two (the sample twice): torch.export cannot make a size-1 dimension dynamic.
+    """
     model = on_cpu(target)
     if dynamic_batch:  # torch.export specializes a batch of one: trace with two (the same sample twice)
         inputs = tuple(

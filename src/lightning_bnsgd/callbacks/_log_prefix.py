@@ -9,8 +9,10 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 
 def unique_prefixes(wanted: Sequence[str]) -> list[str]:
-    """The prefix each monitor logs under, in callback order: the one it asks for, or ``<it>_2``, ``<it>_3``, ...
-    when an earlier monitor (or any monitor asking for that name) has it.
+    """The prefix each monitor logs under, in callback order.
+
+    The one it asks for, or ``<it>_2``, ``<it>_3``, ... when an earlier monitor (or any monitor asking for that name)
+    has it.
 
     Examples:
         >>> unique_prefixes(["bn", "bn", "bn_stage2", "bn"])
@@ -31,8 +33,9 @@ def unique_prefixes(wanted: Sequence[str]) -> list[str]:
 
 
 def resolve_prefixes(monitors: Sequence[Any], owner: str, current: Any) -> None:
-    """Give every monitor of one kind in a Trainer its own prefix (``monitor._prefix``); warn when ``current`` (the
-    monitor whose ``setup`` runs) does not get the one it asked for.
+    """Give every monitor of one kind in a Trainer its own prefix (``monitor._prefix``).
+
+    Warn when ``current`` (the monitor whose ``setup`` runs) does not get the one it asked for.
 
     Two monitors under one prefix would write their whole-model summaries under the same names, and at a step both
     log, one value would overwrite the other in the logger.

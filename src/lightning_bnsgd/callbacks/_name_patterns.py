@@ -28,7 +28,7 @@ def _compile_one(pattern: object, argument: str, owner: str) -> NamePredicate:
 
 
 def compile_name_patterns(patterns: str | Iterable[str] | None, argument: str, owner: str) -> list[NamePredicate]:
-    """Turn layer-name patterns into predicates.
+    r"""Turn layer-name patterns into predicates.
 
     A pattern is a glob (``fnmatch``, matching the whole name) unless it starts with ``"re:"``: then the rest is a
     regular expression searched in the name.
@@ -39,7 +39,7 @@ def compile_name_patterns(patterns: str | Iterable[str] | None, argument: str, o
             ``argument``).
 
     Examples:
-        >>> predicates = compile_name_patterns(["*.0.*", r"re:\\.1\\."], "include", "BNStatsMonitor")
+        >>> predicates = compile_name_patterns(["*.0.*", r"re:\.1\."], "include", "BNStatsMonitor")
         >>> [p("net.features.0.norm") for p in predicates]
         [True, False]
         >>> compile_name_patterns([""], "exclude", "BNStatsMonitor")
@@ -75,8 +75,10 @@ COMPILED_WRAPPER_NAME = "_orig_mod"
 
 
 def user_module_name(name: str) -> str:
-    """The module's name as the user wrote the model: without the ``_orig_mod`` level that ``torch.compile`` adds
-    under every compiled module (``self.net = torch.compile(net)`` names ``net.bn1`` as ``net._orig_mod.bn1``).
+    """The module's name as the user wrote the model: without the ``_orig_mod`` level that ``torch.compile`` adds.
+
+    ``torch.compile`` adds it under every compiled module (``self.net = torch.compile(net)`` names ``net.bn1`` as
+    ``net._orig_mod.bn1``).
 
     Examples:
         >>> user_module_name("net._orig_mod.layer1.0._orig_mod.bn1"), user_module_name("net.bn1")

@@ -410,9 +410,10 @@ class BNStatsMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        """The key of this monitor's state in a checkpoint: the class name and the arguments that tell monitors of
-        one Trainer apart (which layers, how often, under which names), so several monitors are each saved and
-        restored as their own.
+        """The key of this monitor's state in a checkpoint.
+
+        The class name and the arguments that tell monitors of one Trainer apart (which layers, how often, under which
+        names), so several monitors are each saved and restored as their own.
 
         Examples:
             >>> BNStatsMonitor(include="backbone.*", log_prefix="bn_backbone").state_key
@@ -427,8 +428,10 @@ class BNStatsMonitor(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Restore from a checkpoint written before monitors had their own `state_key` (saved under the class
-        name), when the checkpoint has nothing under this monitor's key."""
+        """Restore from a checkpoint written before monitors had their own `state_key` (saved under the class name).
+
+        It does so only when the checkpoint has nothing under this monitor's key.
+        """
         states = checkpoint.get("callbacks")
         if not isinstance(states, dict) or self.state_key in states or _LEGACY_STATE_KEY not in states:
             return
@@ -448,9 +451,11 @@ class BNStatsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned. A state that is not this monitor's (a value of the wrong type, a
-        negative count) is not used: each such entry is named in a warning and replaced by a fresh one (no warnings
-        given yet; the step count read from the Trainer)."""
+        """Restore what `state_dict` returned.
+
+        A state that is not this monitor's (a value of the wrong type, a negative count) is not used: each such entry is
+        named in a warning and replaced by a fresh one (no warnings given yet; the step count read from the Trainer).
+        """
         self._warned = WarnOnce()
         self._cadence.restore(self._cadence.stepped)  # no count to check the Trainer's against
         if not isinstance(state_dict, dict):

@@ -63,8 +63,10 @@ class _Group:
 
 
 def _first_samples(inputs: Any, limit: int) -> Any:
-    """Detached copies of the tensors in ``inputs``, cut to their first ``limit`` samples when they share the batch
-    dimension of the first tensor (other tensors are copied whole)."""
+    """Detached copies of the tensors in ``inputs``, cut to their first ``limit`` samples.
+
+    Only tensors that share the batch dimension of the first tensor are cut; other tensors are copied whole.
+    """
     sizes: list[int] = []
     apply_to_collection(inputs, Tensor, lambda t: sizes.append(t.shape[0] if t.dim() else -1))
     batch = sizes[0] if sizes else -1
@@ -451,9 +453,11 @@ class WeightDynamicsMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        """The key of this monitor's state in a checkpoint: the class name, the layers it watches and its
-        `log_prefix`, so that two monitors of different layers (``include="backbone.*"``, ``include="head.*"``) or
-        names in one Trainer are checkpointed and restored each as its own."""
+        """The key of this monitor's state in a checkpoint: the class name, the layers it watches and its `log_prefix`.
+
+        Two monitors of different layers (``include="backbone.*"``, ``include="head.*"``) or names in one Trainer are
+        thus checkpointed and restored each as its own.
+        """
         return self._generate_state_key(include=self.include, exclude=self.exclude, log_prefix=self.log_prefix)
 
     @override

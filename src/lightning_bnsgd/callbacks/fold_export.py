@@ -1,5 +1,7 @@
-"""``BNFoldExport``: at the end of ``fit``, fold BatchNorm away and write the trained model as a ``torch.export``
-program that loads with torch alone, checked in a fresh process."""
+"""``BNFoldExport``: at the end of ``fit``, fold BatchNorm away and write the model as a ``torch.export`` program.
+
+The program of the trained model loads with torch alone, and is checked in a fresh process.
+"""
 
 from __future__ import annotations
 
@@ -58,9 +60,11 @@ def _check_args(
 
 
 class BNFoldExport(Callback):
-    """At the end of ``fit``, fold the trained model's BatchNorm layers away (`fold_batchnorm`), write it as a
-    ``torch.export`` program (``<dirpath>/<filename>.pt2``, `export_folded`) and check, in a fresh Python process that
-    imports torch alone, that the program gives the trained model's eval outputs.
+    """At the end of ``fit``, fold BatchNorm away, export the model with ``torch.export``, check it in a fresh process.
+
+    The trained model's BatchNorm layers are folded away (`fold_batchnorm`), the model is written as a ``torch.export``
+    program (``<dirpath>/<filename>.pt2``, `export_folded`), and a fresh Python process that imports torch alone checks
+    that the program gives the trained model's eval outputs.
 
     It acts in ``on_fit_end``, which Lightning runs after every callback's ``on_train_end``: `BNRecalibration`'s
     final recalibration is in the exported model wherever the two stand in ``callbacks=[...]``. By then Lightning
@@ -187,8 +191,10 @@ class BNFoldExport(Callback):
             print(result.summary(_OWNER), flush=True)
 
     def path(self, trainer: Trainer) -> Path:
-        """Where the program goes: ``<dirpath>/<filename>.pt2`` (call it on every rank: it reads the Trainer's
-        ``log_dir``, which is broadcast from rank zero)."""
+        """Where the program goes: ``<dirpath>/<filename>.pt2``.
+
+        Call it on every rank: it reads the Trainer's ``log_dir``, which is broadcast from rank zero.
+        """
         folder = self.dirpath if self.dirpath is not None else Path(trainer.log_dir or trainer.default_root_dir)
         name = self.filename if self.filename.endswith(".pt2") else f"{self.filename}.pt2"
         return folder / name

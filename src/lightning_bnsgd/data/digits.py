@@ -126,12 +126,14 @@ class ResumableDataLoader(DataLoader):
     """
 
     def state_dict(self) -> dict[str, int]:
+        """The sampler's seed and epoch (empty when the sampler is not an `EpochPermutationSampler`)."""
         sampler = self.sampler
         if not isinstance(sampler, EpochPermutationSampler):
             return {}
         return {"seed": sampler.seed, "epoch": sampler.epoch}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Set the sampler's epoch from ``state_dict`` (when the sampler is an `EpochPermutationSampler`)."""
         if isinstance(self.sampler, EpochPermutationSampler) and "epoch" in state_dict:
             self.sampler.set_epoch(int(state_dict["epoch"]))
 
@@ -245,6 +247,11 @@ class DigitsDataModule(LightningDataModule):
         return 0 if self.trainer is None else batches_done_in_interrupted_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
+        """The training split, on one device in the order of an `EpochPermutationSampler` seeded by ``seed``.
+
+        There a fit resumed from a mid-epoch checkpoint skips the batches of that epoch already trained. Under a
+        multi-device strategy the loader shuffles, and Lightning swaps in its seeded ``DistributedSampler``.
+        """
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             return self._loader("train", shuffle=True)  # Lightning swaps in a seeded DistributedSampler
@@ -258,10 +265,13 @@ class DigitsDataModule(LightningDataModule):
         return self._loader("train", sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation split, not shuffled."""
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """The test split, not shuffled."""
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
+        """The test split, not shuffled (prediction runs on the test images)."""
         return self._loader("test", shuffle=False)

@@ -152,21 +152,27 @@ class ConvNetClassifier(LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        """Log ``train/acc``, the epoch's training accuracy."""
         self.log("train/acc", self.train_acc, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        """Log ``val/acc``, the accuracy of the validation run."""
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
+        """Log ``test/acc``, the accuracy of the test run."""
         self.log("test/acc", self.test_acc, prog_bar=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Return the batch's cross-entropy loss, logged as ``train/loss``; update the training accuracy."""
         return self._shared_step(batch, "train", self.train_acc)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log the batch's cross-entropy loss as ``val/loss``; update the validation accuracy."""
         self._shared_step(batch, "val", self.val_acc)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Log the batch's cross-entropy loss as ``test/loss``; update the test accuracy."""
         self._shared_step(batch, "test", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
@@ -175,4 +181,5 @@ class ConvNetClassifier(LightningModule):
         return torch.softmax(self(x), dim=-1)
 
     def configure_optimizers(self) -> Any:
+        """The SGD optimizer and per-step ``WarmupLR`` of the ``SGDWarmup`` recipe (``optimizer``) for this module."""
         return self.optimizer_config.build(self)

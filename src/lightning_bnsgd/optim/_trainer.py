@@ -1,5 +1,7 @@
-"""What ``SGDWarmup.build`` reads from the module's Trainer (run length, steps per epoch, batch, world size), through
-public attributes, and why it cannot when the module has no Trainer or the Trainer no train data.
+"""What ``SGDWarmup.build`` reads from the module's Trainer (run length, steps per epoch, batch, world size).
+
+They are read through public attributes. Also here: why ``SGDWarmup.build`` cannot read them when the module has no
+Trainer or the Trainer no train data.
 """
 
 from __future__ import annotations
@@ -78,15 +80,20 @@ def no_data_cause(module: nn.Module) -> str:
 
 
 def has_train_data(trainer: Any) -> bool:
-    """Whether ``trainer`` can tell its train data: it is fitting (``trainer.fit`` connected the data), or a train
-    dataloader is loaded. A module attached to a Trainer by hand (as Lightning's own optimizer tests do) has none."""
+    """Whether ``trainer`` can tell its train data.
+
+    It can when it is fitting (``trainer.fit`` connected the data), or when a train dataloader is loaded. A module
+    attached to a Trainer by hand (as Lightning's own optimizer tests do) has none.
+    """
     return trainer.train_dataloader is not None or trainer.state.fn == "fit"
 
 
 def fit_step_of(module: nn.Module) -> Any:
-    """A function giving the fit's optimizer step count (``trainer.global_step``) while it equals the scheduler's
-    step count (one optimizer, automatic optimization), else ``None``; ``None`` instead of a function without a
-    Trainer. ``WarmupLR`` reads it when a resumed fit restored the optimizer's state but not the scheduler's."""
+    """A function giving the fit's optimizer step count (``trainer.global_step``); ``None`` without a Trainer.
+
+    The function gives that count while it equals the scheduler's step count (one optimizer, automatic optimization),
+    else ``None``. ``WarmupLR`` reads it when a resumed fit restored the optimizer's state but not the scheduler's.
+    """
     if trainer_of(module) is None:
         return None
     ref = weakref.ref(module)

@@ -184,9 +184,11 @@ class WarmupLR(LRScheduler):
         return self._get_closed_form_lr()
 
     def _get_closed_form_lr(self) -> list[float]:
-        """The closed form at ``last_epoch`` from the base LRs; torch calls it for ``step(epoch)``, as
-        ``SequentialLR`` does when it hands over to this scheduler at a milestone: a hand-over restarts from the base
-        LRs (``initial_lr``), whatever LR the previous scheduler left."""
+        """The closed form at ``last_epoch`` from the base LRs.
+
+        torch calls it for ``step(epoch)``, as ``SequentialLR`` does when it hands over to this scheduler at a
+        milestone: a hand-over restarts from the base LRs (``initial_lr``), whatever LR the previous scheduler left.
+        """
         for group in self.optimizer.param_groups[len(self.base_lrs) :]:
             base = float(group.get("initial_lr", group["lr"]))
             group.setdefault("initial_lr", base)
@@ -259,16 +261,21 @@ class WarmupLR(LRScheduler):
         return self.schedule, self.peak_lr
 
     def _before_optimizer_step(self) -> None:
-        """At the first optimizer step after a load: an optimizer state restored without this scheduler's state is
-        resolved (this scheduler's plan wins, said once), never adopted as a change made from outside."""
+        """At the first optimizer step after a load: resolve an optimizer state restored without this scheduler's state.
+
+        This scheduler's plan wins (said once); the restored state is never adopted as a change made from outside.
+        """
         restored = self._restored
         if restored["optimizer"] and not restored["scheduler"]:
             self._keep_plan()
         restored["optimizer"] = restored["scheduler"] = False
 
     def _keep_plan(self) -> None:
-        """The optimizer's state was loaded and this scheduler's was not (a checkpoint of a plain optimizer, or with
-        its ``lr_schedulers`` entry removed): the restored LRs say nothing about this plan, so the plan runs."""
+        """The optimizer's state was loaded and this scheduler's was not: the plan runs.
+
+        That is a checkpoint of a plain optimizer, or with its ``lr_schedulers`` entry removed; the restored LRs say
+        nothing about this plan.
+        """
         groups = self.optimizer.param_groups
         found = [float(group["lr"]) for group in groups]
         step = self._run_step() if self._run_step is not None else None

@@ -79,8 +79,11 @@ class ResolvedSchedule:
     steps_per_epoch: int | None = None
 
     def scheduler_kwargs(self, config: SGDWarmup) -> dict[str, Any]:
-        """Keyword arguments of ``WarmupLR`` for this run: ``config``'s schedule settings, with this run's lengths,
-        ``min_lr``, step size and milestones (in steps) in place of ``config``'s."""
+        """Keyword arguments of ``WarmupLR`` for this run.
+
+        ``config``'s schedule settings, with this run's lengths, ``min_lr``, step size and milestones (in steps) in
+        place of ``config``'s.
+        """
         ours = {field.name for field in fields(self)}
         settings = {name: getattr(self if name in ours else config, name) for name in SCHEDULE_FIELDS}
         return {**settings, "resume_schedule": config.resume_schedule}
