@@ -1,5 +1,7 @@
-"""``BNRecalibration``: exact BatchNorm statistics before every validation, at the end of training, and (when asked)
-before ``Trainer.test`` and ``Trainer.predict``.
+"""``BNRecalibration``: exact BatchNorm statistics at the right moments of fit, test and predict.
+
+It recalibrates before every validation, at the end of training, and (when asked) before ``Trainer.test`` and
+``Trainer.predict``.
 
 The callback holds the moments; which batches it reads is in `_recalibration_sources`, one recalibration in
 `_recalibration_run`, the checks in `_recalibration_checks`.
@@ -72,8 +74,9 @@ _STAGE_DATA = {
 
 
 class BNRecalibration(Callback):
-    """Recompute BatchNorm population statistics exactly (``recalibrate_bn``) at the right moments of ``fit``, and
-    before ``test`` and ``predict`` when asked.
+    """Recompute BatchNorm population statistics exactly (``recalibrate_bn``) during ``fit``, test and predict.
+
+    It recalibrates at the right moments of ``fit``, and before ``test`` and ``predict`` when asked.
 
     It runs in ``on_validation_epoch_start`` (never during the sanity check), so validation metrics and the
     checkpoints ``ModelCheckpoint`` writes at validation end carry the recalibrated statistics, and in
