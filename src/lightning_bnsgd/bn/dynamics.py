@@ -22,7 +22,7 @@ import types
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -37,8 +37,8 @@ ProbeMode = Literal["train", "as_is"]
 #: A random perturbation changing the output less than this (relative) means the output ignores the weight.
 _NO_EFFECT = 1e-6
 Granularity = Literal["channel", "tensor"]
-_GRANULARITIES: tuple[Granularity, ...] = ("channel", "tensor")
-_MODES = ("train", "as_is")
+_GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+_MODES: tuple[str, ...] = get_args(ProbeMode)
 
 
 # ---------------------------------------------------------------------------------------------------- the math
@@ -296,7 +296,7 @@ def _check_layer(
     channels = _channel_factors(weight, gen)
     worst = math.inf
     scales: list[tuple[Tensor, Tensor | float]]
-    for granularity in ("channel", "tensor"):
+    for granularity in _GRANULARITIES:
         for members in options:
             if granularity == "channel":
                 if not all(p.dim() >= 1 and p.shape[0] == weight.shape[0] for _, p in members):

@@ -20,7 +20,7 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +44,9 @@ from lightning_bnsgd.bn.passes import PassRunner, PassStats
 Mode = Literal["train", "sequential"]
 DropoutMode = Literal["eval", "train"]
 NonFinite = Literal["raise", "skip"]
-MODES = ("train", "sequential")
-DROPOUT_MODES = ("eval", "train")
-NONFINITE_ACTIONS = ("raise", "skip")
+MODES: tuple[str, ...] = get_args(Mode)
+DROPOUT_MODES: tuple[str, ...] = get_args(DropoutMode)
+NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonFinite)
 _EPS = 1e-5
 #: `RecalibrationReport.skipped`'s reason for a BatchNorm layer in eval mode in a model in train mode.
 _FROZEN = "eval mode (frozen)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 AnomalyAction = Literal["warn", "raise", "ignore"]
 _OWNER = "BNStatsMonitor"
 _LEGACY_STATE_KEY = _OWNER  # the checkpoint key of every monitor before `state_key` named its arguments
-_ACTIONS = ("warn", "raise", "ignore")
+_ACTIONS: tuple[str, ...] = get_args(AnomalyAction)
 #: Every per-layer statistic ``BNStatsMonitor`` can log (``<log_prefix>/<layer name>/<statistic>``, ``bn/`` by default).
 STATS: tuple[str, ...] = (*BUFFER_STATS, *GAP_STATS, "samples_per_channel", *RANK_STATS)
 _HISTOGRAM_TENSORS = ("running_mean", "running_var", "weight")

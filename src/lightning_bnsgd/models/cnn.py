@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -12,8 +12,8 @@ from lightning_bnsgd._validation import check_bool, check_choice, check_int, che
 
 Padding = Literal["valid", "same"]
 NormPosition = Literal["post_activation", "pre_activation"]
-_PADDINGS = ("valid", "same")
-_NORM_POSITIONS = ("post_activation", "pre_activation")
+_PADDINGS: tuple[str, ...] = get_args(Padding)
+_NORM_POSITIONS: tuple[str, ...] = get_args(NormPosition)
 
 
 def conv_output_size(size: int, kernel_size: int, padding: str) -> int:
