@@ -67,9 +67,9 @@ def check_bool(name: str, value: object, *, owner: str | None = None) -> bool:
 def check_int(
     name: str,
     value: object,
-    minimum: int | None = 1,
-    maximum: int | None = None,
     *,
+    minimum: int | None,
+    maximum: int | None = None,
     allow_none: Literal[False] = False,
     owner: str | None = None,
 ) -> int: ...
@@ -77,31 +77,31 @@ def check_int(
 def check_int(
     name: str,
     value: object,
-    minimum: int | None = 1,
-    maximum: int | None = None,
     *,
+    minimum: int | None,
+    maximum: int | None = None,
     allow_none: bool,
     owner: str | None = None,
 ) -> int | None: ...
 def check_int(
     name: str,
     value: object,
-    minimum: int | None = 1,
-    maximum: int | None = None,
     *,
+    minimum: int | None,
+    maximum: int | None = None,
     allow_none: bool = False,
     owner: str | None = None,
 ) -> int | None:
     """An integer (not a ``bool``) in ``[minimum, maximum]`` (or ``None`` when ``allow_none``).
 
     Examples:
-        >>> check_int("batch_size", 64)
+        >>> check_int("batch_size", 64, minimum=1)
         64
-        >>> check_int("batch_size", 0, owner="DigitsDataModule")
+        >>> check_int("batch_size", 0, minimum=1, owner="DigitsDataModule")
         Traceback (most recent call last):
         ...
         ValueError: DigitsDataModule: `batch_size` must be an integer >= 1, got 0.
-        >>> check_int("batch_size", 2.0)
+        >>> check_int("batch_size", 2.0, minimum=1)
         Traceback (most recent call last):
         ...
         TypeError: `batch_size` must be an integer >= 1, got 2.0.

@@ -127,7 +127,7 @@ def export_checkpoint(
         ("check_in_fresh_process", check_in_fresh_process),
     ):
         check_bool(name, value, owner=_OWNER)
-    check_int("num_samples", num_samples, allow_none=True, owner=_OWNER)
+    check_int("num_samples", num_samples, minimum=1, allow_none=True, owner=_OWNER)
     if recalibrate and datamodule is None:
         raise ValueError(f"{_OWNER}: `recalibrate=True` needs a `datamodule` whose train loader to recalibrate on.")
     target = target_module(model, module_name, _OWNER)  # before the checkpoint is read: a wrong name fails fast

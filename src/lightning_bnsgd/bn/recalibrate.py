@@ -641,7 +641,7 @@ def _make_run(
     validate_recalibration_args(
         owner, num_samples=num_samples, mode=mode, dropout=dropout, nonfinite=nonfinite, forward_fn=forward_fn
     )
-    check_int("num_batches", num_batches, allow_none=True, owner=owner)
+    check_int("num_batches", num_batches, minimum=1, allow_none=True, owner=owner)
     torch_device = _check_device(device, owner)
     if mode == "sequential" and iter(batches) is batches:
         raise TypeError(

@@ -50,7 +50,7 @@ def check_callback_args(
         ...
         ValueError: BNRecalibration: `before_test` must be one of ('off', 'train_data', 'test_data'), got 'test'.
     """
-    check_int("every_n_epochs", every_n_epochs, owner=_OWNER)
+    check_int("every_n_epochs", every_n_epochs, minimum=1, owner=_OWNER)
     check_bool("before_validation", before_validation, owner=_OWNER)
     check_bool("at_train_end", at_train_end, owner=_OWNER)
     check_choice("before_test", before_test, BEFORE_TEST, owner=_OWNER)

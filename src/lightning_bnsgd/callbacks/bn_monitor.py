@@ -210,7 +210,7 @@ class BNStatsMonitor(Callback):
         log_prefix: str = "bn",
     ) -> None:
         self.log_every_n_steps: int | None = check_int(
-            "log_every_n_steps", log_every_n_steps, allow_none=True, owner=_OWNER
+            "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True, owner=_OWNER
         )
         self._include = compile_name_patterns(include, "include", _OWNER)
         self._exclude = compile_name_patterns(exclude, "exclude", _OWNER)
@@ -222,7 +222,7 @@ class BNStatsMonitor(Callback):
         )
         self.on_anomaly: AnomalyAction = check_choice("on_anomaly", on_anomaly, _ACTIONS, owner=_OWNER)
         self.min_samples_per_channel: int = check_int(
-            "min_samples_per_channel", min_samples_per_channel, 0, owner=_OWNER
+            "min_samples_per_channel", min_samples_per_channel, minimum=0, owner=_OWNER
         )
         self.log_histograms: bool = check_bool("log_histograms", log_histograms, owner=_OWNER)
         self.log_prefix: str = check_str("log_prefix", log_prefix, owner=_OWNER)

@@ -210,7 +210,7 @@ class WeightDynamicsMonitor(Callback):
         warn_off_equilibrium: bool = True,
         log_prefix: str = "dynamics",
     ) -> None:
-        check_int("log_every_n_steps", log_every_n_steps, allow_none=True, owner=_OWNER)
+        check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True, owner=_OWNER)
         self._include = compile_name_patterns(include, "include", owner=_OWNER)
         self._exclude = compile_name_patterns(exclude, "exclude", owner=_OWNER)
         check_bool("log_grad_flow", log_grad_flow, owner=_OWNER)
@@ -219,7 +219,7 @@ class WeightDynamicsMonitor(Callback):
             "max_angular_update", max_angular_update, 0.0, min_open=True, owner=_OWNER
         )
         self.max_norm_growth = check_number("max_norm_growth", max_norm_growth, 1.0, min_open=True, owner=_OWNER)
-        check_int("patience", patience, owner=_OWNER)
+        check_int("patience", patience, minimum=1, owner=_OWNER)
         self.probe_samples = check_int("probe_samples", probe_samples, minimum=2, owner=_OWNER)
         check_bool("warn_off_equilibrium", warn_off_equilibrium, owner=_OWNER)
         self.log_prefix = check_str("log_prefix", log_prefix, owner=_OWNER)

@@ -186,7 +186,7 @@ class DigitsDataModule(LightningDataModule):
         label_noise: float = 0.0,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size, owner=_OWNER)
+        check_int("batch_size", batch_size, minimum=1, owner=_OWNER)
         check_int("num_workers", num_workers, minimum=0, owner=_OWNER)
         val = _check_fraction("val_fraction", val_fraction)
         test = _check_fraction("test_fraction", test_fraction)
@@ -195,7 +195,7 @@ class DigitsDataModule(LightningDataModule):
                 f"{_OWNER}: `val_fraction` + `test_fraction` must be below 1 so that training data remains, "
                 f"got {val} + {test} = {val + test}."
             )
-        check_int("resize", resize, allow_none=True, owner=_OWNER)
+        check_int("resize", resize, minimum=1, allow_none=True, owner=_OWNER)
         check_number("label_noise", label_noise, 0.0, 1.0, max_open=True, owner=_OWNER)
         check_int("seed", seed, minimum=0, owner=_OWNER)
         check_bool("normalize", normalize, owner=_OWNER)

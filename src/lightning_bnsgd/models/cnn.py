@@ -114,10 +114,10 @@ class BNConvNet(nn.Module):
     ) -> None:
         super().__init__()
         owner = "BNConvNet"
-        check_int("in_channels", in_channels, owner=owner)
-        check_int("num_classes", num_classes, owner=owner)
-        check_int("input_size", input_size, owner=owner)
-        check_int("kernel_size", kernel_size, owner=owner)
+        check_int("in_channels", in_channels, minimum=1, owner=owner)
+        check_int("num_classes", num_classes, minimum=1, owner=owner)
+        check_int("input_size", input_size, minimum=1, owner=owner)
+        check_int("kernel_size", kernel_size, minimum=1, owner=owner)
         if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
             raise TypeError(f"{owner}: `channels` must be a non-empty sequence of positive integers, got {channels!r}.")
         if len(channels) == 0:
@@ -125,7 +125,7 @@ class BNConvNet(nn.Module):
                 f"{owner}: `channels` must be a non-empty sequence of positive integers, got {channels!r}."
             )
         for i, c in enumerate(channels):
-            check_int(f"channels[{i}]", c, owner=owner)
+            check_int(f"channels[{i}]", c, minimum=1, owner=owner)
         check_choice("padding", padding, _PADDINGS, owner=owner)
         check_choice("norm_position", norm_position, _NORM_POSITIONS, owner=owner)
         check_number("dropout", dropout, 0.0, 1.0, max_open=True, owner=owner)

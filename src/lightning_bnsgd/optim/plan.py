@@ -28,7 +28,7 @@ def check_milestones(value: object, *, owner: str | None = None, name: str = "mi
     """
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{owner + ': ' if owner else ''}`{name}` must be a list of positive integers, got {value!r}.")
-    items = [int(check_int(f"{name}[{i}]", m, 1, owner=owner)) for i, m in enumerate(value)]
+    items = [int(check_int(f"{name}[{i}]", m, minimum=1, owner=owner)) for i, m in enumerate(value)]
     if any(b <= a for a, b in itertools.pairwise(items)):
         raise ValueError(f"{owner + ': ' if owner else ''}`{name}` must be strictly increasing, got {items!r}.")
     return items
@@ -66,8 +66,8 @@ class Schedule:
     warmup_end: InitVar[float | None] = None
 
     def __post_init__(self, owner: str, warmup_end: float | None) -> None:
-        warmup_steps = check_int("warmup_steps", self.warmup_steps, 0, allow_none=True, owner=owner)
-        total_steps = check_int("total_steps", self.total_steps, 1, allow_none=True, owner=owner)
+        warmup_steps = check_int("warmup_steps", self.warmup_steps, minimum=0, allow_none=True, owner=owner)
+        total_steps = check_int("total_steps", self.total_steps, minimum=1, allow_none=True, owner=owner)
         if warmup_steps is not None and total_steps is not None and warmup_steps > total_steps:
             raise ValueError(
                 f"{owner}: `warmup_steps` must not exceed `total_steps` ({total_steps}), got {warmup_steps!r}."

@@ -121,8 +121,8 @@ class WarmupLR(LRScheduler):
         settings = {name: value for name, value in locals().items() if name in SCHEDULE_FIELDS}
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"WarmupLR: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-        check_int("warmup_steps", warmup_steps, 0, owner="WarmupLR")
-        check_int("total_steps", total_steps, 1, owner="WarmupLR")
+        check_int("warmup_steps", warmup_steps, minimum=0, owner="WarmupLR")
+        check_int("total_steps", total_steps, minimum=1, owner="WarmupLR")
         #: The plan: the schedule's settings, one immutable value (its fields read as this scheduler's attributes).
         self.schedule = Schedule(**settings, owner="WarmupLR")
         self.resume_schedule = check_choice("resume_schedule", resume_schedule, RESUME_SCHEDULES, owner="WarmupLR")

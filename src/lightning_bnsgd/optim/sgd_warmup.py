@@ -40,9 +40,9 @@ def effective_batch_size(per_device: int, world_size: int = 1, accumulate_grad_b
         >>> effective_batch_size(64, world_size=2, accumulate_grad_batches=4)
         512
     """
-    check_int("per_device", per_device, 1, owner="effective_batch_size")
-    check_int("world_size", world_size, 1, owner="effective_batch_size")
-    check_int("accumulate_grad_batches", accumulate_grad_batches, 1, owner="effective_batch_size")
+    check_int("per_device", per_device, minimum=1, owner="effective_batch_size")
+    check_int("world_size", world_size, minimum=1, owner="effective_batch_size")
+    check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1, owner="effective_batch_size")
     return per_device * world_size * accumulate_grad_batches
 
 
@@ -179,7 +179,7 @@ class SGDWarmup:
         owner = "SGDWarmup"
         check_number("lr", self.lr, 0.0, min_open=True, allow_none=True, owner=owner)
         check_number("lr_base", self.lr_base, 0.0, min_open=True, owner=owner)
-        check_int("lr_base_size", self.lr_base_size, 1, owner=owner)
+        check_int("lr_base_size", self.lr_base_size, minimum=1, owner=owner)
         check_choice("lr_base_scale", self.lr_base_scale, SCALE_RULES, owner=owner)
         check_number("momentum", self.momentum, 0.0, 1.0, max_open=True, owner=owner)
         check_bool("nesterov", self.nesterov, owner=owner)
@@ -196,7 +196,7 @@ class SGDWarmup:
         self.milestones = list(schedule.milestones) if self.milestones is not None else None
         if self.lr is not None and self.min_lr > self.lr:
             raise ValueError(f"{owner}: `min_lr` must be at most lr={self.lr}, got {self.min_lr!r}.")
-        check_int("batch_size", self.batch_size, 1, allow_none=True, owner=owner)
+        check_int("batch_size", self.batch_size, minimum=1, allow_none=True, owner=owner)
         check_choice("resume_schedule", self.resume_schedule, RESUME_SCHEDULES, owner=owner)
         if self.name is not None:
             check_str("name", self.name, owner=owner)
