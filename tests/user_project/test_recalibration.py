@@ -49,6 +49,32 @@ def test_a_batch_the_default_forward_cannot_take_fails_at_the_first_training_bat
     assert trainer.global_step == 0  # raised before any optimizer step, not after an epoch
 
 
+class _NamedBatches(UserDataModule):
+    """Batches as ``(names, image, label)`` tuples: the first item, a list of strings, holds no tensor."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        return ([f"sample-{i}" for i in range(len(batch["label"]))], batch["image"], batch["label"])
+
+
+class _NamedBatchModel(UserModel):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch[1]), batch[2])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/loss", torch.nn.functional.cross_entropy(self(batch[1]), batch[2]))
+
+
+def test_a_tuple_whose_first_item_holds_no_tensor_fails_at_the_first_training_batch(tmp_path: Path) -> None:
+    # The default forward would run module(batch[0]) on a list of strings: the same rule as recalibrate_bn's own
+    # default forward refuses it at the first training batch, not after an epoch of training.
+    trainer = quiet_trainer(tmp_path, callbacks=[BNRecalibration()], max_epochs=2)
+    pattern = r"BNRecalibration cannot feed a training batch \(of type tuple: a tuple whose first item .* is a list"
+    with pytest.raises(TypeError, match=pattern):
+        trainer.fit(_NamedBatchModel(), datamodule=_NamedBatches())
+    assert trainer.global_step == 0
+
+
 class _CountingForward:
     def __init__(self) -> None:
         self.calls = 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from lightning_utilities.core.overrides import is_overridden
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader, IterableDataset
@@ -169,18 +169,6 @@ def transfer_batch(batch: Any, trainer: Any, pl_module: Any) -> Any:
         else:
             batch = getattr(owner, hook)(batch, 0)
     return batch
-
-
-def default_forward_accepts(batch: Any) -> bool:
-    """Whether the default recalibration forward can feed ``batch``.
-
-    It can feed a tensor, or a non-empty tuple/list whose first item is passed to the model.
-
-    Examples:
-        >>> default_forward_accepts((torch.zeros(2), 1)), default_forward_accepts({"x": torch.zeros(2)})
-        (True, False)
-    """
-    return isinstance(batch, Tensor) or (isinstance(batch, (tuple, list)) and len(batch) > 0)
 
 
 def debug_batch_limit(trainer: Any, from_trainer_loader: bool) -> int | None:

@@ -10,9 +10,8 @@ from torch.utils.data import DataLoader
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, namespace_of, skipping_backward
 from lightning_bnsgd._validation import check_bool, check_choice, check_int
-from lightning_bnsgd.bn.batches import batch_size_of, default_forward
+from lightning_bnsgd.bn.batches import batch_size_of, default_forward, default_forward_problem
 from lightning_bnsgd.callbacks._batches import (
-    default_forward_accepts,
     first_batch,
     loader_generators,
     preserved_rng,
@@ -224,9 +223,10 @@ def check_first_batch(
         with preserved_rng(loader_generators(loader)):
             batch = transfer_batch(batch, trainer, pl_module)
         origin = "the first batch of `dataloader`"
-    if forward_fn is None and not default_forward_accepts(batch):
+    problem = default_forward_problem(batch) if forward_fn is None else None
+    if problem is not None:
         raise TypeError(
-            f"{_OWNER} cannot feed {origin} (of type {type(batch).__name__}) to the model: its default "
+            f"{_OWNER} cannot feed {origin} (of type {type(batch).__name__}: {problem}) to the model: its default "
             "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
             "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
             f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
