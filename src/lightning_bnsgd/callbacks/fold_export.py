@@ -145,7 +145,7 @@ class BNFoldExport(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return f"{type(self).__qualname__}{ {'filename': self.filename, 'module_name': self.module_name}!r}"
+        return self._generate_state_key(filename=self.filename, module_name=self.module_name)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

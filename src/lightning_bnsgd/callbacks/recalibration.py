@@ -205,12 +205,7 @@ class BNRecalibration(Callback):
     @property
     @override
     def state_key(self) -> str:
-        key = {
-            "num_samples": self.num_samples,
-            "mode": self.mode,
-            "log_prefix": self.log_prefix,
-        }
-        return f"{type(self).__qualname__}{key!r}"
+        return self._generate_state_key(num_samples=self.num_samples, mode=self.mode, log_prefix=self.log_prefix)
 
     # ------------------------------------------------------------------------------------------------ hooks
 
