@@ -1,6 +1,8 @@
-"""Where ``BNRecalibration`` gets its batches.
+"""Reading a run's batches from a callback without disturbing the run.
 
-The loader, the transfer hooks, the debug limits, the RNG it must not disturb.
+Loader copies that cannot reset the training loop's workers, the random states a read must put back, the batch
+transfer hooks, the debug limits, a trial forward. ``BNRecalibration``, ``BNFoldExport`` and the ``export``
+subcommand share these; which batches ``BNRecalibration`` reads is in `_recalibration_sources`.
 """
 
 from __future__ import annotations
