@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_bnsgd._compat import LightningDataModule, LightningModule, Trainer
 from lightning_bnsgd._validation import check_bool, check_int
@@ -27,7 +26,7 @@ from lightning_bnsgd.callbacks._export_parts import (
     export_and_check,
     target_module,
 )
-from lightning_bnsgd.callbacks.recalibration import STEP_METHOD
+from lightning_bnsgd.callbacks._recalibration_run import forward_of
 
 _OWNER = "export_checkpoint"
 
@@ -65,13 +64,6 @@ def _train_batches(datamodule: LightningDataModule, model: LightningModule) -> T
     loader = datamodule.train_dataloader()
     holder = SimpleNamespace(datamodule=datamodule)
     return TransferredBatches(loader, lambda batch: transfer_batch(batch, holder, model))
-
-
-def _recalibration_forward(model: nn.Module, forward_fn: ForwardFn | None) -> ForwardFn | None:
-    if forward_fn is not None:
-        return forward_fn
-    step = getattr(model, STEP_METHOD, None)
-    return (lambda module, batch: step(batch)) if callable(step) else None
 
 
 def export_checkpoint(
@@ -143,9 +135,7 @@ def export_checkpoint(
     report = None
     if recalibrate:
         model.train()
-        report = recalibrate_bn(
-            model, batches(), num_samples=num_samples, forward_fn=_recalibration_forward(model, forward_fn)
-        )
+        report = recalibrate_bn(model, batches(), num_samples=num_samples, forward_fn=forward_of(forward_fn, model))
     path = Path(output) if output is not None else Path(ckpt_path).with_suffix(".pt2")
     inputs, origin = example_inputs(
         model,

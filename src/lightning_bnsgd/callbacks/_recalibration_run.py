@@ -137,7 +137,7 @@ def put_back(saved: Saved) -> None:
                 getattr(layer, key).copy_(value)
 
 
-def forward_of(forward_fn: ForwardFn | None, pl_module: LightningModule) -> ForwardFn | None:
+def forward_of(forward_fn: ForwardFn | None, pl_module: nn.Module) -> ForwardFn | None:
     """``forward_fn``, else the module's ``bn_recalibration_step``, else ``None`` (the default forward)."""
     if forward_fn is not None:
         return forward_fn
