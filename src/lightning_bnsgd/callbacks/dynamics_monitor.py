@@ -210,26 +210,24 @@ class WeightDynamicsMonitor(Callback):
         warn_off_equilibrium: bool = True,
         log_prefix: str = "dynamics",
     ) -> None:
-        check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True, owner=_OWNER)
+        self.log_every_n_steps = check_int(
+            "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True, owner=_OWNER
+        )
         self._include = compile_name_patterns(include, "include", owner=_OWNER)
         self._exclude = compile_name_patterns(exclude, "exclude", owner=_OWNER)
-        check_bool("log_grad_flow", log_grad_flow, owner=_OWNER)
+        self.include = include
+        self.exclude = exclude
+        self.log_grad_flow = check_bool("log_grad_flow", log_grad_flow, owner=_OWNER)
         self.rtol = check_number("rtol", rtol, 0.0, min_open=True, owner=_OWNER)
         self.max_angular_update = check_number(
             "max_angular_update", max_angular_update, 0.0, min_open=True, owner=_OWNER
         )
         self.max_norm_growth = check_number("max_norm_growth", max_norm_growth, 1.0, min_open=True, owner=_OWNER)
-        check_int("patience", patience, minimum=1, owner=_OWNER)
+        self.patience = check_int("patience", patience, minimum=1, owner=_OWNER)
         self.probe_samples = check_int("probe_samples", probe_samples, minimum=2, owner=_OWNER)
-        check_bool("warn_off_equilibrium", warn_off_equilibrium, owner=_OWNER)
+        self.warn_off_equilibrium = check_bool("warn_off_equilibrium", warn_off_equilibrium, owner=_OWNER)
         self.log_prefix = check_str("log_prefix", log_prefix, owner=_OWNER)
         self._prefix = self.log_prefix  # what the names start with: `log_prefix`, unless another monitor has it
-        self.log_every_n_steps = log_every_n_steps
-        self.include = include
-        self.exclude = exclude
-        self.log_grad_flow = log_grad_flow
-        self.patience = patience
-        self.warn_off_equilibrium = warn_off_equilibrium
 
         self.report: ScaleInvarianceReport | None = None
         #: Layers in forward order (the gradient-flow depth axis), filled at the first training batch.

@@ -122,22 +122,15 @@ class BNFoldExport(Callback):
     ) -> None:
         super().__init__()
         _check_args(dirpath, filename, module_name, example_input, forward_fn)
-        for name, value in (
-            ("fold", fold),
-            ("dynamic_batch", dynamic_batch),
-            ("check_in_fresh_process", check_in_fresh_process),
-            ("verbose", verbose),
-        ):
-            check_bool(name, value, owner=_OWNER)
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
         self.module_name = module_name
         self.example_input = example_input
         self.forward_fn = forward_fn
-        self.fold = fold
-        self.dynamic_batch = dynamic_batch
-        self.check_in_fresh_process = check_in_fresh_process
-        self.verbose = verbose
+        self.fold = check_bool("fold", fold, owner=_OWNER)
+        self.dynamic_batch = check_bool("dynamic_batch", dynamic_batch, owner=_OWNER)
+        self.check_in_fresh_process = check_bool("check_in_fresh_process", check_in_fresh_process, owner=_OWNER)
+        self.verbose = check_bool("verbose", verbose, owner=_OWNER)
         #: What the last export wrote and how it was checked (on every rank), ``None`` before the first.
         self.last_export: FoldExportResult | None = None
         self._batch_checked = False
