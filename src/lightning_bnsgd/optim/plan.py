@@ -103,6 +103,18 @@ class Schedule:
         """The final LR multiplier: ``min_lr`` relative to ``peak_lr`` (0 when that is 0)."""
         return self.min_lr / peak_lr if peak_lr > 0 else 0.0
 
+    @property
+    def end(self) -> int:
+        """The step the plan ends at (``total_steps``), for a plan whose lengths are known.
+
+        Examples:
+            >>> Schedule(warmup_steps=2, total_steps=6).end
+            6
+        """
+        if self.total_steps is None:
+            raise ValueError(f"Schedule: the lengths must be known, got {self!r}.")
+        return self.total_steps
+
     def factor(self, step: int, peak_lr: float) -> float:
         """The LR multiplier of optimizer step ``step`` (0-based), with the floor ``min_lr`` relative to ``peak_lr``."""
         if self.warmup_steps is None or self.total_steps is None:

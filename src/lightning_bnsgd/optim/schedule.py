@@ -197,7 +197,7 @@ class WarmupLR(LRScheduler):
 
     def _lrs_at(self, step: int) -> list[float]:
         """The LR of every group with a base LR at ``step`` (pure: changes nothing)."""
-        if step >= self.schedule.total_steps:  # type: ignore[operator]
+        if step >= self.schedule.end:
             # min_lr exactly for the peak group (base / peak == 1.0), the same ratio for the others
             peak, min_lr = self.peak_lr, self.schedule.min_lr
             return [min_lr * (float(base) / peak) if peak > 0 else 0.0 for base in self.base_lrs]
@@ -309,8 +309,8 @@ class WarmupLR(LRScheduler):
         if self.resume_schedule == "replan":
             self._replan(planned, planned_bases)
             return
-        end = self.schedule.total_steps
-        ended = f" for good (that schedule ended at step {end})" if self.last_epoch >= end else ""  # type: ignore[operator]
+        end = self.schedule.end
+        ended = f" for good (that schedule ended at step {end})" if self.last_epoch >= end else ""
         rank_zero_warn(
             f"WarmupLR: the checkpoint's schedule ({stored[0].describe()}, peak LR {stored[1]:.6g}) "
             f"differs from the one this run planned ({planned[0].describe()}, peak LR {planned[1]:.6g}), "
