@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _rank_logger import RankFileLogger, read_jsonl
 
-from lightning_bnsgd._compat import LightningModule, loggers, pl
+from lightning_bnsgd._compat import LightningModule, pl
 from lightning_bnsgd.callbacks.bn_monitor import BNStatsMonitor
 from lightning_bnsgd.data.digits import DigitsDataModule
 from lightning_bnsgd.models.cnn import BNConvNet
@@ -31,30 +31,6 @@ class SmallNet(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-class RankFileLogger(loggers.Logger):
-    """Writes every ``log_metrics`` call of every rank (no rank-zero filter) to ``<folder>/rank<r>.jsonl``."""
-
-    def __init__(self, folder: str) -> None:
-        super().__init__()
-        self.folder = folder
-
-    @property
-    def name(self) -> str:
-        return "rankfile"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        with open(Path(self.folder) / f"rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def _fit(tmp_path: Path, make_trainer: Any, strategy: Any) -> dict[int, list[dict[str, Any]]]:
     trainer = make_trainer(
         devices=2,
@@ -65,12 +41,7 @@ def _fit(tmp_path: Path, make_trainer: Any, strategy: Any) -> dict[int, list[dic
         limit_val_batches=0,
     )
     trainer.fit(SmallNet(), DigitsDataModule(batch_size=16))  # DistributedSampler: different data per rank
-    calls: dict[int, list[dict[str, Any]]] = {}
-    for rank in (0, 1):
-        path = tmp_path / f"rank{rank}.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        calls[rank] = [json.loads(line) for line in lines]
-    return calls
+    return {rank: read_jsonl(tmp_path / f"rank{rank}.jsonl") for rank in (0, 1)}
 
 
 def _bn_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:

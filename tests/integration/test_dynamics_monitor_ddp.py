@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _rank_logger import RankFileLogger, read_jsonl
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnsgd._compat import Callback, LightningModule, loggers, logging_step
+from lightning_bnsgd._compat import Callback, LightningModule, logging_step
 from lightning_bnsgd.bn.dynamics import angular_update
 from lightning_bnsgd.callbacks.dynamics_monitor import WeightDynamicsMonitor
 
@@ -55,30 +56,6 @@ class UserNet(LightningModule):
         return DataLoader(data, batch_size=8)
 
 
-class RankFileLogger(loggers.Logger):
-    """Writes every ``log_metrics`` call of every rank (no rank-zero filter) to ``<folder>/rank<r>.jsonl``."""
-
-    def __init__(self, folder: str) -> None:
-        super().__init__()
-        self.folder = folder
-
-    @property
-    def name(self) -> str:
-        return "rankfile"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        with open(Path(self.folder) / f"rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class Truth(Callback):
     """Rank zero's own record of every optimizer step (weights before and after, gradient norms), written to
     ``<folder>/truth.jsonl`` at the step Lightning logs that batch's metrics at."""
@@ -105,10 +82,6 @@ class Truth(Callback):
             f.write(json.dumps(row) + "\n")
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_spawn_rank_zero_logs_the_dynamics_of_every_monitored_step(tmp_path: Path, make_trainer: Any) -> None:
@@ -121,11 +94,11 @@ def test_ddp_spawn_rank_zero_logs_the_dynamics_of_every_monitored_step(tmp_path:
         callbacks=[WeightDynamicsMonitor(), Truth(str(tmp_path))],
     )
     trainer.fit(UserNet())  # DistributedSampler: different data per rank, gradients averaged by DDP
-    rank0, rank1 = _read(tmp_path / "rank0.jsonl"), _read(tmp_path / "rank1.jsonl")
+    rank0, rank1 = read_jsonl(tmp_path / "rank0.jsonl"), read_jsonl(tmp_path / "rank1.jsonl")
     assert not any(k.startswith("dynamics/") for call in rank1 for k in call["metrics"])  # rank zero only
     dynamics = [c for c in rank0 if any(k.startswith("dynamics/") for k in c["metrics"])]
     own = {c["step"] for c in rank0 if "train_loss" in c["metrics"]}
-    truth = {row["step"]: row for row in _read(tmp_path / "truth.jsonl")}
+    truth = {row["step"]: row for row in read_jsonl(tmp_path / "truth.jsonl")}
     assert [c["step"] for c in dynamics] == [1, 3]  # batches 2 and 4, at the step of their self.log metrics
     assert {c["step"] for c in dynamics} <= own
     for call in dynamics:
