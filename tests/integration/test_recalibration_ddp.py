@@ -7,7 +7,6 @@ processes; the parent compares each rank's result with the statistics of the uni
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _spawn import outcome, spawn_ranks
 from torch import nn
 
 from lightning_bnsgd._compat import Callback
@@ -28,12 +27,6 @@ from lightning_bnsgd.models.classifier import ConvNetClassifier
 
 WORLD = 2
 SHARD = {0: (0, 600, 50), 1: (600, 1000, 30)}  # rank -> (start, end, batch size)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _data() -> torch.Tensor:
@@ -160,19 +153,11 @@ FAILURES: dict[str, tuple[str, str, int | None, dict[int, int]]] = {
 
 def _failure(rank: int, mode: str, kind: str, budget: int | None, fail: dict[int, int]) -> dict[str, Any]:
     model = _model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = _rank_batches(rank)
     where = fail.get(rank)
     loader: Any = {"list": batches, "generator": _generator(batches), "data": _FailingData(batches, where)}[kind]
     forward = _FailingForward(where if kind != "data" else None)
-    try:
-        recalibrate_bn(model, loader, mode=mode, num_samples=budget, forward_fn=forward)
-    except Exception as err:
-        error = {"type": type(err).__name__, "message": str(err), "notes": list(getattr(err, "__notes__", []))}
-    else:
-        error = {}
-    unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    return {"error": error, "unchanged": unchanged}
+    return outcome(model, lambda: recalibrate_bn(model, loader, mode=mode, num_samples=budget, forward_fn=forward))
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -205,8 +190,7 @@ def _first_layer_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, out, WORLD)
 
 
 @pytest.mark.ddp

@@ -7,7 +7,6 @@ the process-group timeout (20 s here).
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import outcome, spawn_ranks
 from torch import nn
 
 from lightning_bnsgd.bn.collector import StatsCollector
@@ -24,12 +23,6 @@ from lightning_bnsgd.bn.recalibrate import recalibrate_bn
 WORLD = 2
 FAILING = 1
 MODES = ("train", "sequential")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model() -> nn.Module:
@@ -43,17 +36,9 @@ def _broken_flush(self: StatsCollector) -> None:
 
 def _attempt(rank: int, mode: str) -> dict[str, Any]:
     model = _model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(rank)
     batches = [torch.randn(16, 3, generator=gen) for _ in range(3 + rank)]  # uneven shards
-    try:
-        recalibrate_bn(model, batches, mode=mode)  # type: ignore[arg-type]
-    except Exception as err:
-        error = {"type": type(err).__name__, "message": str(err), "notes": list(getattr(err, "__notes__", []))}
-    else:
-        error = {}
-    unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    return {"error": error, "unchanged": unchanged}
+    return outcome(model, lambda: recalibrate_bn(model, batches, mode=mode))  # type: ignore[arg-type]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -72,8 +57,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("flush")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, out, WORLD)
 
 
 @pytest.mark.ddp
