@@ -192,6 +192,15 @@ def batches_done_in_interrupted_epoch(trainer: Any) -> int:
     return int(fit_loop.epoch_loop.batch_progress.current.completed)
 
 
+def is_last_train_batch(trainer: Any) -> bool:
+    """Whether the current training batch is the epoch's last, as Lightning's epoch loop knows it.
+
+    Its data fetcher looks one batch ahead, so this holds for a train dataloader without a length too (its
+    ``batch_progress.is_last_batch``, set before ``on_train_batch_start``).
+    """
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 def load_train_data(trainer: Any) -> None:
     """Have the fit loop load the train dataloader now (its ``setup_data()``).
 
@@ -317,6 +326,7 @@ __all__ = [
     "forget_config_dump",
     "index_wrapped_batch_sampler",
     "instantiate_cli_classes",
+    "is_last_train_batch",
     "load_train_data",
     "loggers",
     "logging_step",

@@ -122,3 +122,35 @@ def test_while_the_trainer_must_reach_min_steps_after_a_stop_signal_every_step_i
     assert {2, 4, 5} <= set(module_steps)  # signalled at step 2: logged off the every-4 cadence until min_steps=6
     for prefix in PREFIXES:
         assert _steps(logger, prefix) == module_steps, prefix
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Seven batches of 16 random 8x8 images with no length: Lightning learns the epoch's end only by reaching it."""
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(7):
+            yield torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def test_a_short_last_window_of_a_dataset_without_length_is_logged_as_lightning_logs_it(make_trainer: Any) -> None:
+    # accumulate 3: Lightning steps at batches 3, 6 and at the last one (7), which it knows to be the last only
+    # because its data fetcher looked one batch ahead
+    monitors = {"bn/": BNStatsMonitor(), "dynamics/": WeightDynamicsMonitor()}
+    logger = MemoryLogger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(
+            logger=logger,
+            callbacks=list(monitors.values()),
+            limit_val_batches=0,
+            max_epochs=2,
+            log_every_n_steps=1,
+            accumulate_grad_batches=3,
+        )
+        trainer.fit(Logged(), train_dataloaders=DataLoader(_Stream(), batch_size=None))
+    assert trainer.global_step == 6  # 3 optimizer steps per epoch, the last one after a window of one batch
+    module_steps = _steps(logger, "module/")
+    assert len(module_steps) == 6, module_steps
+    for prefix in PREFIXES:
+        assert _steps(logger, prefix) == module_steps, prefix

@@ -14,19 +14,20 @@ from typing import Any
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
-from lightning_bnsgd._compat import logging_step
+from lightning_bnsgd._compat import is_last_train_batch, logging_step
 
 
 def ends_with_step(trainer: Any, batch_idx: int) -> bool:
     """Whether this training batch ends with an optimizer step, as Lightning decides it.
 
     Decided once per batch, however many optimizers: the end of an accumulation window, or the epoch's last batch unless
-    the strategy accumulates gradients itself.
+    the strategy accumulates gradients itself. The last batch is the one that reaches ``num_training_batches``, or,
+    for a train dataloader without a length, the one Lightning's data fetcher found nothing after.
     """
     if (batch_idx + 1) % max(int(trainer.accumulate_grad_batches), 1) == 0:
         return True
     total = trainer.num_training_batches
-    last = isinstance(total, int) and batch_idx + 1 >= total
+    last = (isinstance(total, int) and batch_idx + 1 >= total) or is_last_train_batch(trainer)
     return last and not trainer.strategy.handles_gradient_accumulation
 
 
