@@ -429,6 +429,8 @@ def _layer_pass(
     error = _flushed(collector)
     tally.first, tally.passes = tally.first or stats, tally.passes + 1
     index = collector.close_layer_pass()  # which layer the forwards reached: the flush does not change it
+    if world_size() > 1:  # a process that forwarded nothing (an empty shard, no share of the budget) takes it too
+        index = _agreed_layer(index, error)
     if index is None:
         if error is not None:  # no layer reached: nothing was recorded, so the flush had nothing to fail on
             raise error
@@ -442,6 +444,25 @@ def _layer_pass(
         layer.running_mean.copy_(mean)  # type: ignore[union-attr]
         layer.running_var.copy_(variance_from_moments(count, m2))  # type: ignore[union-attr]
     return index, moments
+
+
+def _agreed_layer(index: int | None, error: Exception | None) -> int | None:
+    """The layer a layer pass estimated, agreed by every process (``None`` on every process when none reached one).
+
+    It is the layer the processes whose forwards reached a layer claimed. A process whose forwards reached none (it
+    had no sample to use in the pass) estimates the same layer from no samples of its own, so every process takes
+    the same collectives after the pass. ``error`` (this process's flush failure, when its forwards reached no
+    layer) is raised on every process here.
+    """
+    rows = agree_on_failure([-1 if index is None else index], error if index is None else None, "recalibrate_bn")
+    claimed = {row[0] for row in rows if row[0] >= 0}
+    if len(claimed) > 1:
+        raise ValueError(
+            f'recalibrate_bn: mode="sequential": the processes estimated different BatchNorm layers in one pass '
+            f"(layer indices {sorted(claimed)}): their models must run the same layers in the same order; the "
+            "model's statistics were left unchanged."
+        )
+    return claimed.pop() if claimed else None
 
 
 def _moved(old: Moments, new: Moments) -> float:
