@@ -122,18 +122,31 @@ def test_warn_once_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    ("batches", "strategy_accumulates", "expected"),
-    [(7, False, [2, 5, 6]), (7, True, [2, 5]), (float("inf"), False, [2, 5])],
+    ("batches", "strategy_accumulates", "fetcher_says_last", "expected"),
+    [
+        (7, False, False, [2, 5, 6]),
+        (7, True, False, [2, 5]),
+        (float("inf"), False, False, [2, 5]),  # no length, and Lightning's fetcher has not said it is the last
+        (float("inf"), False, True, [2, 5, 6]),  # no length: Lightning's fetcher found nothing after batch 6
+        (float("inf"), True, True, [2, 5]),
+    ],
 )
 def test_ends_with_step_follows_accumulation_windows_and_the_epochs_last_batch(
-    batches: float, strategy_accumulates: bool, expected: list[int]
+    batches: float, strategy_accumulates: bool, fetcher_says_last: bool, expected: list[int]
 ) -> None:
+    progress = SimpleNamespace(is_last_batch=False)
     trainer = SimpleNamespace(
         accumulate_grad_batches=3,
         num_training_batches=batches,
         strategy=SimpleNamespace(handles_gradient_accumulation=strategy_accumulates),
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
     )
-    assert [i for i in range(7) if ends_with_step(trainer, i)] == expected
+    steps = []
+    for i in range(7):
+        progress.is_last_batch = fetcher_says_last and i == 6
+        if ends_with_step(trainer, i):
+            steps.append(i)
+    assert steps == expected
 
 
 def test_logging_step_rule_is_lightnings() -> None:
