@@ -114,3 +114,22 @@ def test_an_error_merging_the_last_records_is_raised_and_changes_nothing(
         recalibrate_bn(net, [torch.randn(8, 3), torch.randn(5, 3)], mode=mode)  # type: ignore[arg-type]
     assert _unchanged(net)
     assert net.training and net[1].training and net[1].momentum == momentum
+
+
+def test_a_forward_fn_of_the_wrong_arity_is_refused_before_any_forward() -> None:
+    net = _net()
+    batches = _Counted([torch.randn(8, 3)] * 2)
+    with pytest.raises(TypeError, match=r"^recalibrate_bn: `forward_fn` is called as `forward_fn\(model, batch\)`"):
+        recalibrate_bn(net, batches, forward_fn=lambda batch: None)  # type: ignore[arg-type,misc]
+    assert batches.iterated == 0 and _unchanged(net)  # refused with the other arguments, not at the first batch
+    recalibrate_bn(net, batches, forward_fn=lambda model, batch, *rest: model(batch))  # any that takes two is fine
+
+
+class _Counted(list):
+    """A list of batches that counts how often it is iterated."""
+
+    iterated = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.iterated += 1
+        return super().__iter__()

@@ -9,6 +9,7 @@ Pure torch, no Lightning.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -83,6 +84,24 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         "Allowed: a tensor (passed as model(x)) or a non-empty tuple/list whose first item is or holds a tensor "
         "(passed as model(batch[0])); for anything else pass `forward_fn=lambda model, batch: ...`."
     )
+
+
+def takes_two_positional(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called as ``fn(module, batch)`` (``True`` when its signature cannot be read).
+
+    Examples:
+        >>> takes_two_positional(lambda module, batch: None), takes_two_positional(lambda batch: None)
+        (True, False)
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C extensions have none
+        return True
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return False
+    return True
 
 
 def meta_tensor_problem(batch: Any) -> str | None:

@@ -34,6 +34,7 @@ from lightning_bnsgd.bn.batches import ForwardFn as ForwardFn
 from lightning_bnsgd.bn.batches import batch_size_of as batch_size_of
 from lightning_bnsgd.bn.batches import default_forward as default_forward
 from lightning_bnsgd.bn.batches import take_samples as take_samples
+from lightning_bnsgd.bn.batches import takes_two_positional
 from lightning_bnsgd.bn.buffers import FlatBuffers
 from lightning_bnsgd.bn.collector import StatsCollector
 from lightning_bnsgd.bn.distributed import agree_on_failure, broadcast_from_zero, gather_ints, world_size
@@ -140,11 +141,14 @@ def validate_recalibration_args(
     dropout: object,
     nonfinite: object,
     forward_fn: object,
+    called_as: str = "forward_fn(model, batch)",
+    hint: str = "",
 ) -> None:
     """The checks ``recalibrate_bn`` and ``BNRecalibration`` share; errors name ``owner``.
 
     ``num_samples`` must be ``None`` or at least 2 (a variance needs two samples, and BatchNorm refuses a lone
-    sample in train mode).
+    sample in train mode). ``forward_fn`` must take two positional arguments (``called_as`` says how it is called;
+    ``hint`` ends the message when it cannot).
 
     Examples:
         >>> validate_recalibration_args(
@@ -158,7 +162,12 @@ def validate_recalibration_args(
     check_choice("mode", mode, MODES, owner=owner)
     check_choice("dropout", dropout, DROPOUT_MODES, owner=owner)
     check_choice("nonfinite", nonfinite, NONFINITE_ACTIONS, owner=owner)
-    check_callable("forward_fn", forward_fn, "forward_fn(model, batch)", owner=owner)
+    check_callable("forward_fn", forward_fn, called_as, owner=owner)
+    if forward_fn is not None and not takes_two_positional(forward_fn):  # type: ignore[arg-type]
+        raise TypeError(
+            f"{owner}: `forward_fn` is called as `{called_as}` (two positional arguments), but {forward_fn!r} "
+            f"cannot take them.{hint}"
+        )
 
 
 @dataclass(frozen=True)
@@ -605,7 +614,8 @@ def recalibrate_bn(
     Raises:
         ValueError: for invalid arguments, when no sample reached the layers, when every BatchNorm layer of a
             model in train mode is frozen, or for non-finite statistics.
-        TypeError: for batches the default forward cannot handle, or a one-shot iterator in sequential mode.
+        TypeError: for batches the default forward cannot handle, a one-shot iterator in sequential mode, or a
+            ``forward_fn`` that cannot be called as ``forward_fn(model, batch)`` (before any forward).
 
     Examples:
         >>> torch.manual_seed(0) and None

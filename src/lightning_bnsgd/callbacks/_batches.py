@@ -8,7 +8,6 @@ subcommand share these; which batches ``BNRecalibration`` reads is in `_recalibr
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -187,24 +186,6 @@ def debug_batch_limit(trainer: Any, from_trainer_loader: bool) -> int | None:
         if isinstance(limit, int) and limit > 0:
             return limit
     return None
-
-
-def takes_two_positional(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` can be called as ``fn(module, batch)`` (``True`` when its signature cannot be read).
-
-    Examples:
-        >>> takes_two_positional(lambda module, batch: None), takes_two_positional(lambda batch: None)
-        (True, False)
-    """
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins and C extensions have none
-        return True
-    try:
-        signature.bind(None, None)
-    except TypeError:
-        return False
-    return True
 
 
 def first_batch(loader: Iterable[Any]) -> Any:

@@ -15,7 +15,6 @@ from lightning_bnsgd.callbacks._batches import (
     first_batch,
     loader_generators,
     preserved_rng,
-    takes_two_positional,
     transfer_batch,
     trial_forward,
 )
@@ -64,12 +63,6 @@ def check_callback_args(
     if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
         raise TypeError(
             f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, got {dataloader!r}."
-        )
-    if forward_fn is not None and not takes_two_positional(forward_fn):  # type: ignore[arg-type]
-        raise TypeError(
-            f"{_OWNER}: `forward_fn` is called as `forward_fn(module, batch)` (two positional arguments), but "
-            f"{forward_fn!r} cannot take them. For a forward of the batch alone, define "
-            f"`{STEP_METHOD}(self, batch)` on your LightningModule instead."
         )
 
 

@@ -16,8 +16,9 @@ from typing_extensions import override
 
 from lightning_bnsgd._compat import Callback, LightningModule, Trainer, namespace_of
 from lightning_bnsgd._validation import check_bool, check_str
+from lightning_bnsgd.bn.batches import takes_two_positional
 from lightning_bnsgd.bn.distributed import agree_on_failure
-from lightning_bnsgd.callbacks._batches import first_batch, takes_two_positional, transfer_batch
+from lightning_bnsgd.callbacks._batches import first_batch, transfer_batch
 from lightning_bnsgd.callbacks._export_parts import (
     FoldExportResult,
     ForwardFn,

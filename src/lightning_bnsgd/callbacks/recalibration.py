@@ -167,7 +167,15 @@ class BNRecalibration(Callback):
     ) -> None:
         super().__init__()
         validate_recalibration_args(
-            _OWNER, num_samples=num_samples, mode=mode, dropout=dropout, nonfinite=nonfinite, forward_fn=forward_fn
+            _OWNER,
+            num_samples=num_samples,
+            mode=mode,
+            dropout=dropout,
+            nonfinite=nonfinite,
+            forward_fn=forward_fn,
+            called_as="forward_fn(module, batch)",
+            hint=f" For a forward of the batch alone, define `{STEP_METHOD}(self, batch)` on your LightningModule "
+            "instead.",
         )
         check_callback_args(
             every_n_epochs, before_validation, at_train_end, dataloader, forward_fn, before_test, before_predict
