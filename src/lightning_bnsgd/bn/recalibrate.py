@@ -162,8 +162,8 @@ def validate_recalibration_args(
     check_choice("mode", mode, MODES, owner=owner)
     check_choice("dropout", dropout, DROPOUT_MODES, owner=owner)
     check_choice("nonfinite", nonfinite, NONFINITE_ACTIONS, owner=owner)
-    check_callable("forward_fn", forward_fn, called_as, owner=owner)
-    if forward_fn is not None and not takes_two_positional(forward_fn):  # type: ignore[arg-type]
+    fn = check_callable("forward_fn", forward_fn, called_as, owner=owner)
+    if fn is not None and not takes_two_positional(fn):
         raise TypeError(
             f"{owner}: `forward_fn` is called as `{called_as}` (two positional arguments), but {forward_fn!r} "
             f"cannot take them.{hint}"

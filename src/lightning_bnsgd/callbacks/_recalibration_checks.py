@@ -19,9 +19,8 @@ from lightning_bnsgd.callbacks._batches import (
     trial_forward,
 )
 from lightning_bnsgd.callbacks._recalibration_run import STEP_METHOD, Settings, forward_of, uncountable
-from lightning_bnsgd.callbacks._recalibration_sources import UserLoader, loader_of
+from lightning_bnsgd.callbacks._recalibration_sources import OWNER, UserLoader, loader_of
 
-_OWNER = "BNRecalibration"
 #: Where ``before_test`` takes its batches from: nowhere (``"off"``), the training data, or the test data.
 BeforeTest = Literal["off", "train_data", "test_data"]
 #: Where ``before_predict`` takes its batches from: nowhere (``"off"``), the training data, or the predict data.
@@ -35,38 +34,37 @@ def check_callback_args(
     before_validation: object,
     at_train_end: object,
     dataloader: object,
-    forward_fn: object,
     before_test: object = "off",
     before_predict: object = "off",
 ) -> None:
-    """The arguments only the callback has (``recalibrate_bn``'s own are checked by `validate_recalibration_args`).
+    """The arguments only the callback has (`validate_recalibration_args` checks ``recalibrate_bn``'s own).
 
     Examples:
-        >>> check_callback_args(1, False, False, None, None, before_test="test_data")  # acts only before test
-        >>> check_callback_args(1, True, True, None, None, before_test="test")
+        >>> check_callback_args(1, False, False, None, before_test="test_data")  # acts only before test
+        >>> check_callback_args(1, True, True, None, before_test="test")
         Traceback (most recent call last):
         ...
         ValueError: BNRecalibration: `before_test` must be one of ('off', 'train_data', 'test_data'), got 'test'.
     """
-    check_int("every_n_epochs", every_n_epochs, minimum=1, owner=_OWNER)
-    check_bool("before_validation", before_validation, owner=_OWNER)
-    check_bool("at_train_end", at_train_end, owner=_OWNER)
-    check_choice("before_test", before_test, BEFORE_TEST, owner=_OWNER)
-    check_choice("before_predict", before_predict, BEFORE_PREDICT, owner=_OWNER)
+    check_int("every_n_epochs", every_n_epochs, minimum=1, owner=OWNER)
+    check_bool("before_validation", before_validation, owner=OWNER)
+    check_bool("at_train_end", at_train_end, owner=OWNER)
+    check_choice("before_test", before_test, BEFORE_TEST, owner=OWNER)
+    check_choice("before_predict", before_predict, BEFORE_PREDICT, owner=OWNER)
     if not before_validation and not at_train_end and before_test == "off" and before_predict == "off":
         raise ValueError(
-            f"{_OWNER}: `before_validation=False` and `at_train_end=False`, with `before_test='off'` and "
+            f"{OWNER}: `before_validation=False` and `at_train_end=False`, with `before_test='off'` and "
             "`before_predict='off'`, leave it no moment to recalibrate: it would never act. Set one of them (e.g. "
             "`before_validation=True`, or `before_test='train_data'` for a callback meant only for testing), or "
             "remove the callback."
         )
     if dataloader is not None and not isinstance(dataloader, DataLoader) and not callable(dataloader):
         raise TypeError(
-            f"{_OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, got {dataloader!r}."
+            f"{OWNER}: `dataloader` must be None, a DataLoader or a callable returning batches, got {dataloader!r}."
         )
 
 
-_STATE_OWNER = f"{_OWNER} checkpoint state"
+_STATE_OWNER = f"{OWNER} checkpoint state"
 _STATE_KEYS = ("recalibrations", "last_run")
 
 
@@ -114,13 +112,13 @@ def idle_message(stage: str) -> str:
     """The one warning of a callback that does nothing in ``Trainer.<stage>`` (outside ``fit``)."""
     if stage not in ("test", "predict"):
         return (
-            f"{_OWNER} recalibrates only during `fit`: in `Trainer.{stage}` it does nothing, and the model's "
+            f"{OWNER} recalibrates only during `fit`: in `Trainer.{stage}` it does nothing, and the model's "
             "BatchNorm statistics are used as they are (to recalibrate a loaded model, call "
             "`lightning_bnsgd.recalibrate_bn` before it; before test and predict, see `before_test` and "
             "`before_predict`)."
         )
     return (
-        f"{_OWNER} does nothing in `Trainer.{stage}` with `before_{stage}='off'` (the default): the model's BatchNorm "
+        f"{OWNER} does nothing in `Trainer.{stage}` with `before_{stage}='off'` (the default): the model's BatchNorm "
         f"statistics are used as they are. Set `before_{stage}='train_data'` to recalibrate them from the training "
         f"data first (precise BN, for a model trained without it), or `before_{stage}='{stage}_data'` to adapt them "
         f"to the {stage} data (labels unused)."
@@ -130,7 +128,7 @@ def idle_message(stage: str) -> str:
 def frozen_in_fit_message(frozen: list[str], epoch: int) -> str:
     """The once-per-fit warning of a recalibration skipped because every BatchNorm layer is frozen."""
     return (
-        f"{_OWNER}: every BatchNorm layer that tracks running statistics was in eval mode during training "
+        f"{OWNER}: every BatchNorm layer that tracks running statistics was in eval mode during training "
         f"(frozen: {frozen}), and frozen layers are left alone by design, so there was nothing to "
         f"recalibrate in epoch {epoch}: skipped, statistics unchanged. It skips "
         "each recalibration while they stay frozen (this warning is shown once per fit) and recalibrates "
@@ -142,7 +140,7 @@ def frozen_in_fit_message(frozen: list[str], epoch: int) -> str:
 def frozen_in_stage_message(stage: str, module_name: str, frozen: list[str]) -> str:
     """The warning of a recalibration before test or predict skipped because every BatchNorm layer is frozen."""
     return (
-        f"{_OWNER}: before {stage}, every BatchNorm layer that tracks running statistics is in eval mode after "
+        f"{OWNER}: before {stage}, every BatchNorm layer that tracks running statistics is in eval mode after "
         f"`{module_name}.train()` (frozen: {frozen}), and frozen layers are left alone by "
         f"design: nothing was recalibrated, the {stage} uses the model's own statistics. To recalibrate them, "
         "leave those layers in train mode in `train()`."
@@ -159,13 +157,13 @@ def check_it_can_act(trainer: Trainer, every_n_epochs: int, before_validation: b
     max_epochs = trainer.max_epochs
     if isinstance(max_epochs, int) and 0 <= max_epochs < every_n_epochs:
         raise ValueError(
-            f"{_OWNER}: `every_n_epochs={every_n_epochs}` is larger than the Trainer's "
+            f"{OWNER}: `every_n_epochs={every_n_epochs}` is larger than the Trainer's "
             f"`max_epochs={max_epochs}` and `at_train_end=False`: it would never recalibrate in this fit. Lower "
             "`every_n_epochs`, or set `at_train_end=True`."
         )
     if trainer.limit_val_batches == 0:
         raise ValueError(
-            f"{_OWNER}: the Trainer runs no validation (`limit_val_batches=0`) and `at_train_end=False`: it "
+            f"{OWNER}: the Trainer runs no validation (`limit_val_batches=0`) and `at_train_end=False`: it "
             "would never recalibrate in this fit. Set `at_train_end=True`."
         )
 
@@ -185,7 +183,7 @@ def check_callback_order(trainer: Trainer, callback: Callback) -> None:
     late = [type(cb).__name__ for cb in callbacks[mine + 1 :] if isinstance(cb, averaging)]
     if late:
         raise ValueError(
-            f"{_OWNER} must come after {', '.join(late)} in `callbacks=[...]` so that it "
+            f"{OWNER} must come after {', '.join(late)} in `callbacks=[...]` so that it "
             "recalibrates the averaged weights (hooks run in list order); move it after them."
         )
 
@@ -219,7 +217,7 @@ def check_first_batch(
     problem = default_forward_problem(batch) if forward_fn is None else None
     if problem is not None:
         raise TypeError(
-            f"{_OWNER} cannot feed {origin} (of type {type(batch).__name__}: {problem}) to the model: its default "
+            f"{OWNER} cannot feed {origin} (of type {type(batch).__name__}: {problem}) to the model: its default "
             "forward runs `module(batch)` for a tensor and `module(batch[0])` for a tuple or list. Pass "
             "`BNRecalibration(forward_fn=lambda module, batch: module(batch['x']))` (with your batch's key), or "
             f"define `{STEP_METHOD}(self, batch)` on your LightningModule."
@@ -234,6 +232,6 @@ def check_first_batch(
     except Exception as err:
         kind = next((k for k in (TypeError, ValueError) if isinstance(err, k)), RuntimeError)
         raise kind(
-            f"{_OWNER}: a trial forward of {origin} (of type {type(batch).__name__}) failed at the first "
+            f"{OWNER}: a trial forward of {origin} (of type {type(batch).__name__}) failed at the first "
             f"training batch, so every recalibration would fail: {type(err).__name__}: {err}"
         ) from err

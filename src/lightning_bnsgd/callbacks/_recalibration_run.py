@@ -10,6 +10,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_bnsgd._compat import LightningModule, Trainer, logging_step
+from lightning_bnsgd.bn._modes import preserved_modes
 from lightning_bnsgd.bn.inspect import batchnorm_layers
 from lightning_bnsgd.bn.passes import UncountableBatches
 from lightning_bnsgd.bn.recalibrate import (
@@ -23,9 +24,8 @@ from lightning_bnsgd.bn.recalibrate import (
 )
 from lightning_bnsgd.callbacks._batches import TransferredBatches, loader_generators, preserved_rng, transfer_batch
 from lightning_bnsgd.callbacks._own_forwards import own_forwards
-from lightning_bnsgd.callbacks._recalibration_sources import Source, agreed_source
+from lightning_bnsgd.callbacks._recalibration_sources import OWNER, Source, agreed_source
 
-_OWNER = "BNRecalibration"
 #: The method a LightningModule may define to run one recalibration forward: ``bn_recalibration_step(batch)``.
 STEP_METHOD = "bn_recalibration_step"
 _NO_SIZE_HINT = "Set `num_samples=None` to use every batch, or give batches that hold such a tensor."
@@ -48,7 +48,7 @@ def uncountable(num_samples: int | None, batch_type: str | None) -> TypeError:
     """The error for batches a sample budget cannot count (no tensor with the batch size as leading dimension)."""
     got = f"a batch of type {batch_type}" if batch_type is not None else "a batch"
     return TypeError(
-        f"{_OWNER}: `num_samples={num_samples}` needs batches with a tensor whose leading dimension is the batch "
+        f"{OWNER}: `num_samples={num_samples}` needs batches with a tensor whose leading dimension is the batch "
         f"size, but {got} has none. {_NO_SIZE_HINT}"
     )
 
@@ -61,7 +61,7 @@ def renamed(err: Exception, num_samples: int | None) -> Exception:
     notes = getattr(err, "__notes__", None)
     if isinstance(notes, list):  # e.g. the rank that raised it, noted by recalibrate_bn
         notes[:] = [
-            f"{_OWNER}: {n[len('recalibrate_bn: ') :]}" if n.startswith("recalibrate_bn: ") else n for n in notes
+            f"{OWNER}: {n[len('recalibrate_bn: ') :]}" if n.startswith("recalibrate_bn: ") else n for n in notes
         ]
     if isinstance(err, UncountableBatches):
         new: Exception = uncountable(num_samples, err.batch_type)
@@ -69,7 +69,7 @@ def renamed(err: Exception, num_samples: int | None) -> Exception:
         message = str(err).replace(UncountableBatches.HINT, _NO_SIZE_HINT)
         for prefix in ("recalibrate_bn: ", "recalibrate_bn "):
             if message.startswith(prefix):
-                message = f"{_OWNER}{': ' if prefix.endswith(': ') else ' '}{message[len(prefix) :]}"
+                message = f"{OWNER}{': ' if prefix.endswith(': ') else ' '}{message[len(prefix) :]}"
                 break
         if message == str(err):
             return err
@@ -97,13 +97,9 @@ def train_mode_flags(module: nn.Module) -> dict[str, bool]:
         >>> train_mode_flags(net), net.training
         ({'': True, '0': True, '1': True}, False)
     """
-    current = [(m, m.training) for m in module.modules()]
-    try:
+    with preserved_modes(module):
         module.train()
         return {name: m.training for name, m in module.named_modules()}
-    finally:
-        for m, flag in current:
-            m.training = flag
 
 
 def saved_statistics(module: nn.Module) -> dict[str, tuple[nn.Module, dict[str, Tensor]]]:
@@ -149,7 +145,7 @@ def forward_of(forward_fn: ForwardFn | None, pl_module: nn.Module) -> ForwardFn 
 
 def _apply_train_flags(pl_module: nn.Module, flags: dict[str, bool] | None) -> None:
     if flags is None:
-        rank_zero_warn(f"{_OWNER}: no training batch seen yet in this run; treating every module as in train mode.")
+        rank_zero_warn(f"{OWNER}: no training batch seen yet in this run; treating every module as in train mode.")
         pl_module.train()
         return
     for name, module in pl_module.named_modules():
@@ -172,32 +168,29 @@ def run_recalibration(
     Returns the report (its ``data`` set to ``data``) and an empty list, or, when every BatchNorm layer is frozen
     on every process, an empty report and their names: then nothing changed.
     """
-    current = {module: module.training for module in pl_module.modules()}
     try:
-        _apply_train_flags(pl_module, flags)
-        frozen = all_frozen(pl_module)
-        (loader, limit), skip = agreed_source(read, settings.num_samples, frozen=bool(frozen))
-        if skip:
-            return RecalibrationReport(mode=settings.mode, data=data), frozen
-        batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
-        with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context(), own_forwards():
-            report = recalibrate_bn(
-                pl_module,
-                batches,
-                num_samples=settings.num_samples,
-                forward_fn=forward_of(settings.forward_fn, pl_module),
-                mode=settings.mode,
-                dropout=settings.dropout,
-                nonfinite=settings.nonfinite,
-            )
+        with preserved_modes(pl_module):
+            _apply_train_flags(pl_module, flags)
+            frozen = all_frozen(pl_module)
+            (loader, limit), skip = agreed_source(read, settings.num_samples, frozen=bool(frozen))
+            if skip:
+                return RecalibrationReport(mode=settings.mode, data=data), frozen
+            batches = TransferredBatches(loader, lambda batch: transfer_batch(batch, trainer, pl_module), limit)
+            with preserved_rng(loader_generators(loader)), trainer.precision_plugin.forward_context(), own_forwards():
+                report = recalibrate_bn(
+                    pl_module,
+                    batches,
+                    num_samples=settings.num_samples,
+                    forward_fn=forward_of(settings.forward_fn, pl_module),
+                    mode=settings.mode,
+                    dropout=settings.dropout,
+                    nonfinite=settings.nonfinite,
+                )
     except Exception as err:
         new = renamed(err, settings.num_samples)
         if new is err:
             raise
         raise new from err
-    finally:
-        for module, flag in current.items():
-            module.training = flag
     report.data = data
     return report, []
 
@@ -216,7 +209,7 @@ def log_report(trainer: Trainer, report: RecalibrationReport, prefix: str, verbo
             logger.log_metrics(metrics, step=logging_step(trainer))
     if verbose:
         rank_zero_info(
-            f"{_OWNER}: {len(report.layers)} layer(s) from {report.num_samples} samples "
+            f"{OWNER}: {len(report.layers)} layer(s) from {report.num_samples} samples "
             f"({report.num_batches} batches, {report.passes} pass(es)); largest shift: mean "
             f"{mean_shift:.4g}, var {var_shift:.4g}."
         )
@@ -239,6 +232,6 @@ def stage_line(stage: str, report: RecalibrationReport, kept: bool) -> str:
     if kept:
         after = f"They stay in the model after the {stage} (`keep_stage_statistics=True`)."
     return (
-        f"{_OWNER}: the {stage} runs with BatchNorm statistics from the {report.data}: {len(report.layers)} layer(s) "
+        f"{OWNER}: the {stage} runs with BatchNorm statistics from the {report.data}: {len(report.layers)} layer(s) "
         f"recalibrated from {amount}. {after}"
     )

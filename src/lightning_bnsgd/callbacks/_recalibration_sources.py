@@ -22,7 +22,8 @@ from lightning_bnsgd.bn.batches import length_or_none
 from lightning_bnsgd.bn.distributed import agree_on_failure
 from lightning_bnsgd.callbacks._batches import debug_batch_limit, rebuilt_loader, without_persistent_workers
 
-_OWNER = "BNRecalibration"
+#: The callback's name, which every message of it starts with.
+OWNER = "BNRecalibration"
 
 #: ``(batches, limit)``: what to recalibrate from and how many batches of it at most.
 Source = tuple[Iterable[Any], int | None]
@@ -44,7 +45,7 @@ def first_loader(loaders: Any, what: str, hint: str = "") -> Any:
         isinstance(loaders, (list, tuple)) and loaders and all(isinstance(x, DataLoader) for x in loaders)
     ):
         if len(loaders) > 1:
-            rank_zero_warn(f"{_OWNER}: several {what} dataloaders; recalibrating from the first.{hint}")
+            rank_zero_warn(f"{OWNER}: several {what} dataloaders; recalibrating from the first.{hint}")
         return next(iter(loaders.values())) if isinstance(loaders, Mapping) else loaders[0]
     return loaders
 
@@ -58,16 +59,14 @@ def loader_of(trainer: Trainer, dataloader: UserLoader) -> Iterable[Any]:
     if dataloader is None:
         loaders = trainer.train_dataloader
         if loaders is None:
-            raise RuntimeError(f"{_OWNER}: the trainer has no train dataloader at this point; pass `dataloader=`.")
+            raise RuntimeError(f"{OWNER}: the trainer has no train dataloader at this point; pass `dataloader=`.")
         loader: Iterable[Any] = first_loader(loaders, "train", " Pass `dataloader=`.")
     elif isinstance(dataloader, DataLoader):
         loader = dataloader
     else:
         loader = dataloader()
         if not isinstance(loader, Iterable):
-            raise TypeError(
-                f"{_OWNER}: `dataloader()` must return an iterable of batches, got {type(loader).__name__}."
-            )
+            raise TypeError(f"{OWNER}: `dataloader()` must return an iterable of batches, got {type(loader).__name__}.")
     return without_persistent_workers(loader) if isinstance(loader, DataLoader) else loader
 
 
@@ -89,7 +88,7 @@ def stage_train_source(trainer: Trainer, stage: str, dataloader: UserLoader) -> 
         loaders = request_train_dataloaders(trainer)
     except Exception as err:
         message = (
-            f"{_OWNER}: {setting} requests the train dataloader, and `train_dataloader()` raised "
+            f"{OWNER}: {setting} requests the train dataloader, and `train_dataloader()` raised "
             f"{type(err).__name__}: {err}. In `Trainer.{stage}` Lightning sets the data up with "
             f"`setup('{stage}')`: create the train data there too, or pass `dataloader=`."
         )
@@ -100,14 +99,14 @@ def stage_train_source(trainer: Trainer, stage: str, dataloader: UserLoader) -> 
         raise named from err
     if loaders is None:
         raise RuntimeError(
-            f"{_OWNER}: {setting}, but this run has no train dataloader (its DataModule, or its "
+            f"{OWNER}: {setting}, but this run has no train dataloader (its DataModule, or its "
             f"LightningModule, defines no `train_dataloader()`); pass `dataloader=`, or use "
             f"`before_{stage}='{stage}_data'`."
         )
     loader, limit = prepare_train_dataloader(trainer, first_loader(loaders, "train", " Pass `dataloader=`."))
     if limit == 0:
         raise ValueError(
-            f"{_OWNER}: {setting}, but the Trainer's `limit_train_batches={trainer.limit_train_batches}` "
+            f"{OWNER}: {setting}, but the Trainer's `limit_train_batches={trainer.limit_train_batches}` "
             "leaves no batch of the train dataloader to recalibrate from."
         )
     loader = without_persistent_workers(loader) if isinstance(loader, DataLoader) else loader
@@ -123,11 +122,11 @@ def stage_own_source(trainer: Trainer, stage: str) -> Source:
     loaders = trainer.test_dataloaders if stage == "test" else trainer.predict_dataloaders
     counts = trainer.num_test_batches if stage == "test" else trainer.num_predict_batches
     if loaders is None or not counts:
-        raise RuntimeError(f"{_OWNER}: `before_{stage}='{stage}_data'`, but the trainer has no {stage} dataloader.")
+        raise RuntimeError(f"{OWNER}: `before_{stage}='{stage}_data'`, but the trainer has no {stage} dataloader.")
     loader = first_loader(loaders, stage)
     if not isinstance(loader, DataLoader) and iter(loader) is loader:
         raise TypeError(
-            f"{_OWNER}: `before_{stage}='{stage}_data'`, but the {stage} dataloader is a one-shot iterator "
+            f"{OWNER}: `before_{stage}='{stage}_data'`, but the {stage} dataloader is a one-shot iterator "
             f"({type(loader).__name__}): reading it would use up the batches the {stage} needs. Pass a "
             f"re-iterable (a DataLoader, a list), or use `before_{stage}='train_data'`."
         )
@@ -153,20 +152,20 @@ def agreed_source(read: Callable[[], Source], num_samples: int | None, frozen: b
         length = length_or_none(loader)
         if length is None and num_samples is None:
             raise ValueError(
-                f"{_OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
+                f"{OWNER}: the dataloader has no length (it may be infinite) and `num_samples` is "
                 "None; set `num_samples` to bound the recalibration."
             )
         empty = length == 0 or limit == 0
     except Exception as err:
         error = err
-    rows = agree_on_failure([int(empty), int(frozen)], error, _OWNER)
+    rows = agree_on_failure([int(empty), int(frozen)], error, OWNER)
     if all(row[0] for row in rows):
         where = " on every rank" if len(rows) > 1 else ""
-        raise ValueError(f"{_OWNER}: the dataloader is empty{where}; there is nothing to recalibrate from.")
+        raise ValueError(f"{OWNER}: the dataloader is empty{where}; there is nothing to recalibrate from.")
     frozen_on = [r for r, row in enumerate(rows) if row[1]]
     if frozen_on and len(frozen_on) < len(rows):
         raise ValueError(
-            f"{_OWNER}: every BatchNorm layer is frozen (in eval mode during training) on rank(s) {frozen_on} "
+            f"{OWNER}: every BatchNorm layer is frozen (in eval mode during training) on rank(s) {frozen_on} "
             f"of {len(rows)} but not on the others; the ranks' models must have the same modes."
         )
     return (loader, limit), bool(frozen_on)

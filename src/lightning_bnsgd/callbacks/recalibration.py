@@ -55,6 +55,7 @@ from lightning_bnsgd.callbacks._recalibration_run import (
     weights_version,
 )
 from lightning_bnsgd.callbacks._recalibration_sources import (
+    OWNER,
     Source,
     agreed_source,
     fit_source,
@@ -62,7 +63,10 @@ from lightning_bnsgd.callbacks._recalibration_sources import (
     stage_train_source,
 )
 
-_OWNER = "BNRecalibration"
+#: How ``forward_fn`` of the wrong arity is told to use the LightningModule's own step instead.
+_FORWARD_HINT = (
+    f" For a forward of the batch alone, define `{STEP_METHOD}(self, batch)` on your LightningModule instead."
+)
 #: `RecalibrationReport.data` of each source.
 _TRAIN_LOADER = "train data (the train dataloader)"
 _OWN_LOADER = "the callback's `dataloader`"
@@ -167,22 +171,19 @@ class BNRecalibration(Callback):
     ) -> None:
         super().__init__()
         validate_recalibration_args(
-            _OWNER,
+            OWNER,
             num_samples=num_samples,
             mode=mode,
             dropout=dropout,
             nonfinite=nonfinite,
             forward_fn=forward_fn,
             called_as="forward_fn(module, batch)",
-            hint=f" For a forward of the batch alone, define `{STEP_METHOD}(self, batch)` on your LightningModule "
-            "instead.",
+            hint=_FORWARD_HINT,
         )
-        check_callback_args(
-            every_n_epochs, before_validation, at_train_end, dataloader, forward_fn, before_test, before_predict
-        )
-        check_bool("verbose", verbose, owner=_OWNER)
-        check_bool("keep_stage_statistics", keep_stage_statistics, owner=_OWNER)
-        check_str("log_prefix", log_prefix, owner=_OWNER)
+        check_callback_args(every_n_epochs, before_validation, at_train_end, dataloader, before_test, before_predict)
+        self.verbose = check_bool("verbose", verbose, owner=OWNER)
+        self.keep_stage_statistics = check_bool("keep_stage_statistics", keep_stage_statistics, owner=OWNER)
+        self.log_prefix = check_str("log_prefix", log_prefix, owner=OWNER)
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.before_validation = before_validation
@@ -192,11 +193,8 @@ class BNRecalibration(Callback):
         self.mode: Mode = mode
         self.dropout: DropoutMode = dropout
         self.nonfinite: NonFinite = nonfinite
-        self.log_prefix = log_prefix
-        self.verbose = verbose
         self.before_test: BeforeTest = before_test
         self.before_predict: BeforePredict = before_predict
-        self.keep_stage_statistics = keep_stage_statistics
         #: How many recalibrations ran in ``fit`` (restored on resume; those before test and predict not counted).
         self.recalibrations = 0
         #: ``(epoch, global_step)`` of the last recalibration (restored on resume).
@@ -258,7 +256,7 @@ class BNRecalibration(Callback):
                 check_first_batch(trainer, pl_module, batch, self, self.dataloader)
             except Exception as err:
                 error = err
-            agree_on_failure([], error, _OWNER)  # every rank raises if one did
+            agree_on_failure([], error, OWNER)  # every rank raises if one did
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
