@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from lightning_bnsgd._validation import check_callable, check_choice, check_int
+from lightning_bnsgd.bn._host import to_host
 from lightning_bnsgd.bn._modes import preserved_modes, set_attribute
 from lightning_bnsgd.bn._sequential import SequentialCollector
 from lightning_bnsgd.bn.batches import ForwardFn as ForwardFn
@@ -484,12 +485,11 @@ def _moved(old: Moments, new: Moments) -> float:
 
 def _write_back(outcome: _Outcome, names: list[str], buffers: FlatBuffers, report: RecalibrationReport) -> None:
     """Commit the new statistics into the layers' own buffers and record each recalibrated layer's shift."""
-    counts: list[Any] = []
-    if outcome.order:  # one host read
-        counts = torch.stack([outcome.moments[i][0].reshape(()) for i in outcome.order]).tolist()
-    reached = [i for i, count in zip(outcome.order, counts, strict=True) if count > 0]
-    for i, count in zip(outcome.order, counts, strict=True):
-        if count <= 0:
+    # one host read, also for layers on several devices (to_host gathers them on the first one's device)
+    counts = [float(n) for n in to_host([outcome.moments[i][0].reshape(()) for i in outcome.order], torch.float64)]
+    reached = [i for i, n in zip(outcome.order, counts, strict=True) if n > 0]
+    for i, n in zip(outcome.order, counts, strict=True):
+        if n <= 0:
             report.skipped.setdefault(names[i], "not reached by the forward")
     if not reached:
         raise ValueError(
