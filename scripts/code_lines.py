@@ -3,6 +3,11 @@
 Run ``python scripts/code_lines.py`` from the repository root (``--files`` also lists every module). The areas are
 those of issue 21 ("Every concept once"); a module belongs to the area that needs it (shared helpers are counted
 once, in the first area that lists them).
+
+``--since REV`` says where each area's lines came from since the commit ``REV``: every commit after it (merges
+left out) is counted against its parent and put in one of two kinds by its subject: a restructure (subjects that
+start with one of ``RESTRUCTURE_PREFIXES``: no behaviour change) or a change of behaviour (fixes and features).
+``--commits`` also lists each commit's change per area.
 """
 
 from __future__ import annotations
@@ -10,10 +15,14 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import subprocess
 import tokenize
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "lightning_bnsgd"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "src" / "lightning_bnsgd"
+#: Commit subjects of changes without a change of behaviour (the project's commit conventions).
+RESTRUCTURE_PREFIXES = ("Restructure", "Mend", "Style", "Lint", "Docstrings", "Docs", "Perf", "Test")
 _SKIPPED = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
 AREAS = {
     "recalibration": [
@@ -60,7 +69,11 @@ AREAS = {
 
 def code_lines(path: Path) -> int:
     """The number of lines of ``path`` that hold code (a docstring's lines and comment-only lines do not count)."""
-    text = path.read_text()
+    return code_lines_of(path.read_text())
+
+
+def code_lines_of(text: str) -> int:
+    """The number of lines of the Python source ``text`` that hold code."""
     docstrings: set[int] = set()
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
@@ -78,10 +91,59 @@ def code_lines(path: Path) -> int:
     return len(lines - docstrings)
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def _area_lines_at(rev: str, cache: dict[str, int]) -> dict[str, int]:
+    """Each area's code lines in the commit ``rev`` (a module it does not have counts 0)."""
+    tree = dict(line.split("\t")[::-1] for line in _git("ls-tree", "-r", rev, str(PACKAGE)).splitlines())
+    blobs = {path: entry.split()[2] for path, entry in tree.items()}
+    counted: set[str] = set()
+    out = {}
+    for area, files in AREAS.items():
+        total = 0
+        for f in files:
+            blob = blobs.get(f"src/lightning_bnsgd/{f}")
+            if blob is None or f in counted:
+                continue
+            counted.add(f)
+            if blob not in cache:
+                cache[blob] = code_lines_of(_git("cat-file", "blob", blob))
+            total += cache[blob]
+        out[area] = total
+    return out
+
+
+def history(since: str, list_commits: bool) -> None:
+    """Where each area's lines came from since ``since``: restructures and changes of behaviour, summed."""
+    cache: dict[str, int] = {}
+    start, end = _area_lines_at(since, cache), _area_lines_at("HEAD", cache)
+    sums = {kind: dict.fromkeys(AREAS, 0) for kind in ("restructure", "behaviour")}
+    for rev in _git("rev-list", "--reverse", "--no-merges", f"{since}..HEAD").split():
+        before, after = _area_lines_at(f"{rev}^1", cache), _area_lines_at(rev, cache)
+        subject = _git("log", "-1", "--format=%s", rev).strip()
+        kind = "restructure" if subject.startswith(RESTRUCTURE_PREFIXES) else "behaviour"
+        delta = {area: after[area] - before[area] for area in AREAS}
+        for area in AREAS:
+            sums[kind][area] += delta[area]
+        if list_commits and any(delta.values()):
+            print(rev[:7], " ".join(f"{delta[a]:+5d}" for a in AREAS), f"{kind[:5]}  {subject[:80]}")
+    print(f"{'area':32s} {since[:7]:>7s} {'behaviour':>10s} {'restructure':>12s} {'HEAD':>6s}")
+    for area in AREAS:
+        behaviour, restructure = sums["behaviour"][area], sums["restructure"][area]
+        print(f"{area:32s} {start[area]:7d} {behaviour:+10d} {restructure:+12d} {end[area]:6d}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", action="store_true", help="also list every module's count")
+    parser.add_argument("--since", metavar="REV", help="where each area's lines came from since the commit REV")
+    parser.add_argument("--commits", action="store_true", help="with --since: list each commit's change")
     args = parser.parse_args()
+    if args.since:
+        history(args.since, args.commits)
+        return
     counted: set[str] = set()
     for area, files in AREAS.items():
         mine = [f for f in files if f not in counted and (PACKAGE / f).exists()]

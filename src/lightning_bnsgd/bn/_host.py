@@ -1,4 +1,4 @@
-"""Move the tensors of one step to the host in one transfer: the monitors' logged steps share this."""
+"""Move tensors to the host in one transfer: the monitors' logged steps and recalibrate_bn's write-back share it."""
 
 from __future__ import annotations
 
