@@ -653,17 +653,17 @@ def recalibrate_bn(
 
 
 def _make_run(
-    model: object,
-    batches: object,
-    num_samples: object,
-    num_batches: object,
-    forward_fn: object,
-    mode: object,
-    dropout: object,
-    device: object,
-    nonfinite: object,
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_samples: int | None,
+    num_batches: int | None,
+    forward_fn: ForwardFn | None,
+    mode: str,
+    dropout: str,
+    device: torch.device | str | None,
+    nonfinite: str,
 ) -> _Run:
-    """Check ``recalibrate_bn``'s arguments and bundle them."""
+    """Check ``recalibrate_bn``'s arguments (whatever the caller passed: the types are not trusted) and bundle them."""
     owner = "recalibrate_bn"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: `model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -682,10 +682,10 @@ def _make_run(
     return _Run(
         model=model,
         batches=batches,
-        forward_fn=forward_fn if forward_fn is not None else default_forward,  # type: ignore[arg-type]
+        forward_fn=forward_fn if forward_fn is not None else default_forward,
         device=torch_device,
-        num_samples=num_samples,  # type: ignore[arg-type]
-        num_batches=num_batches,  # type: ignore[arg-type]
+        num_samples=num_samples,
+        num_batches=num_batches,
         mode=str(mode),
         dropout=str(dropout),
         nonfinite=str(nonfinite),
