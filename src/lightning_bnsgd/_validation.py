@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeGuard, overload
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """True for an ``int`` that is not a ``bool``.
 
     Examples:
@@ -112,7 +112,6 @@ def check_int(
     what = f"{'None or ' if allow_none else ''}an integer{' ' + bounds if bounds else ''}"
     if not is_int(value):
         raise _fail(TypeError, owner, name, what, value)
-    assert isinstance(value, int)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise _fail(ValueError, owner, name, what, value)
     return value

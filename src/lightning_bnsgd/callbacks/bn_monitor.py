@@ -467,7 +467,7 @@ class BNStatsMonitor(Callback):
         except ValueError:
             _warn_bad_state(self.state_key, "warned", warned, "[layer, kind] string pairs", _NO_WARNED)
         batches = state_dict.get("batches_stepped")
-        if isinstance(batches, int) and is_int(batches) and batches >= 0:
+        if is_int(batches) and batches >= 0:
             self._cadence.restore(batches, where=f"{_OWNER}: the checkpoint's state {self.state_key!r}")
         elif batches is not None:
             _warn_bad_state(self.state_key, "batches_stepped", batches, "an integer >= 0", _NO_COUNT)

@@ -34,7 +34,7 @@ def per_device_batch_size(loaders: Any) -> int | None:
         if size is None and loader.batch_sampler is not None:
             size = getattr(loader.batch_sampler, "batch_size", None)
         if is_int(size):
-            found.append(int(size))  # type: ignore[arg-type]
+            found.append(int(size))
 
     apply_to_collection(loaders, DataLoader, _read)
     if len(set(found)) > 1:
