@@ -17,6 +17,7 @@ import ast
 import io
 import subprocess
 import tokenize
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,38 +92,50 @@ def code_lines_of(text: str) -> int:
     return len(lines - docstrings)
 
 
+def area_lines(count: Callable[[str], int | None]) -> dict[str, tuple[int, int]]:
+    """Each area's ``(code lines, modules)``; ``count(module)`` gives a module's lines (``None``: no such module)."""
+    counted: set[str] = set()
+    out = {}
+    for area, files in AREAS.items():
+        found = [(f, n) for f in files if f not in counted and (n := count(f)) is not None]
+        counted.update(f for f, _ in found)
+        out[area] = (sum(n for _, n in found), len(found))
+    return out
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
-def _area_lines_at(rev: str, cache: dict[str, int]) -> dict[str, int]:
-    """Each area's code lines in the commit ``rev`` (a module it does not have counts 0)."""
-    tree = dict(line.split("\t")[::-1] for line in _git("ls-tree", "-r", rev, str(PACKAGE)).splitlines())
-    blobs = {path: entry.split()[2] for path, entry in tree.items()}
-    counted: set[str] = set()
-    out = {}
-    for area, files in AREAS.items():
-        total = 0
-        for f in files:
-            blob = blobs.get(f"src/lightning_bnsgd/{f}")
-            if blob is None or f in counted:
-                continue
-            counted.add(f)
-            if blob not in cache:
-                cache[blob] = code_lines_of(_git("cat-file", "blob", blob))
-            total += cache[blob]
-        out[area] = total
-    return out
+class _Commits:
+    """Each area's code lines at a commit, each commit's tree and each blob read once."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, int] = {}
+        self._commits: dict[str, dict[str, int]] = {}
+
+    def lines_at(self, rev: str) -> dict[str, int]:
+        if rev not in self._commits:
+            listing = _git("ls-tree", "-r", rev, str(PACKAGE)).splitlines()
+            blobs = {path: entry.split()[2] for entry, path in (line.split("\t") for line in listing)}
+            areas = area_lines(lambda f: self._blob_lines(blobs.get(f"src/lightning_bnsgd/{f}")))
+            self._commits[rev] = {area: lines for area, (lines, _) in areas.items()}
+        return self._commits[rev]
+
+    def _blob_lines(self, blob: str | None) -> int | None:
+        if blob is not None and blob not in self._blobs:
+            self._blobs[blob] = code_lines_of(_git("cat-file", "blob", blob))
+        return None if blob is None else self._blobs[blob]
 
 
 def history(since: str, list_commits: bool) -> None:
     """Where each area's lines came from since ``since``: restructures and changes of behaviour, summed."""
-    cache: dict[str, int] = {}
-    start, end = _area_lines_at(since, cache), _area_lines_at("HEAD", cache)
+    commits = _Commits()
+    start, end = commits.lines_at(_git("rev-parse", since).strip()), commits.lines_at(_git("rev-parse", "HEAD").strip())
     sums = {kind: dict.fromkeys(AREAS, 0) for kind in ("restructure", "behaviour")}
-    for rev in _git("rev-list", "--reverse", "--no-merges", f"{since}..HEAD").split():
-        before, after = _area_lines_at(f"{rev}^1", cache), _area_lines_at(rev, cache)
-        subject = _git("log", "-1", "--format=%s", rev).strip()
+    log = _git("log", "--reverse", "--no-merges", "--format=%H %P %s", f"{since}..HEAD")
+    for rev, parent, subject in (line.split(" ", 2) for line in log.splitlines()):
+        before, after = commits.lines_at(parent), commits.lines_at(rev)
         kind = "restructure" if subject.startswith(RESTRUCTURE_PREFIXES) else "behaviour"
         delta = {area: after[area] - before[area] for area in AREAS}
         for area in AREAS:
@@ -144,15 +157,13 @@ def main() -> None:
     if args.since:
         history(args.since, args.commits)
         return
-    counted: set[str] = set()
-    for area, files in AREAS.items():
-        mine = [f for f in files if f not in counted and (PACKAGE / f).exists()]
-        counted.update(mine)
-        print(f"{area:32s} {sum(code_lines(PACKAGE / f) for f in mine):5d}  ({len(mine)} modules)")
-    modules = sorted(PACKAGE.rglob("*.py"))
-    print(f"{'src/ total':32s} {sum(code_lines(p) for p in modules):5d}  ({len(modules)} modules)")
+    areas = area_lines(lambda f: code_lines(PACKAGE / f) if (PACKAGE / f).exists() else None)
+    for area, (lines, modules) in areas.items():
+        print(f"{area:32s} {lines:5d}  ({modules} modules)")
+    paths = sorted(PACKAGE.rglob("*.py"))
+    print(f"{'src/ total':32s} {sum(code_lines(p) for p in paths):5d}  ({len(paths)} modules)")
     if args.files:
-        for path in modules:
+        for path in paths:
             print(f"{code_lines(path):5d}  {path.relative_to(PACKAGE)}")
 
 
