@@ -28,9 +28,9 @@ from lightning_bnsgd.callbacks._own_forwards import own_forwards
 _TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 
-def without_persistent_workers(loader: DataLoader) -> DataLoader:
-    """A DataLoader over the same data whose iterator cannot reset the one the training loop is using."""
-    if loader.num_workers == 0 or not loader.persistent_workers:
+def without_persistent_workers(loader: Iterable[Any]) -> Iterable[Any]:
+    """``loader``, or for a DataLoader with persistent workers a copy whose iterator cannot reset the run's own."""
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0 or not loader.persistent_workers:
         return loader
     return rebuilt_loader(loader)
 

@@ -67,7 +67,7 @@ def loader_of(trainer: Trainer, dataloader: UserLoader) -> Iterable[Any]:
         loader = dataloader()
         if not isinstance(loader, Iterable):
             raise TypeError(f"{OWNER}: `dataloader()` must return an iterable of batches, got {type(loader).__name__}.")
-    return without_persistent_workers(loader) if isinstance(loader, DataLoader) else loader
+    return without_persistent_workers(loader)
 
 
 def fit_source(trainer: Trainer, dataloader: UserLoader) -> Source:
@@ -109,8 +109,7 @@ def stage_train_source(trainer: Trainer, stage: str, dataloader: UserLoader) -> 
             f"{OWNER}: {setting}, but the Trainer's `limit_train_batches={trainer.limit_train_batches}` "
             "leaves no batch of the train dataloader to recalibrate from."
         )
-    loader = without_persistent_workers(loader) if isinstance(loader, DataLoader) else loader
-    return cast("Iterable[Any]", loader), _limit(limit)
+    return without_persistent_workers(cast("Iterable[Any]", loader)), _limit(limit)
 
 
 def stage_own_source(trainer: Trainer, stage: str) -> Source:

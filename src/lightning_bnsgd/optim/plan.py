@@ -28,7 +28,7 @@ def check_milestones(value: object, *, owner: str | None = None, name: str = "mi
     """
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{owner + ': ' if owner else ''}`{name}` must be a list of positive integers, got {value!r}.")
-    items = [int(check_int(f"{name}[{i}]", m, minimum=1, owner=owner)) for i, m in enumerate(value)]
+    items = [check_int(f"{name}[{i}]", m, minimum=1, owner=owner) for i, m in enumerate(value)]
     if any(b <= a for a, b in itertools.pairwise(items)):
         raise ValueError(f"{owner + ': ' if owner else ''}`{name}` must be strictly increasing, got {items!r}.")
     return items
